@@ -1,0 +1,5 @@
+"""Allow ``python -m normtool``."""
+
+from normtool.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""Architecture adapters: recognise a checkpoint's family and describe it as a Graph."""

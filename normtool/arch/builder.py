@@ -1,0 +1,108 @@
+"""GraphBuilder: the small API adapters use to describe a checkpoint as a Graph.
+
+Shapes are read from the checkpoint header (never guessed), so a builder that names a missing
+tensor or a wrong shape fails with the tensor's name instead of producing a broken graph.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from normtool.errors import NormtoolError
+from normtool.graph import Graph, InputSpec, Op, Source, Space, TensorSpec
+from normtool.io.safetensors_format import DTYPE_NAMES
+from normtool.io.store import Checkpoint
+
+
+class GraphBuilder:
+    def __init__(self, family: str, ck: Checkpoint) -> None:
+        self.ck = ck
+        self.family = family
+        self.spaces: dict[str, Space] = {}
+        self.tensors: dict[str, TensorSpec] = {}
+        self.ops: list[Op] = []
+        self.inputs: list[InputSpec] = []
+        self.value_spaces: dict[str, str] = {}
+        self.info: dict[str, Any] = {}
+
+    def has(self, key: str) -> bool:
+        return key in self.ck
+
+    def space(self, name: str, size: int, kind: str, heads: int = 0) -> str:
+        old = self.spaces.get(name)
+        if old is not None and old.size != size:
+            raise NormtoolError(
+                f"inconsistent sizes for {name}: {old.size} and {size}", self.ck.path
+            )
+        self.spaces[name] = Space(name, size, kind, heads)
+        return name
+
+    def tensor(
+        self,
+        name: str,
+        key: str,
+        axes: tuple[str | None, ...],
+        slice: tuple[int, int, int] | None = None,
+        transpose: bool = False,
+    ) -> str:
+        """Declare graph tensor ``name`` as a view of checkpoint tensor ``key``."""
+        if key not in self.ck:
+            raise NormtoolError(f"expected tensor {key!r} is missing", self.ck.path)
+        shape = list(self.ck.shape(key))
+        if slice is not None:
+            axis, start, stop = slice
+            if stop > shape[axis]:
+                raise NormtoolError(f"tensor {key!r} has shape {tuple(shape)}, too small", self.ck.path)
+            shape[axis] = stop - start
+        if transpose:
+            if len(shape) != 2:
+                raise NormtoolError(f"tensor {key!r} should be 2-D", self.ck.path)
+            shape.reverse()
+        if len(axes) != len(shape):
+            raise NormtoolError(
+                f"tensor {key!r} has shape {tuple(shape)}, expected {len(axes)} dimensions",
+                self.ck.path,
+            )
+        for ax, s in enumerate(axes):
+            if s is not None and self.spaces[s].size != shape[ax]:
+                raise NormtoolError(
+                    f"tensor {key!r} has shape {tuple(self.ck.shape(key))}: axis {ax} should be "
+                    f"{self.spaces[s].size} ({s})",
+                    self.ck.path,
+                )
+        dtype = DTYPE_NAMES[self.ck.dtype(key)]
+        self.tensors[name] = TensorSpec(tuple(shape), axes, Source(key, slice, transpose), dtype)
+        return name
+
+    def input(self, spec: InputSpec, space: str) -> str:
+        self.inputs.append(spec)
+        self.value_spaces[spec.name] = space
+        return spec.name
+
+    def op(
+        self,
+        kind: str,
+        name: str,
+        inputs: tuple[str, ...] | list[str],
+        space: str,
+        params: dict[str, str] | None = None,
+        **attrs: Any,
+    ) -> str:
+        """Append an op; its output value is named ``name`` and lives in ``space``."""
+        self.ops.append(Op(name, kind, tuple(inputs), name, dict(params or {}), attrs))
+        self.value_spaces[name] = space
+        return name
+
+    def build(self, outputs: list[str]) -> Graph:
+        g = Graph(
+            self.family,
+            self.inputs,
+            outputs,
+            self.ops,
+            self.spaces,
+            self.tensors,
+            self.value_spaces,
+            self.info,
+        )
+        g.validate()
+        return g

@@ -1,0 +1,67 @@
+"""Options and helpers shared by the command functions (the thin CLI layer only)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from tqdm import tqdm
+
+from normtool.load import load_model
+from normtool.model import Model
+
+T = TypeVar("T")
+
+
+@dataclass
+class _State:
+    debug: bool = False
+    quiet: bool = False
+
+
+STATE = _State()
+
+ArchOpt = Annotated[
+    str | None, typer.Option("--arch", help="Architecture family (overrides detection).")
+]
+HeadsOpt = Annotated[
+    int | None, typer.Option("--heads", help="Attention heads, where the checkpoint lacks them.")
+]
+ActOpt = Annotated[
+    str | None, typer.Option("--act", help="MLP activation: relu (default), gelu, tanh, silu.")
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing output.")]
+OutOpt = Annotated[Path | None, typer.Option("-o", "--output", help="Output path.")]
+PathArg = Annotated[Path, typer.Argument(help="Checkpoint file or Hugging Face model folder.")]
+
+
+def load(path: Path, arch: str | None, heads: int | None, act: str | None = None) -> Model:
+    return load_model(path, arch=arch, heads=heads, act=act)
+
+
+def progress(items: Iterable[T], desc: str, total: int | None = None) -> Iterator[T]:
+    """A tqdm bar on a terminal; silent with --quiet, in CI, or when stderr is not a terminal."""
+    off = STATE.quiet or bool(os.environ.get("CI")) or not sys.stderr.isatty()
+    yield from tqdm(items, desc=desc, total=total, disable=off, leave=False)
+
+
+def emit(as_json: bool, payload: dict[str, Any], lines: Iterable[str]) -> None:
+    """Print either the JSON payload or the human lines (never both)."""
+    if as_json:
+        print(json.dumps(payload, indent=2, default=str))
+    else:
+        for line in lines:
+            print(line)
+
+
+def default_output(path: Path, suffix: str) -> Path:
+    """``<stem><suffix>`` beside the input (for a folder: beside the folder)."""
+    stem = path.name if path.is_dir() else path.stem
+    return path.parent / f"{stem}{suffix}"

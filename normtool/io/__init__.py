@@ -1,0 +1,1 @@
+"""Checkpoint input and output: lazy reading of every supported format, atomic writing."""

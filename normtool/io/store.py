@@ -1,0 +1,228 @@
+"""Open any supported checkpoint as one lazy tensor store.
+
+Supported: a ``.safetensors`` file (``config.json`` beside it is read when present); a Hugging
+Face model folder, single-file or sharded (``*.index.json``); a PyTorch ``.pt``/``.pth``/``.bin``
+state dict (``weights_only=True`` only, never plain unpickling); normtool's own outputs, whose
+safetensors metadata carry the graph and history.
+
+Why lazy: checkpoints can be larger than memory. Safetensors are memory-mapped and each tensor
+is materialised only when asked for; headers are checked first (see ``safetensors_format``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import pickle
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from normtool.errors import NormtoolError
+from normtool.io.safetensors_format import DTYPES, read_header
+
+TORCH_SUFFIXES = {".pt", ".pth", ".bin"}
+WEIGHT_FILES = (
+    "model.safetensors.index.json",
+    "model.safetensors",
+    "pytorch_model.bin.index.json",
+    "pytorch_model.bin",
+)
+
+
+@dataclass
+class Checkpoint:
+    """Tensors of one checkpoint, read on demand; plus its config and safetensors metadata."""
+
+    path: Path
+    format: str  # "safetensors" | "hf-folder" | "torch"
+    config: dict | None
+    metadata: dict[str, str]
+    files: list[Path]
+    _where: dict[str, Path] = field(default_factory=dict, repr=False)
+    _entries: dict[str, tuple[str, tuple[int, ...]]] = field(default_factory=dict, repr=False)
+    _handles: dict[Path, object] = field(default_factory=dict, repr=False)
+    _eager: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def keys(self) -> list[str]:
+        return list(self._entries)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._entries
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self._entries[key][1]
+
+    def dtype(self, key: str) -> torch.dtype:
+        return DTYPES[self._entries[key][0]]
+
+    def get(self, key: str) -> torch.Tensor:
+        """Materialise one tensor (a memory-mapped read for safetensors)."""
+        if key in self._eager:
+            return self._eager[key]
+        if key not in self._entries:
+            raise NormtoolError(f"tensor {key!r} not found", self.path)
+        f = self._where[key]
+        h = self._handles.get(f)
+        if h is None:
+            h = self._handles[f] = safe_open(str(f), framework="pt")
+        return h.get_tensor(key)
+
+    def sha256(self) -> str:
+        """Digest of the weight files (in order), recorded in every output's history."""
+        h = hashlib.sha256()
+        for f in self.files:
+            with f.open("rb") as fh:
+                for block in iter(lambda: fh.read(1 << 22), b""):
+                    h.update(block)
+        return h.hexdigest()
+
+    # ---- construction ----------------------------------------------------------------------
+    def _add_safetensors(self, f: Path, only: set[str] | None = None) -> dict[str, str]:
+        entries, meta = read_header(f)
+        for k, e in entries.items():
+            if only is not None and k not in only:
+                continue
+            if k in self._entries:
+                raise NormtoolError(f"tensor {k!r} appears in more than one shard", f)
+            self._entries[k] = (e["dtype"], tuple(e["shape"]))
+            self._where[k] = f
+        return meta
+
+    def _add_torch(self, f: Path) -> None:
+        sd = load_torch_state_dict(f)
+        for k, t in sd.items():
+            if k in self._entries:
+                raise NormtoolError(f"tensor {k!r} appears in more than one shard", f)
+            name = {v: n for n, v in DTYPES.items()}.get(t.dtype)
+            if name is None:
+                raise NormtoolError(f"tensor {k!r} has unsupported dtype {t.dtype}", f)
+            self._entries[k] = (name, tuple(t.shape))
+            self._eager[k] = t
+
+
+def load_torch_state_dict(f: Path) -> dict[str, torch.Tensor]:
+    """Load a pickled state dict with ``weights_only=True``: objects that would run code are refused.
+
+    Accepts a flat ``{name: tensor}`` or one nested under ``state_dict`` / ``model``.
+    """
+    try:
+        try:
+            obj = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            obj = torch.load(f, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else "unsafe pickle"
+        raise NormtoolError(
+            f"refused: the pickle needs more than tensors to load ({first[:200]}); "
+            "only weights_only state dicts are read",
+            f,
+        ) from e
+    except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError) as e:
+        raise NormtoolError(f"not a readable PyTorch state dict ({str(e).splitlines()[0][:200]})", f) from e
+    if isinstance(obj, dict):
+        for nest in ("state_dict", "model"):
+            if isinstance(obj.get(nest), dict):
+                obj = obj[nest]
+                break
+    if not isinstance(obj, dict) or not obj:
+        raise NormtoolError("not a state dict (expected a mapping of names to tensors)", f)
+    bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise NormtoolError(f"entry {bad[0]!r} is not a tensor", f)
+    return obj
+
+
+def _read_json(f: Path) -> dict:
+    try:
+        d = json.loads(f.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise NormtoolError(f"not valid JSON ({e})", f) from e
+    if not isinstance(d, dict):
+        raise NormtoolError("expected a JSON object", f)
+    return d
+
+
+def _open_index(ck: Checkpoint, index: Path) -> None:
+    d = _read_json(index)
+    wm = d.get("weight_map")
+    if not isinstance(wm, dict) or not wm:
+        raise NormtoolError("index has no weight_map", index)
+    by_file: dict[str, set[str]] = {}
+    for k, fname in wm.items():
+        if not isinstance(fname, str) or "/" in fname or "\\" in fname or fname.startswith("."):
+            raise NormtoolError(f"index names a bad shard file {fname!r} for {k!r}", index)
+        by_file.setdefault(fname, set()).add(k)
+    for fname, keys in sorted(by_file.items()):
+        f = index.parent / fname
+        if not f.is_file():
+            raise NormtoolError(f"shard {fname} listed in the index is missing", index)
+        ck.files.append(f)
+        if fname.endswith(".safetensors"):
+            ck._add_safetensors(f, keys)
+        else:
+            ck._add_torch(f)
+        missing = keys - set(ck._entries)
+        if missing:
+            raise NormtoolError(f"shard lacks tensor {sorted(missing)[0]!r} listed in the index", f)
+
+
+def open_checkpoint(path: str | Path) -> Checkpoint:
+    """Open ``path`` (file or Hugging Face folder) lazily; NormtoolError on anything unreadable."""
+    path = Path(path)
+    if not path.exists():
+        raise NormtoolError("no such file or folder", path)
+    config = None
+    meta: dict[str, str] = {}
+    if path.is_dir():
+        cfg = path / "config.json"
+        if not cfg.is_file():
+            raise NormtoolError("folder has no config.json (not a Hugging Face model folder)", path)
+        config = _read_json(cfg)
+        ck = Checkpoint(path, "hf-folder", config, {}, [])
+        for name in WEIGHT_FILES:
+            f = path / name
+            if not f.is_file():
+                continue
+            if name.endswith(".index.json"):
+                _open_index(ck, f)
+            elif name.endswith(".safetensors"):
+                ck.files.append(f)
+                ck.metadata = ck._add_safetensors(f)
+            else:
+                ck.files.append(f)
+                ck._add_torch(f)
+            break
+        else:
+            raise NormtoolError(
+                "folder has no weights (model.safetensors, its index, or pytorch_model.bin)", path
+            )
+        return ck
+    suffix = path.suffix.lower()
+    if path.name.endswith(".index.json"):
+        ck = Checkpoint(path, "hf-folder", None, {}, [])
+        _open_index(ck, path)
+    elif suffix == ".safetensors":
+        ck = Checkpoint(path, "safetensors", None, {}, [path])
+        meta = ck._add_safetensors(path)
+        ck.metadata = meta
+    elif suffix in TORCH_SUFFIXES:
+        ck = Checkpoint(path, "torch", None, {}, [path])
+        ck._add_torch(path)
+    else:
+        raise NormtoolError(
+            f"unsupported file type {suffix or '(none)'!r}: expected .safetensors, .pt, .pth, "
+            ".bin, .onnx (where a command reads ONNX) or a Hugging Face model folder",
+            path,
+        )
+    cfg = path.parent / "config.json"
+    if cfg.is_file() and "normtool.graph" not in ck.metadata:
+        ck.config = _read_json(cfg)
+    if not ck.keys():
+        raise NormtoolError("checkpoint holds no tensors", path)
+    return ck

@@ -1,0 +1,84 @@
+"""A Model: a Graph plus where its tensors come from (a checkpoint, or values computed by a pass).
+
+Why this split: passes change a few tensors and the graph; everything else should still be read
+lazily from the source file when the output is written, so transforms of large checkpoints hold
+only what one step needs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from normtool.graph import Graph, Source
+from normtool.io.store import Checkpoint
+
+
+def read_view(ck: Checkpoint, src: Source, cache: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """Read one graph tensor from the checkpoint: stored tensor → slice → transpose."""
+    if cache is not None and src.key in cache:
+        t = cache[src.key]
+    else:
+        t = ck.get(src.key)
+        if cache is not None:
+            cache[src.key] = t
+    if src.slice is not None:
+        axis, start, stop = src.slice
+        t = t.narrow(axis, start, stop - start)
+    if src.transpose:
+        t = t.t()
+    return t
+
+
+@dataclass
+class Model:
+    graph: Graph
+    checkpoint: Checkpoint | None = None
+    overrides: dict[str, torch.Tensor] = field(default_factory=dict)
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        if name in self.overrides:
+            return self.overrides[name]
+        if self.checkpoint is None:
+            raise KeyError(name)
+        return read_view(self.checkpoint, self.graph.tensors[name].source)
+
+    def weights(self) -> Mapping[str, torch.Tensor]:
+        """All graph tensors as a lazy mapping (each read when looked up)."""
+        return _LazyWeights(self)
+
+    def derive(self, graph: Graph, overrides: Mapping[str, torch.Tensor], entry: dict[str, Any]) -> Model:
+        """A new model sharing this one's checkpoint, with changed tensors and one more history entry.
+
+        Tensors of ``graph`` not in ``overrides`` must keep this model's sources.
+        """
+        merged = {k: v for k, v in self.overrides.items() if k in graph.tensors}
+        merged.update(overrides)
+        return Model(graph, self.checkpoint, merged, [*self.history, entry])
+
+    def param_count(self) -> int:
+        n = 0
+        for spec in self.graph.tensors.values():
+            k = 1
+            for s in spec.shape:
+                k *= s
+            n += k
+        return n
+
+
+class _LazyWeights(Mapping[str, torch.Tensor]):
+    def __init__(self, model: Model) -> None:
+        self._m = model
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._m.tensor(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._m.graph.tensors)
+
+    def __len__(self) -> int:
+        return len(self._m.graph.tensors)

@@ -1,0 +1,13 @@
+"""Transforms: functions Model → Model with precondition checks that return reasons.
+
+``APPLICABILITY`` lists, for ``inspect``, each transform's name and its check: a function of the
+graph returning the reasons it does not apply (empty: it applies).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from normtool.graph import Graph
+
+APPLICABILITY: list[tuple[str, Callable[[Graph], list[str]]]] = []

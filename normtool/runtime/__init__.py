@@ -1,0 +1,1 @@
+"""Running graphs: the torch executor, the ONNX emitter and ONNX Runtime sessions."""

@@ -1,0 +1,38 @@
+"""Shared fixtures. Models are made here, small and seeded: nothing is downloaded."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+
+def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run ``python -m normtool ARGS`` in a subprocess, as a user or CI step would."""
+    return subprocess.run(
+        [sys.executable, "-m", "normtool", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env={"CI": "1", "PATH": "/usr/bin:/bin", "HOME": str(Path.home())},
+    )
+
+
+@pytest.fixture(scope="session")
+def mlp_net() -> torch.nn.Sequential:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Linear(12, 32), torch.nn.ReLU(), torch.nn.Linear(32, 16), torch.nn.ReLU(),
+        torch.nn.Linear(16, 5),
+    ).eval()
+
+
+@pytest.fixture(scope="session")
+def mlp_path(tmp_path_factory, mlp_net) -> Path:
+    p = tmp_path_factory.mktemp("mlp") / "mlp.safetensors"
+    save_file({k: v.contiguous() for k, v in mlp_net.state_dict().items()}, str(p))
+    return p
