@@ -224,7 +224,9 @@ class Graph:
                 raise NormtoolError(f"graph output {out!r} is never computed")
         for name, spec in self.tensors.items():
             if len(spec.axes) != len(spec.shape):
-                raise NormtoolError(f"tensor {name!r}: {len(spec.axes)} axis labels, shape {spec.shape}")
+                raise NormtoolError(
+                    f"tensor {name!r}: {len(spec.axes)} axis labels, shape {spec.shape}"
+                )
             for ax, s in enumerate(spec.axes):
                 if s is None:
                     continue

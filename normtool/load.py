@@ -33,7 +33,11 @@ def load_model(
             key = spec.source.key
             if key not in ck:
                 raise NormtoolError(f"graph tensor {name!r} missing from the file", path)
-            if spec.source.slice is None and not spec.source.transpose and tuple(ck.shape(key)) != tuple(spec.shape):
+            if (
+                spec.source.slice is None
+                and not spec.source.transpose
+                and tuple(ck.shape(key)) != tuple(spec.shape)
+            ):
                 raise NormtoolError(
                     f"tensor {key!r} has shape {ck.shape(key)}, graph says {spec.shape}", path
                 )

@@ -17,7 +17,9 @@ from normtool.graph import Graph, Source
 from normtool.io.store import Checkpoint
 
 
-def read_view(ck: Checkpoint, src: Source, cache: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+def read_view(
+    ck: Checkpoint, src: Source, cache: dict[str, torch.Tensor] | None = None
+) -> torch.Tensor:
     """Read one graph tensor from the checkpoint: stored tensor → slice → transpose."""
     if cache is not None and src.key in cache:
         t = cache[src.key]
@@ -51,7 +53,9 @@ class Model:
         """All graph tensors as a lazy mapping (each read when looked up)."""
         return _LazyWeights(self)
 
-    def derive(self, graph: Graph, overrides: Mapping[str, torch.Tensor], entry: dict[str, Any]) -> Model:
+    def derive(
+        self, graph: Graph, overrides: Mapping[str, torch.Tensor], entry: dict[str, Any]
+    ) -> Model:
         """A new model sharing this one's checkpoint, with changed tensors and one more history entry.
 
         Tensors of ``graph`` not in ``overrides`` must keep this model's sources.

@@ -26,7 +26,10 @@ def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
 def mlp_net() -> torch.nn.Sequential:
     torch.manual_seed(0)
     return torch.nn.Sequential(
-        torch.nn.Linear(12, 32), torch.nn.ReLU(), torch.nn.Linear(32, 16), torch.nn.ReLU(),
+        torch.nn.Linear(12, 32),
+        torch.nn.ReLU(),
+        torch.nn.Linear(32, 16),
+        torch.nn.ReLU(),
         torch.nn.Linear(16, 5),
     ).eval()
 

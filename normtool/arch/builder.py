@@ -52,7 +52,9 @@ class GraphBuilder:
         if slice is not None:
             axis, start, stop = slice
             if stop > shape[axis]:
-                raise NormtoolError(f"tensor {key!r} has shape {tuple(shape)}, too small", self.ck.path)
+                raise NormtoolError(
+                    f"tensor {key!r} has shape {tuple(shape)}, too small", self.ck.path
+                )
             shape[axis] = stop - start
         if transpose:
             if len(shape) != 2:

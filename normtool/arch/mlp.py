@@ -22,7 +22,7 @@ def _layers(ck: Checkpoint) -> list[tuple[str, str | None]] | None:
     """``[(weight key, bias key or None)]`` in layer order, or None if this is not an MLP chain."""
     found: dict[int, dict[str, str]] = {}
     prefixes = set()
-    for k in ck.keys():
+    for k in ck.keys():  # noqa: SIM118 - Checkpoint is not a dict
         m = _KEY.match(k)
         if not m:
             return None

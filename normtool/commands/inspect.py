@@ -13,9 +13,7 @@ from normtool.passes import APPLICABILITY
 def describe(model) -> dict[str, Any]:
     g = model.graph
     dtypes = Counter(s.dtype for s in g.tensors.values())
-    norm_list = [
-        {"op": o.name, "kind": o.kind, "placement": where} for o, where in norms(g)
-    ]
+    norm_list = [{"op": o.name, "kind": o.kind, "placement": where} for o, where in norms(g)]
     transforms = {}
     for name, check in APPLICABILITY:
         reasons = check(g)
@@ -23,9 +21,7 @@ def describe(model) -> dict[str, Any]:
     return {
         "family": g.family,
         "info": g.info,
-        "inputs": [
-            {"name": i.name, "kind": i.kind, "shape": list(i.shape)} for i in g.inputs
-        ],
+        "inputs": [{"name": i.name, "kind": i.kind, "shape": list(i.shape)} for i in g.inputs],
         "outputs": g.outputs,
         "parameters": model.param_count(),
         "dtypes": dict(dtypes),
@@ -51,12 +47,12 @@ def inspect(
         f"  parameters: {d['parameters']:,}  dtypes: "
         + ", ".join(f"{k}×{v}" for k, v in d["dtypes"].items()),
         "  inputs: " + ", ".join(f"{i['name']}{i['shape']}" for i in d["inputs"]),
-        "  norms: "
-        + (", ".join(f"{k}: {v}" for k, v in d["norm_summary"].items()) or "none"),
+        "  norms: " + (", ".join(f"{k}: {v}" for k, v in d["norm_summary"].items()) or "none"),
     ]
     for name, t in d["transforms"].items():
         lines.append(
-            f"  {name}: " + ("applies" if t["applies"] else "does not apply: " + "; ".join(t["reasons"]))
+            f"  {name}: "
+            + ("applies" if t["applies"] else "does not apply: " + "; ".join(t["reasons"]))
         )
     for h in d["history"]:
         lines.append(f"  history: {h.get('transform')} {h.get('summary', '')}")

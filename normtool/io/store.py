@@ -124,7 +124,9 @@ def load_torch_state_dict(f: Path) -> dict[str, torch.Tensor]:
             f,
         ) from e
     except (RuntimeError, EOFError, ValueError, zipfile.BadZipFile, OSError) as e:
-        raise NormtoolError(f"not a readable PyTorch state dict ({str(e).splitlines()[0][:200]})", f) from e
+        raise NormtoolError(
+            f"not a readable PyTorch state dict ({str(e).splitlines()[0][:200]})", f
+        ) from e
     if isinstance(obj, dict):
         for nest in ("state_dict", "model"):
             if isinstance(obj.get(nest), dict):

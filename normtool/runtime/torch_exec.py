@@ -38,7 +38,9 @@ def _channel_back(y: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return y.movedim(-1, 1) if like.dim() == 4 else y
 
 
-def _per_channel(op_fn: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[torch.Tensor], torch.Tensor]:
+def _per_channel(
+    op_fn: Callable[[torch.Tensor], torch.Tensor],
+) -> Callable[[torch.Tensor], torch.Tensor]:
     def run(x: torch.Tensor) -> torch.Tensor:
         return _channel_back(op_fn(_channel_last(x)), x)
 
@@ -151,11 +153,9 @@ OPS: dict[str, Fn] = {
         op.attrs.get("offset", 0) : op.attrs.get("offset", 0) + xs[0].shape[1]
     ].unsqueeze(0),
     "row": lambda op, xs, p: p["weight"][op.attrs.get("index", 0)].reshape(1, 1, -1),
-    "patch_embed": lambda op, xs, p: F.conv2d(
-        xs[0], p["weight"], p["bias"], stride=op.attrs["patch"]
-    )
-    .flatten(2)
-    .transpose(1, 2),
+    "patch_embed": lambda op, xs, p: (
+        F.conv2d(xs[0], p["weight"], p["bias"], stride=op.attrs["patch"]).flatten(2).transpose(1, 2)
+    ),
     "cls_concat": lambda op, xs, p: torch.cat(
         [p["token"].reshape(1, 1, -1).expand(xs[0].shape[0], 1, -1), xs[0]], dim=1
     ),
