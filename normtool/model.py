@@ -7,7 +7,7 @@ only what one step needs.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,16 +35,23 @@ def read_view(
     return t
 
 
+#: A tensor computed by a pass: the value itself, or a thunk that computes it when asked.
+#: Thunks let a pass over a large checkpoint describe its result without holding it: the writer
+#: and the executor pull one tensor at a time.
+Override = torch.Tensor | Callable[[], torch.Tensor]
+
+
 @dataclass
 class Model:
     graph: Graph
     checkpoint: Checkpoint | None = None
-    overrides: dict[str, torch.Tensor] = field(default_factory=dict)
+    overrides: dict[str, Override] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
 
     def tensor(self, name: str) -> torch.Tensor:
         if name in self.overrides:
-            return self.overrides[name]
+            t = self.overrides[name]
+            return t() if callable(t) else t
         if self.checkpoint is None:
             raise KeyError(name)
         return read_view(self.checkpoint, self.graph.tensors[name].source)
@@ -54,7 +61,7 @@ class Model:
         return _LazyWeights(self)
 
     def derive(
-        self, graph: Graph, overrides: Mapping[str, torch.Tensor], entry: dict[str, Any]
+        self, graph: Graph, overrides: Mapping[str, Override], entry: dict[str, Any]
     ) -> Model:
         """A new model sharing this one's checkpoint, with changed tensors and one more history entry.
 

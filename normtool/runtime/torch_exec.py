@@ -201,16 +201,24 @@ def run_graph(
     ``weights`` maps graph tensor names to tensors (any dtype; cast to ``dtype`` here). Float
     inputs are cast to ``dtype``; integer inputs (token ids) are kept.
     """
-    params = {
-        name: w.to(device=device, dtype=dtype) if w.is_floating_point() else w.to(device)
-        for name, w in weights.items()
-    }
+
+    def param(name: str) -> torch.Tensor:
+        w = weights[name]
+        return w.to(device=device, dtype=dtype) if w.is_floating_point() else w.to(device)
+
     env: dict[str, torch.Tensor] = {}
     for spec in graph.inputs:
         x = inputs[spec.name].to(device)
         env[spec.name] = x.to(dtype) if x.is_floating_point() else x
+    # Parameters are fetched per op and dropped after it, so a lazy ``weights`` mapping keeps
+    # memory to one op's tensors plus activations; activations are freed after their last use.
+    last_use = {v: i for i, op in enumerate(graph.ops) for v in op.inputs}
+    keep = set(graph.outputs)
     with torch.no_grad():
-        for op in graph.ops:
-            p = {role: params[t] for role, t in op.params.items()}
+        for i, op in enumerate(graph.ops):
+            p = {role: param(t) for role, t in op.params.items()}
             env[op.output] = OPS[op.kind](op, [env[v] for v in op.inputs], p)
+            for v in set(op.inputs):
+                if last_use[v] == i and v not in keep:
+                    del env[v]
     return {o: env[o] for o in graph.outputs}
