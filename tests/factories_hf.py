@@ -1,0 +1,293 @@
+"""Tiny seeded transformer checkpoints for tests: Hugging Face models saved with
+``save_pretrained``, and a timm-style ViT state dict made by a plain-torch module written here.
+
+Why here and not in normtool: these models are the *independent references* the adapters are
+tested against, so they must not use any normtool code. Every factory is seeded and tiny (d=32,
+2 layers) so a whole test file stays within seconds on 2 CPU cores. All parameters get N(0, 0.2²)
+noise on top of the library's init, so LayerNorm gains and biases are far from 1 and 0 and an
+adapter that ignored one of them would fail its test.
+
+Functions: ``make_gpt2 / make_opt / make_vit / make_bert(dir, **config) -> folder`` and
+``load_hf(folder, dtype)`` for the transformers reference; ``make_timm_vit(dir, ...) -> file``
+and ``load_timm_vit(file, heads)`` for the timm-style reference.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+NOISE = 0.2
+
+
+def _perturb(module: nn.Module, seed: int) -> None:
+    """Add seeded N(0, NOISE²) noise to every parameter (tied ones once)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * NOISE)
+
+
+def _save_hf(model: Any, out: Path, seed: int, save: dict[str, Any] | None) -> Path:
+    _perturb(model, seed)
+    out = Path(out)
+    model.save_pretrained(out, **(save or {}))
+    return out
+
+
+def make_gpt2(out: Path, seed: int = 0, save: dict | None = None, **cfg: Any) -> Path:
+    """GPT2LMHeadModel (Conv1D weights, tied lm_head). ``save``: kwargs for save_pretrained."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    base = dict(
+        vocab_size=64,
+        n_positions=16,
+        n_embd=32,
+        n_layer=2,
+        n_head=4,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    torch.manual_seed(seed)
+    return _save_hf(GPT2LMHeadModel(GPT2Config(**{**base, **cfg})), out, seed, save)
+
+
+def make_opt(
+    out: Path, pre: bool = True, seed: int = 0, save: dict | None = None, **cfg: Any
+) -> Path:
+    """OPTForCausalLM, Pre-LN (``pre=True``, like OPT-125m) or Post-LN (like OPT-350m)."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    base = dict(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        ffn_dim=64,
+        num_attention_heads=4,
+        max_position_embeddings=16,
+        word_embed_proj_dim=32,
+        do_layer_norm_before=pre,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
+    torch.manual_seed(seed)
+    return _save_hf(OPTForCausalLM(OPTConfig(**{**base, **cfg})), out, seed, save)
+
+
+def make_vit(out: Path, seed: int = 0, save: dict | None = None, **cfg: Any) -> Path:
+    """ViTForImageClassification on 16×16 RGB images, 4×4 patches, 5 classes."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    base = dict(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        image_size=16,
+        patch_size=4,
+        num_channels=3,
+        num_labels=5,
+    )
+    torch.manual_seed(seed)
+    return _save_hf(ViTForImageClassification(ViTConfig(**{**base, **cfg})), out, seed, save)
+
+
+def make_bert(out: Path, seed: int = 0, save: dict | None = None, **cfg: Any) -> Path:
+    """BertForSequenceClassification (Post-LN), 3 labels."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    base = dict(
+        vocab_size=64,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=16,
+        num_labels=3,
+    )
+    torch.manual_seed(seed)
+    return _save_hf(BertForSequenceClassification(BertConfig(**{**base, **cfg})), out, seed, save)
+
+
+def load_hf(folder: Path, dtype: torch.dtype = torch.float32) -> Any:
+    """The transformers model saved in ``folder``, eager attention, eval mode, in ``dtype``."""
+    import json
+
+    import transformers
+
+    arch = json.loads((Path(folder) / "config.json").read_text())["architectures"][0]
+    model = getattr(transformers, arch).from_pretrained(
+        folder, attn_implementation="eager", dtype=torch.float32
+    )
+    return model.to(dtype).eval()
+
+
+# ---- timm-style ViT, plain torch ------------------------------------------------------------
+
+
+class UN(nn.Module):
+    """Unified Normalization at inference: ``γ·x/√(running_var+eps)+β`` (no mean subtraction).
+
+    Buffers follow the reference implementation's state-dict keys; only ``running_var`` is used
+    at inference, the others are training state that a checkpoint carries along.
+    """
+
+    def __init__(self, d: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d))
+        self.bias = nn.Parameter(torch.zeros(d))
+        self.register_buffer("running_var", torch.ones(1, d, 1, 1))
+        self.register_buffer("ema_gz", torch.zeros(1, d, 1, 1))
+        self.register_buffer("iters", torch.ones(1))
+        self.register_buffer("buffer_x2", torch.zeros(4, d))
+        self.register_buffer("buffer_gz", torch.zeros(4, d))
+        self.register_buffer("skip_counter", torch.zeros(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weight * x / torch.sqrt(self.running_var.reshape(-1) + self.eps) + self.bias
+
+
+class PowerNorm(nn.Module):
+    """PowerNorm at inference: group scaling (each token / RMS of its channel group, eps 1e-5),
+    then ``γ·x/√(running_phi+eps)+β``."""
+
+    def __init__(self, d: int, groups: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.groups, self.eps = groups, eps
+        self.weight = nn.Parameter(torch.ones(d))
+        self.bias = nn.Parameter(torch.zeros(d))
+        self.register_buffer("running_phi", torch.ones(1, d, 1, 1))
+        self.register_buffer("ema_gz", torch.zeros(1, d, 1, 1))
+        self.register_buffer("iters", torch.ones(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        *lead, d = x.shape
+        g = x.reshape(*lead, self.groups, d // self.groups)
+        moment2 = (g * g).mean(-1, keepdim=True).expand_as(g).reshape(x.shape)
+        x = x / torch.sqrt(moment2 + 1e-5)
+        return self.weight * x / torch.sqrt(self.running_phi.reshape(-1) + self.eps) + self.bias
+
+
+def _norm(kind: str, d: int, heads: int) -> nn.Module:
+    if kind == "layernorm":
+        return nn.LayerNorm(d, eps=1e-6)  # timm's ViT uses eps 1e-6
+    if kind == "un":
+        return UN(d)
+    if kind == "powernorm":
+        return PowerNorm(d, heads)
+    raise ValueError(kind)
+
+
+class TimmBlock(nn.Module):
+    def __init__(self, d: int, heads: int, hidden: int, norm: str) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm1 = _norm(norm, d, heads)
+        self.attn = nn.Module()
+        self.attn.qkv = nn.Linear(d, 3 * d)
+        self.attn.proj = nn.Linear(d, d)
+        self.norm2 = _norm(norm, d, heads)
+        self.mlp = nn.Module()
+        self.mlp.fc1 = nn.Linear(d, hidden)
+        self.mlp.fc2 = nn.Linear(hidden, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        hd = d // self.heads
+        qkv = self.attn.qkv(self.norm1(x)).reshape(b, n, 3, self.heads, hd).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        w = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(hd), dim=-1)
+        x = x + self.attn.proj((w @ v).transpose(1, 2).reshape(b, n, d))
+        return x + self.mlp.fc2(F.gelu(self.mlp.fc1(self.norm2(x))))
+
+
+class TimmStyleViT(nn.Module):
+    """The timm ``VisionTransformer`` layout (class token, learned positions, pre-norm blocks with
+    fused qkv, final norm, head on the class token), written out in plain torch."""
+
+    def __init__(
+        self,
+        img: int = 16,
+        patch: int = 4,
+        chans: int = 3,
+        d: int = 32,
+        depth: int = 2,
+        heads: int = 4,
+        hidden: int = 64,
+        classes: int = 5,
+        norm: str = "layernorm",
+    ) -> None:
+        super().__init__()
+        self.patch_embed = nn.Module()
+        self.patch_embed.proj = nn.Conv2d(chans, d, patch, stride=patch)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + (img // patch) ** 2, d))
+        self.blocks = nn.ModuleList(TimmBlock(d, heads, hidden, norm) for _ in range(depth))
+        self.norm = _norm(norm, d, heads)
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed.proj(pixels).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
+        for blk in self.blocks:
+            x = blk(x)
+        return self.head(self.norm(x)[:, 0])
+
+
+def _norm_kind(keys: set[str]) -> str:
+    if "norm.running_phi" in keys:
+        return "powernorm"
+    if "norm.buffer_x2" in keys:
+        return "un"
+    return "layernorm"
+
+
+def make_timm_vit(
+    out: Path, heads: int = 4, norm: str = "layernorm", seed: int = 0, **kw: Any
+) -> Path:
+    """Save a timm-style ViT state dict as ``out/timm_vit.safetensors`` (no config: the head
+    count must come from ``--heads``). ``norm``: layernorm, un or powernorm; UN/PowerNorm get
+    positive random running statistics so folding them is a real test."""
+    torch.manual_seed(seed)
+    model = TimmStyleViT(heads=heads, norm=norm, **kw)
+    _perturb(model, seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, buf in model.named_buffers():
+            if name.endswith(("running_var", "running_phi")):
+                buf.copy_(torch.rand(buf.shape, generator=g) + 0.5)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "timm_vit.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+def load_timm_vit(path: Path, heads: int, dtype: torch.dtype = torch.float32) -> TimmStyleViT:
+    """Rebuild the reference module from a file written by ``make_timm_vit``."""
+    sd = load_file(str(path))
+    d = sd["cls_token"].shape[-1]
+    chans, patch = sd["patch_embed.proj.weight"].shape[1], sd["patch_embed.proj.weight"].shape[-1]
+    img = int(round(math.sqrt(sd["pos_embed"].shape[1] - 1))) * patch
+    depth = len({k.split(".")[1] for k in sd if k.startswith("blocks.")})
+    model = TimmStyleViT(
+        img=img,
+        patch=patch,
+        chans=chans,
+        d=d,
+        depth=depth,
+        heads=heads,
+        hidden=sd["blocks.0.mlp.fc1.weight"].shape[0],
+        classes=sd["head.weight"].shape[0],
+        norm=_norm_kind(set(sd)),
+    )
+    model.load_state_dict(sd)
+    return model.to(dtype).eval()
