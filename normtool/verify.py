@@ -1,0 +1,338 @@
+"""Numerical equivalence of two models: the CI gate (``normtool verify``) and every transform's
+self-check (``compare_models``).
+
+Both models run on the same seeded random inputs drawn from the input signature (token ids
+inside the vocabulary, pixels, features; ``normtool.inputs``), over several batches that include
+batch 1 at the longest sequence and a length-1 sequence. Model ``a`` is the reference. For each
+output we report
+
+* ``max_abs``: max |a − b| over every element of every batch;
+* ``scale``: max |a| (the output's scale), and ``max_rel = max_abs / scale``;
+* ``agreement``: for ``logits``, the fraction of rows whose argmax agrees (reported, not gated:
+  near-ties flip the argmax under any rounding change, so it is information, not a criterion);
+  for integer outputs, the fraction of equal values.
+
+An output passes when ``max_abs <= atol + rtol · scale``: a tolerance relative to the output's
+*scale*, not elementwise (elementwise-relative tests cannot be met near zero and fail for no
+reason), with ``atol`` as a floor for outputs whose scale is ~0. Integer outputs (e.g. a Loki
+head's predicted labels) must agree exactly. Any NaN fails.
+
+Default tolerances per run dtype (unit roundoff u: fp64 1.1e-16, fp32 6.0e-8, fp16 4.9e-4,
+bf16 3.9e-3). They sit far above the rounding noise a re-associated but equal computation makes
+(≈ u·√width per layer, summed over depth) and far below what a real change does — the tests
+show one weight moved by 1e-3 is caught in fp32 and fp64:
+
+=======  =======  =======  =============================================================
+dtype    atol     rtol     why
+=======  =======  =======  =============================================================
+fp64     1e-10    1e-9     ~1e6·u of headroom; the exactness bar the transforms promise
+fp32     1e-5     1e-5     ~170·u: ORT vs torch kernels and exact rewrites stay ≤ ~1e-6
+fp16     1e-3     1e-2     ~20·u: half-precision noise of a few layers, both sides rounded
+bf16     1e-2     5e-2     ~13·u: bf16 keeps 8 mantissa bits; both sides rounded
+=======  =======  =======  =============================================================
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from normtool.errors import NormtoolError
+from normtool.graph import Graph, InputSpec
+from normtool.inputs import random_inputs
+from normtool.model import Model
+from normtool.runtime.torch_exec import run_graph
+
+DTYPES: dict[str, torch.dtype] = {
+    "fp64": torch.float64,
+    "fp32": torch.float32,
+    "fp16": torch.float16,
+    "bf16": torch.bfloat16,
+}
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    atol: float
+    rtol: float
+
+    def limit(self, scale: float) -> float:
+        return self.atol + self.rtol * scale
+
+
+TOLERANCES: dict[str, Tolerance] = {
+    "fp64": Tolerance(1e-10, 1e-9),
+    "fp32": Tolerance(1e-5, 1e-5),
+    "fp16": Tolerance(1e-3, 1e-2),
+    "bf16": Tolerance(1e-2, 5e-2),
+}
+
+DEFAULT_SAMPLES = 4
+#: Shapes of the first batches, as (batch, seq as a fraction of the longest): batch 1 at the
+#: longest sequence first, then batch 2 there, a quarter length, and the length-1 edge with a
+#: wide batch (cheap for token models; 27 rows in all for feature and image models, so units
+#: that only some inputs activate are still exercised).
+_FIRST_BATCHES = ((1, 1.0), (2, 1.0), (8, 0.25), (16, 0.0))
+
+
+def dtype_name(dtype: str | torch.dtype) -> str:
+    """``"fp32"`` for ``"fp32"`` or ``torch.float32``; NormtoolError for anything else."""
+    if isinstance(dtype, torch.dtype):
+        for name, d in DTYPES.items():
+            if d == dtype:
+                return name
+    elif dtype in DTYPES:
+        return dtype
+    raise NormtoolError(f"unsupported dtype {dtype!r}; use one of {', '.join(DTYPES)}")
+
+
+class Runner(Protocol):
+    """Something that maps input tensors to named outputs: a graph in torch, an ONNX session."""
+
+    label: str
+    inputs: list[InputSpec]
+    outputs: list[str]
+
+    def run(self, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
+
+
+class TorchRunner:
+    """A Model run by the torch executor in one dtype; weights are cast once, not per batch."""
+
+    def __init__(self, model: Model, dtype: str | torch.dtype, label: str = "") -> None:
+        self.graph = model.graph
+        self.dtype = DTYPES[dtype_name(dtype)]
+        self.label = label or (str(model.checkpoint.path) if model.checkpoint else "model")
+        self.inputs = list(model.graph.inputs)
+        self.outputs = list(model.graph.outputs)
+        self._weights = {
+            n: t.to(self.dtype) if t.is_floating_point() else t for n, t in model.weights().items()
+        }
+
+    def run(self, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return run_graph(self.graph, self._weights, feeds, self.dtype)
+
+
+@dataclass
+class OutputReport:
+    name: str
+    dtype: str  # of model a's output, e.g. "float32", "int64"
+    max_abs: float
+    scale: float
+    max_rel: float
+    limit: float
+    agreement: float | None  # logits: top-1 agreement; integer outputs: fraction equal
+    ok: bool
+
+
+@dataclass
+class Report:
+    a: str
+    b: str
+    dtype: str
+    seed: int
+    batches: list[tuple[int, int]]
+    atol: float
+    rtol: float
+    outputs: list[OutputReport]
+    not_compared: dict[str, list[str]] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return all(o.ok for o in self.outputs)
+
+    @property
+    def max_abs(self) -> float:
+        return max((o.max_abs for o in self.outputs), default=0.0)
+
+    @property
+    def max_rel(self) -> float:
+        return max((o.max_rel for o in self.outputs), default=0.0)
+
+    def failures(self) -> list[str]:
+        """One phrase per failing output, for the one-line error message."""
+        return [
+            f"{o.name}: max abs error {o.max_abs:.3g} > {o.limit:.3g}"
+            if o.dtype.startswith("float")
+            else f"{o.name}: only {o.agreement:.1%} of values agree"
+            for o in self.outputs
+            if not o.ok
+        ]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["equivalent"] = self.ok
+        d["max_abs"] = self.max_abs
+        d["max_rel"] = self.max_rel
+        d["batches"] = [{"batch": b, "seq": s} for b, s in self.batches]
+        return _json_safe(d)
+
+
+def _json_safe(x: Any) -> Any:
+    """NaN/inf are not JSON: report them as strings so the output stays parseable."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    if isinstance(x, dict):
+        return {k: _json_safe(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_json_safe(v) for v in x]
+    return x
+
+
+def batch_plan(samples: int, seq: int, seed: int) -> list[tuple[int, int]]:
+    """``samples`` (batch, seq) pairs: the fixed edge shapes first, then seeded random ones."""
+    if samples < 1:
+        raise NormtoolError(f"--samples must be at least 1, got {samples}")
+    plan = [(b, max(1, round(f * seq))) for b, f in _FIRST_BATCHES[:samples]]
+    g = torch.Generator().manual_seed(seed)
+    while len(plan) < samples:
+        b = int(torch.randint(1, 9, (), generator=g))
+        s = int(torch.randint(1, seq + 1, (), generator=g))
+        plan.append((b, s))
+    return plan
+
+
+def _describe(spec: InputSpec) -> str:
+    extra = f", vocab {spec.vocab}" if spec.kind == "tokens" else ""
+    return f"{spec.name} ({spec.kind} {list(spec.shape)}{extra})"
+
+
+def shared_inputs(a: Runner, b: Runner) -> list[InputSpec]:
+    """The input signature both models accept; NormtoolError naming the first difference.
+
+    The longest sequence is the shorter of the two position tables (both must accept it).
+    """
+    names_a, names_b = [s.name for s in a.inputs], [s.name for s in b.inputs]
+    if names_a != names_b:
+        raise NormtoolError(f"inputs differ: {a.label} takes {names_a}, {b.label} takes {names_b}")
+    specs = []
+    for sa, sb in zip(a.inputs, b.inputs, strict=True):
+        if (sa.kind, tuple(sa.shape), sa.vocab) != (sb.kind, tuple(sb.shape), sb.vocab):
+            raise NormtoolError(
+                f"input {sa.name!r} differs: {a.label} takes {_describe(sa)}, "
+                f"{b.label} takes {_describe(sb)}"
+            )
+        lens = [n for n in (sa.max_len, sb.max_len) if n]
+        specs.append(InputSpec(sa.name, sa.kind, tuple(sa.shape), sa.vocab, min(lens, default=0)))
+    return specs
+
+
+def _longest(specs: list[InputSpec], default: int = 16) -> int:
+    lens = [s.max_len for s in specs if s.kind == "tokens" and s.max_len]
+    return min(lens) if lens else default
+
+
+class _Acc:
+    """Running statistics of one output over all batches."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+        self.max_abs = 0.0
+        self.scale = 0.0
+        self.agree = 0
+        self.rows = 0
+
+    def add(self, ya: torch.Tensor, yb: torch.Tensor, logits: bool) -> None:
+        a, b = ya.double(), yb.double()
+        if a.numel():
+            diff = torch.where(a == b, 0.0, (a - b).abs())  # equal infinities count as equal
+            self.max_abs = max(self.max_abs, float(diff.max()))  # NaN propagates, and fails
+            finite = a[a.isfinite()].abs()
+            if finite.numel():
+                self.scale = max(self.scale, float(finite.max()))
+        if not self.dtype.is_floating_point:
+            self.agree += int((ya == yb).sum())
+            self.rows += ya.numel()
+        elif logits and a.dim() >= 1 and a.shape[-1] > 1:
+            self.agree += int((a.argmax(-1) == b.argmax(-1)).sum())
+            self.rows += a[..., 0].numel()
+
+    def report(self, name: str, tol: Tolerance) -> OutputReport:
+        agreement = self.agree / self.rows if self.rows else None
+        if self.scale > 0:
+            rel = self.max_abs / self.scale
+        else:
+            rel = 0.0 if self.max_abs == 0 else math.inf
+        if self.dtype.is_floating_point:
+            limit = tol.limit(self.scale)
+            ok = self.max_abs <= limit  # False for NaN
+        else:
+            limit, ok = 0.0, self.max_abs == 0
+        dtype = str(self.dtype).removeprefix("torch.")
+        return OutputReport(name, dtype, self.max_abs, self.scale, rel, limit, agreement, ok)
+
+
+def compare(
+    a: Runner,
+    b: Runner,
+    dtype: str | torch.dtype = "fp32",
+    samples: int = DEFAULT_SAMPLES,
+    seed: int = 0,
+    atol: float | None = None,
+    rtol: float | None = None,
+) -> Report:
+    """Run ``a`` (the reference) and ``b`` on the same random inputs and measure the difference.
+
+    ``dtype`` selects the default tolerances (and is recorded); the runners already run in
+    their own dtype. Raises NormtoolError when the inputs, the outputs or their shapes differ.
+    """
+    name = dtype_name(dtype)
+    default = TOLERANCES[name]
+    tol = Tolerance(default.atol if atol is None else atol, default.rtol if rtol is None else rtol)
+    specs = shared_inputs(a, b)
+    common = [o for o in a.outputs if o in b.outputs]
+    if not common:
+        raise NormtoolError(
+            f"no output in common: {a.label} gives {a.outputs}, {b.label} gives {b.outputs}"
+        )
+    not_compared = {
+        k: v
+        for k, v in (
+            (a.label, [o for o in a.outputs if o not in common]),
+            (b.label, [o for o in b.outputs if o not in common]),
+        )
+        if v
+    }
+    plan = batch_plan(samples, _longest(specs), seed)
+    acc: dict[str, _Acc] = {}
+    signature = Graph("signature", specs, [], [], {}, {}, {})  # all random_inputs reads
+    for k, (batch, seq) in enumerate(plan):
+        feeds = random_inputs(signature, batch, seq, seed + k)
+        ya, yb = a.run(feeds), b.run(feeds)
+        for o in common:
+            if tuple(ya[o].shape) != tuple(yb[o].shape):
+                raise NormtoolError(
+                    f"output {o!r} shapes differ on a batch of {batch}×{seq}: {a.label} gives "
+                    f"{list(ya[o].shape)}, {b.label} gives {list(yb[o].shape)}"
+                )
+            if ya[o].dtype.is_floating_point != yb[o].dtype.is_floating_point:
+                raise NormtoolError(
+                    f"output {o!r} types differ: {a.label} gives {ya[o].dtype}, "
+                    f"{b.label} gives {yb[o].dtype}"
+                )
+            acc.setdefault(o, _Acc(ya[o].dtype)).add(ya[o], yb[o], logits=o == "logits")
+    outputs = [acc[o].report(o, tol) for o in common]
+    return Report(a.label, b.label, name, seed, plan, tol.atol, tol.rtol, outputs, not_compared)
+
+
+def compare_models(
+    a: Model,
+    b: Model,
+    dtype: str | torch.dtype = "fp32",
+    samples: int = DEFAULT_SAMPLES,
+    seed: int = 0,
+    atol: float | None = None,
+    rtol: float | None = None,
+) -> Report:
+    """Compare two Models, both run by the torch executor in ``dtype``.
+
+    What the transforms use to self-verify: e.g. ``compare_models(orig, new, "fp64").max_rel``
+    and ``compare_models(orig, new, "fp32").max_abs``; ``.ok`` applies the dtype's defaults.
+    """
+    return compare(
+        TorchRunner(a, dtype, "a"), TorchRunner(b, dtype, "b"), dtype, samples, seed, atol, rtol
+    )
