@@ -110,11 +110,14 @@ class Space:
 @dataclass(frozen=True)
 class Source:
     """Where a graph tensor is stored: ``key`` in the checkpoint, optionally a slice
-    ``(axis, start, stop)`` of the stored tensor, then optionally transposed (2-D)."""
+    ``(axis, start, stop)`` of the stored tensor, then optionally transposed (2-D), then
+    optionally reshaped (same element count: e.g. ViT's stored ``[1, P, d]`` position table read
+    as the canonical ``[P, d]``)."""
 
     key: str
     slice: tuple[int, int, int] | None = None
     transpose: bool = False
+    reshape: tuple[int, ...] | None = None
 
 
 @dataclass
@@ -252,7 +255,12 @@ class Graph:
             tensors[name] = TensorSpec(
                 shape=tuple(t["shape"]),
                 axes=tuple(t["axes"]),
-                source=Source(src["key"], tuple(sl) if sl else None, src.get("transpose", False)),
+                source=Source(
+                    src["key"],
+                    tuple(sl) if sl else None,
+                    src.get("transpose", False),
+                    tuple(src["reshape"]) if src.get("reshape") else None,
+                ),
                 dtype=t.get("dtype", "F32"),
             )
         g = cls(

@@ -36,6 +36,7 @@ def load_model(
             if (
                 spec.source.slice is None
                 and not spec.source.transpose
+                and spec.source.reshape is None
                 and tuple(ck.shape(key)) != tuple(spec.shape)
             ):
                 raise NormtoolError(

@@ -20,7 +20,7 @@ from normtool.io.store import Checkpoint
 def read_view(
     ck: Checkpoint, src: Source, cache: dict[str, torch.Tensor] | None = None
 ) -> torch.Tensor:
-    """Read one graph tensor from the checkpoint: stored tensor → slice → transpose."""
+    """Read one graph tensor from the checkpoint: stored tensor → slice → transpose → reshape."""
     if cache is not None and src.key in cache:
         t = cache[src.key]
     else:
@@ -32,6 +32,8 @@ def read_view(
         t = t.narrow(axis, start, stop - start)
     if src.transpose:
         t = t.t()
+    if src.reshape is not None:
+        t = t.reshape(src.reshape)
     return t
 
 

@@ -44,8 +44,10 @@ class GraphBuilder:
         axes: tuple[str | None, ...],
         slice: tuple[int, int, int] | None = None,
         transpose: bool = False,
+        squeeze: bool = False,
     ) -> str:
-        """Declare graph tensor ``name`` as a view of checkpoint tensor ``key``."""
+        """Declare graph tensor ``name`` as a view of checkpoint tensor ``key``; ``squeeze``
+        drops size-1 axes (stored ``[1, P, d]`` tables and ``[1, C, 1, 1]`` statistics)."""
         if key not in self.ck:
             raise NormtoolError(f"expected tensor {key!r} is missing", self.ck.path)
         shape = list(self.ck.shape(key))
@@ -60,6 +62,10 @@ class GraphBuilder:
             if len(shape) != 2:
                 raise NormtoolError(f"tensor {key!r} should be 2-D", self.ck.path)
             shape.reverse()
+        reshape = None
+        if squeeze and 1 in shape:
+            shape = [s for s in shape if s != 1]
+            reshape = tuple(shape)
         if len(axes) != len(shape):
             raise NormtoolError(
                 f"tensor {key!r} has shape {tuple(shape)}, expected {len(axes)} dimensions",
@@ -73,7 +79,9 @@ class GraphBuilder:
                     self.ck.path,
                 )
         dtype = DTYPE_NAMES[self.ck.dtype(key)]
-        self.tensors[name] = TensorSpec(tuple(shape), axes, Source(key, slice, transpose), dtype)
+        self.tensors[name] = TensorSpec(
+            tuple(shape), axes, Source(key, slice, transpose, reshape), dtype
+        )
         return name
 
     def input(self, spec: InputSpec, space: str) -> str:
