@@ -102,6 +102,16 @@ def read_header(path: Path) -> tuple[dict[str, dict], dict[str, str]]:
     for (a0, a1, an), (b0, _b1, bn) in zip(spans, spans[1:], strict=False):
         if b0 < a1 and a1 > a0:
             raise NormtoolError(f"tensors {an!r} and {bn!r} overlap in the file", path)
+    # safetensors requires the data section to be covered exactly, without gaps or a tail
+    end = 0
+    for a0, a1, name in spans:
+        if a0 != end:
+            raise NormtoolError(f"corrupt safetensors: gap before tensor {name!r}", path)
+        end = a1
+    if end != data_size:
+        raise NormtoolError(
+            f"corrupt safetensors: {data_size - end} bytes after the last tensor", path
+        )
     return header, meta
 
 
