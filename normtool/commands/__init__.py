@@ -1,7 +1,8 @@
 """One module per CLI command; ``COMMANDS`` lists them in help order."""
 
-from normtool.commands import inspect
+from normtool.commands import convert, inspect
 
 COMMANDS = [
     ("inspect", inspect.inspect),
+    ("convert-ln-to-rms", convert.convert_ln_to_rms),
 ]

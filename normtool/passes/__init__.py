@@ -9,5 +9,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from normtool.graph import Graph
+from normtool.passes import ln_to_rms
 
-APPLICABILITY: list[tuple[str, Callable[[Graph], list[str]]]] = []
+APPLICABILITY: list[tuple[str, Callable[[Graph], list[str]]]] = [
+    ("convert-ln-to-rms", ln_to_rms.check),
+]

@@ -1,0 +1,109 @@
+"""``normtool convert-ln-to-rms``: exact Pre-LN → Pre-RMSNorm / Pre-CRMSNorm, self-verified."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from normtool import history
+from normtool.commands.common import (
+    ArchOpt,
+    ForceOpt,
+    HeadsOpt,
+    JsonOpt,
+    OutOpt,
+    PathArg,
+    default_output,
+    emit,
+    load,
+)
+from normtool.errors import CheckFailed, NormtoolError
+from normtool.io.atomic import check_output_path
+from normtool.io.writer import save_model
+from normtool.model import Model
+from normtool.passes.ln_to_rms import Conversion
+from normtool.passes.ln_to_rms import convert_ln_to_rms as convert
+from normtool.verify import compare_models
+
+#: The self-check's bars (issue 3): float64 error relative to the logit scale — the maths must
+#: be exact up to rounding — and float32 max-abs on the logits as stored and run.
+FP64_MAX_REL = 1e-9
+FP32_MAX_ABS = 1e-4
+
+
+def self_check(source: Model, conv: Conversion) -> dict[str, float]:
+    """Errors of the converted model against the original on seeded random inputs.
+
+    fp64: the unrounded converted tensors (so the check measures the maths, not the storage
+    rounding); fp32: the tensors as they will be written, run in float32 on both sides.
+    """
+    r64 = compare_models(source, conv.exact(), "fp64")
+    r32 = compare_models(source, conv.model({}), "fp32")
+    return {
+        "fp64_max_rel": r64.max_rel,
+        "fp64_max_abs": r64.max_abs,
+        "fp32_max_abs": r32.max_abs,
+        "fp32_max_rel": r32.max_rel,
+    }
+
+
+def convert_ln_to_rms(
+    path: PathArg,
+    output: OutOpt = None,
+    compressed: Annotated[
+        bool, typer.Option("--compressed", help="CRMSNorm: drop the stream's last coordinate.")
+    ] = False,
+    arch: ArchOpt = None,
+    heads: HeadsOpt = None,
+    no_verify: Annotated[
+        bool, typer.Option("--no-verify", help="Skip the fp64/fp32 self-check before writing.")
+    ] = False,
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Rewrite a Pre-LN transformer to Pre-RMSNorm (or Pre-CRMSNorm), computing the same function."""
+    model = load(path, arch, heads)
+    out = output or default_output(path, ".crms.safetensors" if compressed else ".rms.safetensors")
+    check_output_path(out, [path], force)  # fail before the work, not after it
+    try:
+        conv = convert(model, compressed)
+    except NormtoolError as e:
+        raise type(e)(e.message, e.path or path) from e
+    errors: dict[str, float] | None = None
+    if not no_verify:
+        errors = self_check(model, conv)
+        bad = []
+        if not errors["fp64_max_rel"] <= FP64_MAX_REL:
+            bad.append(f"fp64 relative error {errors['fp64_max_rel']:.3g} > {FP64_MAX_REL:g}")
+        if not errors["fp32_max_abs"] <= FP32_MAX_ABS:
+            bad.append(f"fp32 max-abs error {errors['fp32_max_abs']:.3g} > {FP32_MAX_ABS:g}")
+        if bad:
+            raise CheckFailed("self-verification failed, nothing written: " + "; ".join(bad), path)
+    summary = conv.summary()
+    entry = history.entry("convert-ln-to-rms", model, {"compressed": compressed}, errors, summary)
+    save_model(conv.model(entry), out, inputs=[Path(path)], force=force)
+    payload: dict[str, Any] = {
+        "input": str(path),
+        "output": str(out),
+        "norm": "crmsnorm" if compressed else "rmsnorm",
+        "norms": conv.norms,
+        "readers": conv.readers,
+        "writers": conv.writers,
+        "created_biases": conv.created_biases,
+        "untied": [{"tensor": a, "was_tied_to": b} for a, b in conv.untied],
+        "verified": errors is not None,
+        "errors": errors,
+        "summary": summary,
+    }
+    lines = [f"{path} -> {out}", f"  {summary}"]
+    lines += [f"  untied {a} from {b}: each is now its own tensor" for a, b in conv.untied]
+    if errors is None:
+        lines.append("  not verified (--no-verify)")
+    else:
+        lines.append(
+            f"  verified: fp64 max rel error {errors['fp64_max_rel']:.2e}, "
+            f"fp32 max abs error {errors['fp32_max_abs']:.2e}"
+        )
+    emit(as_json, payload, lines)

@@ -1,0 +1,406 @@
+"""Pre-LN → Pre-RMSNorm / Pre-CRMSNorm, exactly (Jiang et al., NeurIPS 2023; DESIGN §3.2).
+
+Why it is exact: LayerNorm only ever sees the residual stream through ``x − mean(x)``. If every
+*writer* of the stream (embeddings, CLS token, attention and MLP output projections) is centred
+along the stream axis, the stream is zero-mean at every position, the mean subtraction is a
+no-op and LayerNorm equals RMSNorm with the same epsilon. LayerNorm's own ``γ, β`` move into the
+linear layers that read its output (``W' = W·diag(γ)``, ``b' = b + Wβ``), so the norm becomes
+weightless. CRMSNorm goes one step further: a zero-mean vector is fixed by its first ``d−1``
+entries, so the stream drops its last coordinate and readers absorb it
+(``weight_math.crms_reader``).
+
+The pass works on the graph's spaces only: the stream is found structurally (the values summed
+by ``add`` in the ``resid`` space, passed through ``cls_concat``/``select``), writers are the ops
+whose outputs are summed into it, readers are every other consumer. Tensors are rewritten
+lazily: the result holds one thunk per changed tensor, so writing a converted multi-GB checkpoint
+holds one tensor (in row blocks for the big ones) at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+
+from normtool.errors import NormtoolError
+from normtool.graph import Graph, Op, Source, Space, TensorSpec
+from normtool.io.safetensors_format import DTYPES
+from normtool.model import Model
+from normtool.passes import weight_math as wm
+
+#: Ops the stream flows *through* unchanged in its mean: sums, prepending a token, picking one.
+STREAM_OPS = frozenset({"add", "cls_concat", "select"})
+#: Ops whose weights produce what they write into the stream (centred along its axis).
+WRITER_OPS = frozenset({"embed", "positions", "row", "patch_embed", "linear", "conv2d"})
+#: Ops that pass a norm's output on to its readers unchanged per channel.
+PASS_THROUGH = frozenset({"select"})
+#: Rows per block when rewriting large row-independent tensors (embeddings, LM heads).
+BLOCK_ROWS = 4096
+
+
+class NothingToConvert(NormtoolError):
+    """The model has no LayerNorm: a refusal of its own, reported as "nothing to convert"."""
+
+
+@dataclass
+class Stream:
+    """What the conversion acts on, found in the graph."""
+
+    space: str
+    writers: list[Op]  # ops whose output is summed into the stream (and cls_concat tokens)
+    norms: list[Op]  # the LayerNorms reading the stream, in graph order
+    readers: dict[str, list[Op]]  # norm name -> the linear ops that read its output
+
+
+@dataclass
+class Conversion:
+    """The converted graph and its changed tensors (lazy thunks), with what changed.
+
+    ``model(entry)`` gives the result in the stored dtypes; ``exact()`` the same function with
+    the changed tensors in float64, unrounded — what the float64 self-check compares, so that
+    it measures the maths rather than the storage rounding.
+    """
+
+    source: Model
+    graph: Graph
+    tensors: dict[str, Callable[[], torch.Tensor]]
+    exact_tensors: dict[str, Callable[[], torch.Tensor]]
+    compressed: bool
+    norms: list[str]
+    writers: list[str]
+    readers: list[str]
+    created_biases: list[str]
+    untied: list[tuple[str, str]]
+    notes: list[str] = field(default_factory=list)
+
+    def model(self, entry: dict[str, Any]) -> Model:
+        return self.source.derive(self.graph, self.tensors, entry)
+
+    def exact(self) -> Model:
+        return self.source.derive(self.graph, self.exact_tensors, {"transform": "exact"})
+
+    def summary(self) -> str:
+        kind = "CRMSNorm" if self.compressed else "RMSNorm"
+        s = (
+            f"{len(self.norms)} LayerNorms -> {kind}; folded into {len(self.readers)} reader "
+            f"linears ({len(self.created_biases)} biases created); centred "
+            f"{len(self.writers)} stream writers"
+        )
+        for a, b in self.untied:
+            s += f"; untied {a} from {b}"
+        return s
+
+
+# ---- finding the stream ---------------------------------------------------------------------
+
+
+def _resid_space(graph: Graph) -> str | None:
+    spaces = [s.name for s in graph.spaces.values() if s.kind == "resid"]
+    return spaces[0] if len(spaces) == 1 else None
+
+
+def find_stream(graph: Graph) -> tuple[Stream | None, list[str]]:
+    """The residual stream's writers, norms and readers, or the reasons it cannot be converted.
+
+    Raises NothingToConvert when the graph holds no LayerNorm at all.
+    """
+    if not any(o.kind == "layernorm" for o in graph.ops):
+        raise NothingToConvert(
+            "nothing to convert: the model has no LayerNorm"
+            + (f" (norms: {', '.join(graph.norm_kinds())})" if graph.norm_kinds() else "")
+        )
+    space = _resid_space(graph)
+    if space is None:
+        return None, ["no single residual stream space in the graph"]
+    producer = {o.output: o for o in graph.ops}
+    consumers: dict[str, list[Op]] = {}
+    for o in graph.ops:
+        for v in set(o.inputs):
+            consumers.setdefault(v, []).append(o)
+
+    # the stream: resid-space values of stream ops, closed backwards and forwards through them
+    stream = {
+        o.output for o in graph.ops if o.kind == "add" and graph.value_spaces[o.output] == space
+    }
+    todo = list(stream)
+    while todo:
+        v = todo.pop()
+        p = producer.get(v)
+        ins = p.inputs if p is not None and p.kind in STREAM_OPS else ()
+        nxt = [u for u in ins if producer.get(u) is not None and producer[u].kind in STREAM_OPS]
+        nxt += [c.output for c in consumers.get(v, []) if c.kind in STREAM_OPS]
+        for u in nxt:
+            if u not in stream:
+                stream.add(u)
+                todo.append(u)
+
+    reasons: list[str] = []
+    writers: list[Op] = []
+    for v in sorted(stream, key=lambda v: graph.ops.index(producer[v])):
+        p = producer[v]
+        if p.kind == "cls_concat":
+            writers.append(p)  # its token is written into the stream
+        for u in p.inputs:
+            if u in stream:
+                continue
+            w = producer.get(u)
+            if w is None:
+                reasons.append(f"graph input {u!r} is added into the residual stream directly")
+            elif w.kind in ("layernorm", "rmsnorm", "crmsnorm") and w.inputs[0] in stream:
+                reasons.append(
+                    f"Post-LN: norm {w.name!r} normalises the residual sum and its output is the "
+                    "stream (convertible only with the norm before each branch)"
+                )
+            elif w.kind in ("layernorm", "rmsnorm", "crmsnorm"):
+                reasons.append(f"norm {w.name!r} sits after a branch, writing into the stream")
+            elif w.kind not in WRITER_OPS:
+                reasons.append(
+                    f"op {w.name!r} ({w.kind}) writes into the residual stream without weights "
+                    "that could be centred"
+                )
+            else:
+                others = [c.name for c in consumers[u] if c.kind not in STREAM_OPS]
+                if others:
+                    reasons.append(
+                        f"output of {w.name!r} is read by {others[0]!r} besides the stream"
+                    )
+                elif w not in writers:
+                    writers.append(w)
+    for out in graph.outputs:
+        if out in stream:
+            reasons.append(f"the residual stream is the graph output {out!r}")
+
+    norms: list[Op] = []
+    readers: dict[str, list[Op]] = {}
+    for o in graph.ops:
+        if o.kind in STREAM_OPS or not any(v in stream for v in o.inputs):
+            continue
+        if o.kind != "layernorm":
+            reasons.append(
+                f"op {o.name!r} ({o.kind}) reads the residual stream; only LayerNorms may"
+            )
+            continue
+        norms.append(o)
+        found, why = _norm_readers(graph, o, consumers)
+        readers[o.name] = found
+        reasons += why
+    if not reasons and not norms:
+        reasons.append("no LayerNorm reads the residual stream")
+    if reasons:
+        return None, reasons
+    return Stream(space, writers, norms, readers), []
+
+
+def _norm_readers(
+    graph: Graph, norm: Op, consumers: dict[str, list[Op]]
+) -> tuple[list[Op], list[str]]:
+    """The linears reading ``norm``'s output (through ``select``), or why its γ/β cannot move."""
+    found, reasons, todo = [], [], [norm.output]
+    if norm.output in graph.outputs:
+        reasons.append(f"norm {norm.name!r} output is a graph output: no layer to fold it into")
+    while todo:
+        v = todo.pop()
+        for c in consumers.get(v, []):
+            if c.kind in PASS_THROUGH:
+                if c.output in graph.outputs:
+                    reasons.append(f"norm {norm.name!r} reaches the graph output via {c.name!r}")
+                todo.append(c.output)
+            elif c.kind == "linear":
+                found.append(c)
+            else:
+                reasons.append(
+                    f"norm {norm.name!r} output is read by {c.name!r} ({c.kind}), not a linear "
+                    "layer, so its γ/β cannot be folded"
+                )
+    return found, reasons
+
+
+def check(graph: Graph) -> list[str]:
+    """Applicability for ``inspect``: the reasons convert-ln-to-rms does not apply (empty: it does)."""
+    try:
+        return find_stream(graph)[1]
+    except NothingToConvert as e:
+        return [str(e)]
+
+
+# ---- the conversion -------------------------------------------------------------------------
+
+
+@dataclass
+class _Recipe:
+    """How one output tensor is computed from the original model's tensors (all in float64).
+
+    ``fold``: (weight, γ or None, β or None) of a reader linear; for a bias ``base`` may be None
+    (created). ``centre``/``narrow``: the stream axis to centre / cut to ``d−1``.
+    """
+
+    base: str | None
+    dtype: str
+    shape: tuple[int, ...]
+    fold: tuple[str, str | None, str | None] | None = None
+    is_bias: bool = False
+    centre: int | None = None
+    crms_in: bool = False
+    narrow: int | None = None
+
+    def row_independent(self) -> bool:
+        return self.centre in (None, 1) and self.narrow in (None, 1)
+
+
+def _compute(r: _Recipe, read: Callable[[str], torch.Tensor], rows: slice) -> torch.Tensor:
+    """The float64 value of rows ``rows`` of the tensor ``r`` describes."""
+
+    def get(name: str, part: bool) -> torch.Tensor:
+        t = read(name).to(torch.float64)
+        return t[rows] if part else t
+
+    if r.fold is not None:
+        w_name, g_name, b_name = r.fold
+        w = get(w_name, True)
+        gamma = get(g_name, False) if g_name else torch.ones(w.shape[1], dtype=torch.float64)
+        beta = get(b_name, False) if b_name else None
+        bias = get(r.base, True) if (r.is_bias and r.base) else None
+        new_w, new_b = wm.fold_forward(w, bias, gamma, beta)
+        t = new_b if r.is_bias else new_w
+        if t is None:  # no shift and no bias: a zero bias (only created when β exists)
+            t = torch.zeros(w.shape[0], dtype=torch.float64)
+    else:
+        assert r.base is not None
+        t = get(r.base, True)
+    if r.centre is not None:
+        t = wm.centre(t, r.centre)
+    if r.crms_in:
+        t = wm.crms_reader(t)
+    if r.narrow is not None:
+        t = wm.crms_writer(t, r.narrow)
+    return t
+
+
+def _materialise(r: _Recipe, read: Callable[[str], torch.Tensor], exact: bool) -> torch.Tensor:
+    """The whole tensor: float64 when ``exact``, else its stored dtype, built in row blocks
+    (each block upcast, rewritten and rounded once) when the recipe allows it."""
+    n = r.shape[0] if r.shape else 0
+    if exact or not r.row_independent() or n <= BLOCK_ROWS:
+        t = _compute(r, read, slice(None))
+        return t if exact else t.to(DTYPES[r.dtype])
+    out = torch.empty(r.shape, dtype=DTYPES[r.dtype])
+    for i in range(0, n, BLOCK_ROWS):
+        out[i : i + BLOCK_ROWS] = _compute(r, read, slice(i, i + BLOCK_ROWS))
+    return out
+
+
+def convert_ln_to_rms(model: Model, compressed: bool = False) -> Conversion:
+    """Rewrite a Pre-LN model to Pre-RMSNorm (or Pre-CRMSNorm when ``compressed``).
+
+    Raises NothingToConvert without LayerNorms and NormtoolError with the reasons (each naming
+    the offending layer) when the model cannot be converted.
+    """
+    g = model.graph
+    stream, reasons = find_stream(g)
+    if stream is None:
+        raise NormtoolError("cannot convert to RMSNorm: " + "; ".join(reasons))
+    new = g.copy()
+    space = stream.space
+    d = g.spaces[space].size
+    recipes: dict[str, _Recipe] = {}
+
+    def recipe(name: str) -> _Recipe:
+        if name not in recipes:
+            spec = g.tensors[name]
+            recipes[name] = _Recipe(name, spec.dtype, spec.shape)
+        return recipes[name]
+
+    # 1. fold each LayerNorm's γ/β into the linears reading it; the norm becomes weightless
+    created: list[str] = []
+    readers: list[str] = []
+    for norm in stream.norms:
+        gamma, beta = norm.params.get("weight"), norm.params.get("bias")
+        for lin in stream.readers[norm.name]:
+            readers.append(lin.name)
+            w = lin.params["weight"]
+            recipe(w).fold = (w, gamma, beta)
+            b = lin.params.get("bias")
+            if b is None and beta is not None:
+                b = f"{lin.name}.bias"
+                wspec = g.tensors[w]
+                new.tensors[b] = TensorSpec(
+                    (wspec.shape[0],), (wspec.axes[0],), Source(b), wspec.dtype
+                )
+                new.op(lin.name).params["bias"] = b
+                recipes[b] = _Recipe(None, wspec.dtype, (wspec.shape[0],))
+                created.append(b)
+            if b is not None:
+                recipe(b).fold = (w, gamma, beta)
+                recipes[b].is_bias = True
+        new_norm = new.op(norm.name)
+        new_norm.kind = "crmsnorm" if compressed else "rmsnorm"
+        new_norm.params = {}
+        new_norm.attrs = {"eps": norm.attrs["eps"]}
+
+    # 2. centre every writer along the stream axis (weights and biases)
+    for w_op in stream.writers:
+        for t in w_op.params.values():
+            axes = g.tensors[t].axes
+            if space in axes:
+                recipe(t).centre = axes.index(space)
+
+    # 3. CRMS: the stream loses its last coordinate
+    if compressed:
+        for name, r in recipes.items():
+            axes = g.tensors[name].axes if name in g.tensors else ()
+            r.narrow = r.centre
+            r.crms_in = r.fold is not None and not r.is_bias and axes[1] == space
+        new.spaces[space] = Space(space, d - 1, g.spaces[space].kind, g.spaces[space].heads)
+        for name, spec in new.tensors.items():
+            if space in spec.axes:
+                shape = tuple(
+                    d - 1 if a == space else s for a, s in zip(spec.axes, spec.shape, strict=True)
+                )
+                new.tensors[name] = replace(spec, shape=shape)
+
+    # drop the norms' parameters; check that every tensor in the stream space is accounted for
+    used = {t for o in new.ops for t in o.params.values()}
+    for name in list(new.tensors):
+        if name not in used:
+            del new.tensors[name]
+    for name, spec in new.tensors.items():
+        if space in spec.axes and name not in recipes:
+            raise NormtoolError(
+                f"cannot convert to RMSNorm: tensor {name!r} lies in the residual stream but "
+                "belongs to no writer or reader the conversion knows"
+            )
+        if name in recipes:
+            recipes[name].shape = spec.shape  # the output shape (d−1 wide under CRMS)
+    new.validate()
+
+    untied = _untied(g, recipes)
+    read = model.tensor
+    lazy = {n: (lambda r=r: _materialise(r, read, exact=False)) for n, r in recipes.items()}
+    exact = {n: (lambda r=r: _materialise(r, read, exact=True)) for n, r in recipes.items()}
+    return Conversion(
+        source=model,
+        graph=new,
+        tensors=lazy,
+        exact_tensors=exact,
+        compressed=compressed,
+        norms=[n.name for n in stream.norms],
+        writers=[w.name for w in stream.writers],
+        readers=readers,
+        created_biases=created,
+        untied=untied,
+    )
+
+
+def _untied(g: Graph, recipes: dict[str, _Recipe]) -> list[tuple[str, str]]:
+    """Pairs (changed tensor, tensor it shared storage with): each now gets its own tensor."""
+    by_source: dict[Source, list[str]] = {}
+    for name, spec in g.tensors.items():
+        by_source.setdefault(spec.source, []).append(name)
+    pairs = []
+    for names in by_source.values():
+        if len(names) > 1 and any(n in recipes for n in names):
+            first = names[0]
+            pairs += [(n, first) for n in names[1:]]
+    return pairs
