@@ -53,9 +53,11 @@ def atomic_path(out: Path, inputs: Sequence[Path] = (), force: bool = False) -> 
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out)
-    except BaseException:
+    except BaseException as e:
         if tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
         elif tmp.exists():
             tmp.unlink()
+        if isinstance(e, OSError) and not isinstance(e, NormtoolError):
+            raise NormtoolError(f"cannot write: {e.strerror or e}", out) from e
         raise
