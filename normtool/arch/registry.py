@@ -6,13 +6,15 @@ one place and checked by a test.
 
 from __future__ import annotations
 
-from normtool.arch import mlp
+from normtool.arch import convnets, mlp
 from normtool.arch.family import BuildOptions, Family
 from normtool.errors import NormtoolError
 from normtool.graph import Graph
 from normtool.io.store import Checkpoint
 
 FAMILIES: list[Family] = [
+    convnets.CNN_FAMILY,
+    convnets.RESNET_FAMILY,
     mlp.FAMILY,
 ]
 
