@@ -37,13 +37,15 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 
 from normtool.errors import NormtoolError
 from normtool.graph import Graph, InputSpec
-from normtool.inputs import random_inputs
+from normtool.inputs import max_seq, random_inputs
+from normtool.load import load_model
 from normtool.model import Model
 from normtool.runtime.torch_exec import run_graph
 
@@ -135,7 +137,7 @@ class Report:
     b: str
     dtype: str
     seed: int
-    batches: list[tuple[int, int]]
+    batches: list[tuple[int, int | None]]  # (batch, seq); seq None without a sequence axis
     atol: float
     rtol: float
     outputs: list[OutputReport]
@@ -183,17 +185,20 @@ def _json_safe(x: Any) -> Any:
     return x
 
 
-def batch_plan(samples: int, seq: int, seed: int) -> list[tuple[int, int]]:
-    """``samples`` (batch, seq) pairs: the fixed edge shapes first, then seeded random ones."""
+def batch_plan(samples: int, seq: int | None, seed: int) -> list[tuple[int, int | None]]:
+    """``samples`` (batch, seq) pairs: the fixed edge shapes first, then seeded random ones.
+
+    ``seq`` is the longest sequence, or None for inputs without a sequence axis.
+    """
     if samples < 1:
         raise NormtoolError(f"--samples must be at least 1, got {samples}")
-    plan = [(b, max(1, round(f * seq))) for b, f in _FIRST_BATCHES[:samples]]
+    plan = [(b, None if seq is None else max(1, round(f * seq))) for b, f in _FIRST_BATCHES]
     g = torch.Generator().manual_seed(seed)
     while len(plan) < samples:
         b = int(torch.randint(1, 9, (), generator=g))
-        s = int(torch.randint(1, seq + 1, (), generator=g))
+        s = int(torch.randint(1, seq + 1, (), generator=g)) if seq is not None else None
         plan.append((b, s))
-    return plan
+    return plan[:samples]
 
 
 def _describe(spec: InputSpec) -> str:
@@ -221,11 +226,6 @@ def shared_inputs(a: Runner, b: Runner) -> list[InputSpec]:
     return specs
 
 
-def _longest(specs: list[InputSpec], default: int = 16) -> int:
-    lens = [s.max_len for s in specs if s.kind == "tokens" and s.max_len]
-    return min(lens) if lens else default
-
-
 class _Acc:
     """Running statistics of one output over all batches."""
 
@@ -240,7 +240,9 @@ class _Acc:
         a, b = ya.double(), yb.double()
         if a.numel():
             diff = torch.where(a == b, 0.0, (a - b).abs())  # equal infinities count as equal
-            self.max_abs = max(self.max_abs, float(diff.max()))  # NaN propagates, and fails
+            m = float(diff.max())
+            if math.isnan(m) or m > self.max_abs:  # a NaN sticks (max() would drop it) and fails
+                self.max_abs = m
             finite = a[a.isfinite()].abs()
             if finite.numel():
                 self.scale = max(self.scale, float(finite.max()))
@@ -297,16 +299,17 @@ def compare(
         )
         if v
     }
-    plan = batch_plan(samples, _longest(specs), seed)
+    signature = Graph("signature", specs, [], [], {}, {}, {})  # all that inputs.py reads
+    has_seq = any("seq" in s.shape for s in specs)
+    plan = batch_plan(samples, max_seq(signature) if has_seq else None, seed)
     acc: dict[str, _Acc] = {}
-    signature = Graph("signature", specs, [], [], {}, {}, {})  # all random_inputs reads
     for k, (batch, seq) in enumerate(plan):
-        feeds = random_inputs(signature, batch, seq, seed + k)
+        feeds = random_inputs(signature, batch, seq or 1, seed + k)
         ya, yb = a.run(feeds), b.run(feeds)
         for o in common:
             if tuple(ya[o].shape) != tuple(yb[o].shape):
                 raise NormtoolError(
-                    f"output {o!r} shapes differ on a batch of {batch}×{seq}: {a.label} gives "
+                    f"output {o!r} shapes differ on input batch {batch}, seq {seq}: {a.label} gives "
                     f"{list(ya[o].shape)}, {b.label} gives {list(yb[o].shape)}"
                 )
             if ya[o].dtype.is_floating_point != yb[o].dtype.is_floating_point:
@@ -336,3 +339,14 @@ def compare_models(
     return compare(
         TorchRunner(a, dtype, "a"), TorchRunner(b, dtype, "b"), dtype, samples, seed, atol, rtol
     )
+
+
+def open_runner(
+    path: Path,
+    dtype: str | torch.dtype = "fp32",
+    arch: str | None = None,
+    heads: int | None = None,
+    act: str | None = None,
+) -> Runner:
+    """A Runner for a checkpoint (torch executor in ``dtype``) or an ``.onnx`` file (ORT)."""
+    return TorchRunner(load_model(path, arch=arch, heads=heads, act=act), dtype, str(path))

@@ -1,8 +1,9 @@
 """One module per CLI command; ``COMMANDS`` lists them in help order."""
 
-from normtool.commands import convert, inspect
+from normtool.commands import convert, inspect, verify
 
 COMMANDS = [
     ("inspect", inspect.inspect),
+    ("verify", verify.verify),
     ("convert-ln-to-rms", convert.convert_ln_to_rms),
 ]

@@ -1,0 +1,75 @@
+"""``normtool verify A B``: are two models (checkpoints or ONNX files) the same function?
+
+The CI gate: exit 0 equivalent, 1 not (CheckFailed), 2 when they cannot be compared.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from normtool.commands.common import ActOpt, ArchOpt, HeadsOpt, JsonOpt, emit
+from normtool.errors import CheckFailed
+from normtool.verify import DEFAULT_SAMPLES, Report, compare, open_runner
+
+ModelArg = Annotated[Path, typer.Argument(help="Checkpoint, model folder or .onnx file.")]
+
+
+def _num(x: float) -> str:
+    return f"{x:.3g}"
+
+
+def report_lines(r: Report) -> list[str]:
+    seq = r.batches[0][1] is not None
+    shapes = ", ".join(f"{b}×{s}" if seq else str(b) for b, s in r.batches)
+    lines = [
+        f"verify {r.a} (reference) vs {r.b}",
+        f"  {r.dtype}, seed {r.seed}, {len(r.batches)} batches ({'batch×seq' if seq else 'batch'}): "
+        f"{shapes}",
+        f"  {'output':<12} {'max abs':>10} {'scale':>10} {'max rel':>10} {'limit':>10} "
+        f"{'agree':>8}  result",
+    ]
+    for o in r.outputs:
+        agree = "" if o.agreement is None else f"{o.agreement:.1%}"
+        lines.append(
+            f"  {o.name:<12} {_num(o.max_abs):>10} {_num(o.scale):>10} {_num(o.max_rel):>10} "
+            f"{_num(o.limit):>10} {agree:>8}  {'ok' if o.ok else 'FAIL'}"
+        )
+    for who, names in r.not_compared.items():
+        lines.append(f"  not compared (only in {who}): {', '.join(names)}")
+    verdict = "equivalent" if r.ok else "NOT equivalent"
+    lines.append(f"{verdict} ({r.dtype}: atol {r.atol:g}, rtol {r.rtol:g} of the output's scale)")
+    return lines
+
+
+def verify(
+    a: ModelArg,
+    b: ModelArg,
+    atol: Annotated[
+        float | None, typer.Option("--atol", help="Absolute tolerance (default per dtype).")
+    ] = None,
+    rtol: Annotated[
+        float | None,
+        typer.Option("--rtol", help="Tolerance relative to max|A output| (default per dtype)."),
+    ] = None,
+    samples: Annotated[
+        int, typer.Option("--samples", help="Number of random input batches.")
+    ] = DEFAULT_SAMPLES,
+    seed: Annotated[int, typer.Option("--seed", help="Seed of the random inputs.")] = 0,
+    dtype: Annotated[
+        str, typer.Option("--dtype", help="Run dtype and tolerances: fp32, fp64, fp16, bf16.")
+    ] = "fp32",
+    arch: ArchOpt = None,
+    heads: HeadsOpt = None,
+    act: ActOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Compare A (reference) and B on seeded random inputs; exit 0 equivalent, 1 not."""
+    ra = open_runner(a, dtype, arch, heads, act)
+    rb = open_runner(b, dtype, arch, heads, act)
+    report = compare(ra, rb, dtype, samples, seed, atol, rtol)
+    emit(as_json, report.to_dict(), report_lines(report))
+    if not report.ok:
+        raise CheckFailed("not equivalent: " + "; ".join(report.failures()), b)
