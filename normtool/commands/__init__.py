@@ -1,9 +1,10 @@
 """One module per CLI command; ``COMMANDS`` lists them in help order."""
 
-from normtool.commands import convert, inspect, verify
+from normtool.commands import convert, inspect, loki, verify
 
 COMMANDS = [
     ("inspect", inspect.inspect),
     ("verify", verify.verify),
     ("convert-ln-to-rms", convert.convert_ln_to_rms),
+    ("loki-head", loki.loki_head),
 ]
