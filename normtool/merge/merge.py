@@ -1,0 +1,225 @@
+"""The merge recipe: check, match (or not), verify the permutations, interpolate, repair.
+
+Every permutation is self-verified before anything is written: each permuted model must compute
+its original function (fp64 executor on seeded random inputs, relative error ≤ 1e-9) — a wrong
+permutation group would otherwise silently produce a broken merge.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from itertools import combinations
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from normtool.errors import CheckFailed, NormtoolError
+from normtool.graph import Graph
+from normtool.history import entry
+from normtool.inputs import max_seq, random_inputs
+from normtool.io.atomic import atomic_path
+from normtool.merge.bn_repair import has_batchnorm, recompute_batchnorm
+from normtool.merge.checks import check_finite, check_same_architecture
+from normtool.merge.data import load_data
+from normtool.merge.groups import permutation_groups
+from normtool.merge.interpolate import interpolate
+from normtool.merge.many import ManyResult, match_to_reference, merge_many
+from normtool.merge.matching import SweepWrapper, distinct_tensors
+from normtool.merge.permute import Perms, identity_perms, permute_weights
+from normtool.model import Model
+from normtool.runtime.torch_exec import run_graph
+
+#: fp64 execution of a permuted model differs from the original only by summation order.
+PERMUTATION_RTOL = 1e-9
+
+Weights = dict[str, torch.Tensor]
+
+
+@dataclass
+class MergeOptions:
+    method: str = "match"  # match | average
+    weights: list[float] | None = None  # None: equal
+    reference: bool = False
+    max_iter: int = 100
+    seed: int = 0
+    calib: Path | None = None
+
+
+@dataclass
+class MergeResult:
+    model: Model
+    perms: list[Perms]
+    groups: int
+    skipped: dict[str, str]
+    sweeps: int
+    rounds: int
+    objective: tuple[float, float]  # mean pairwise Σ⟨W_i, W_j⟩, before / after matching
+    l2: tuple[float, float]  # mean pairwise ‖W_i − W_j‖, before / after matching
+    permutation_error: float  # worst relative output change of a permuted model
+    batchnorm: str  # none | kept | recomputed | stale
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+def load_weights(model: Model) -> Weights:
+    """All graph tensors of ``model`` in memory, refusing NaN/Inf."""
+    w = {name: model.tensor(name) for name in model.graph.tensors}
+    check_finite(model, w)
+    return w
+
+
+def as_float32(w: Weights) -> Weights:
+    return {n: t.float() if t.is_floating_point() else t for n, t in w.items()}
+
+
+def _pairwise(graph: Graph, models: Sequence[Weights]) -> tuple[float, float]:
+    """Mean over model pairs of the inner product and the L2 distance of all distinct tensors."""
+    names = [n for n in distinct_tensors(graph) if models[0][n].is_floating_point()]
+    dots, dists = [], []
+    for a, b in combinations(models, 2):
+        dot = sq = 0.0
+        for n in names:
+            ta, tb = a[n].double(), b[n].double()
+            dot += float((ta * tb).sum())
+            sq += float((ta - tb).pow(2).sum())
+        dots.append(dot)
+        dists.append(sq**0.5)
+    return sum(dots) / len(dots), sum(dists) / len(dists)
+
+
+def check_permutation(graph: Graph, before: Weights, after: Weights, seed: int) -> float:
+    """Relative output change of a permuted model (must be float noise); CheckFailed otherwise."""
+    x = random_inputs(graph, batch=2, seq=min(8, max_seq(graph)), seed=seed)
+    ya = run_graph(graph, before, x, dtype=torch.float64)
+    yb = run_graph(graph, after, x, dtype=torch.float64)
+    err = 0.0
+    for name in graph.outputs:
+        scale = float(ya[name].abs().max()) or 1.0
+        err = max(err, float((ya[name] - yb[name]).abs().max()) / scale)
+    if err > PERMUTATION_RTOL:
+        raise CheckFailed(
+            f"permuting changed the model's outputs (relative error {err:.3g} > "
+            f"{PERMUTATION_RTOL:g}): the permutation groups of {graph.family} are wrong"
+        )
+    return err
+
+
+def match_models(
+    graph: Graph,
+    models: Sequence[Weights],
+    opts: MergeOptions,
+    wrap: SweepWrapper | None = None,
+) -> tuple[ManyResult, dict[str, str], int]:
+    """Permutations bringing every model into one basis; ``(result, skipped spaces, #groups)``."""
+    groups, skipped = permutation_groups(graph)
+    if opts.method == "average":
+        return ManyResult([identity_perms(graph, groups) for _ in models], 0, 0), skipped, 0
+    f32 = [as_float32(m) for m in models]
+    if len(models) == 2 or opts.reference:
+        r = match_to_reference(graph, groups, f32, opts.max_iter, opts.seed, wrap)
+    else:
+        r = merge_many(graph, groups, f32, opts.max_iter, opts.seed, wrap)
+    return r, skipped, len(groups)
+
+
+def merge_models(
+    models: Sequence[Model], opts: MergeOptions, wrap: SweepWrapper | None = None
+) -> MergeResult:
+    """Merge ``models`` (same architecture) into one Model in the first one's storage layout."""
+    if len(models) < 2:
+        raise NormtoolError("merge needs at least two models")
+    if opts.method not in ("match", "average"):
+        raise NormtoolError(f"--method must be match or average, not {opts.method!r}")
+    check_same_architecture(models)
+    graph = models[0].graph
+    coeffs = opts.weights or [1.0 / len(models)] * len(models)
+    calib = load_data(opts.calib, graph, need_labels=False)[0] if opts.calib else None
+    weights = [load_weights(m) for m in models]
+    many, skipped, n_groups = match_models(graph, weights, opts, wrap)
+    permuted, err = [], 0.0
+    for i, (w, p) in enumerate(zip(weights, many.perms, strict=True)):
+        if all(torch.equal(v, torch.arange(len(v))) for v in p.values()):
+            permuted.append(w)
+            continue
+        pw = permute_weights(graph, w, p)
+        err = max(err, check_permutation(graph, w, pw, opts.seed + i))
+        permuted.append(pw)
+    objective = _pairwise(graph, weights), _pairwise(graph, permuted)
+    merged = interpolate(graph, permuted, coeffs)
+    bn = "none"
+    if has_batchnorm(graph):
+        if sum(c != 0 for c in coeffs) == 1:
+            bn = "kept"
+        elif calib is not None:
+            merged.update(recompute_batchnorm(graph, merged, calib.float()))
+            bn = "recomputed"
+        else:
+            bn = "stale"
+    params = {
+        "inputs": [
+            {"path": str(m.checkpoint.path), "sha256": m.checkpoint.sha256()}
+            for m in models
+            if m.checkpoint is not None
+        ],
+        "method": opts.method,
+        "algorithm": (
+            "none"
+            if opts.method == "average"
+            else "reference"
+            if len(models) == 2 or opts.reference
+            else "merge_many"
+        ),
+        "weights": coeffs,
+        "seed": opts.seed,
+        "max_iter": opts.max_iter,
+        "sweeps": many.sweeps,
+        "rounds": many.rounds,
+        "objective_before": objective[0][0],
+        "objective_after": objective[1][0],
+        "l2_before": objective[0][1],
+        "l2_after": objective[1][1],
+        "batchnorm": bn,
+        "calib": str(opts.calib) if opts.calib else None,
+    }
+    summary = (
+        f"merged {len(models)} models ({params['algorithm']}, weights "
+        f"{','.join(f'{c:g}' for c in coeffs)}), L2 {params['l2_before']:.4g} -> "
+        f"{params['l2_after']:.4g}"
+    )
+    hist = entry("merge", models[0], params, {"permutation_rel_err": err}, summary)
+    out = models[0].derive(graph, merged, hist)
+    return MergeResult(
+        out,
+        many.perms,
+        n_groups,
+        skipped,
+        many.sweeps,
+        many.rounds,
+        (objective[0][0], objective[1][0]),
+        (objective[0][1], objective[1][1]),
+        err,
+        bn,
+        params,
+    )
+
+
+def save_perms(perms: Sequence[Perms], out: Path, inputs: Sequence[Path], force: bool) -> Path:
+    """Write permutations as int64 index vectors, key ``"<model index>/<space>"``.
+
+    Model ``i`` is brought into the merged basis by ``t.index_select(axis, perm)`` on every axis
+    labelled with the space.
+    """
+    tensors = {
+        f"{i}/{space}": p.to(torch.int64).contiguous()
+        for i, ps in enumerate(perms)
+        for space, p in ps.items()
+    }
+    meta = {
+        "normtool.perms": "model i in the merged basis = t.index_select(axis, tensors['i/space'])",
+        "inputs": "\n".join(str(p) for p in inputs),
+    }
+    with atomic_path(out, inputs, force) as tmp:
+        save_file(tensors, str(tmp), metadata=meta)
+    return out
