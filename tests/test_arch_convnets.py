@@ -6,6 +6,8 @@ References: normtool's SmallCNN module (plain torch) for ``normtool_cnn``, and t
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -99,3 +101,13 @@ def test_resnet_missing_tensor_names_it(tmp_path):
     save_file(sd, str(f))
     with pytest.raises(NormtoolError, match="layer.1.normalization.running_var"):
         load_model(folder)
+
+
+def test_trained_cnn_fixture_matches_module():
+    path = Path(__file__).resolve().parent.parent / "fixtures" / "cnn_bn.safetensors"
+    model = load_model(path)
+    ref = load_reference(path)
+    x = _pixels((5, 3, 16, 16), 2)
+    got = run_graph(model.graph, model.weights(), {"input": x})["logits"]
+    # fp32, same ops except BN as scale/shift: a few roundings on O(10) logits
+    assert (got - ref(x)).abs().max().item() <= 1e-4
