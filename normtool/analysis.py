@@ -9,12 +9,11 @@ def norm_placement(graph: Graph, op: Op) -> str:
     """Where a norm sits: ``post`` (its output feeds a residual add: the skip path), ``final``
     (no residual add after it), ``after-conv``/``after-linear`` (normalises a layer's output,
     e.g. Conv-BN), or ``pre`` (normalises the stream for a branch)."""
-    consumers = graph.consumers(op.output)
-    if any(c.kind == "add" for c in consumers):
-        return "post"
     prod = graph.producer(op.inputs[0])
     if prod is not None and prod.kind in ("conv2d", "linear"):
         return f"after-{prod.kind.removesuffix('2d')}"
+    if any(c.kind == "add" for c in graph.consumers(op.output)):
+        return "post"
     idx = graph.ops.index(op)
     if not any(o.kind == "add" for o in graph.ops[idx + 1 :]):
         return "final"
