@@ -291,3 +291,13 @@ def load_timm_vit(path: Path, heads: int, dtype: torch.dtype = torch.float32) ->
     )
     model.load_state_dict(sd)
     return model.to(dtype).eval()
+
+
+def save_as_bin(src: Path, out: Path) -> Path:
+    """Copy a ``save_pretrained`` folder into the legacy layout: ``config.json`` plus a pickled
+    ``pytorch_model.bin`` state dict (what ``safe_serialization=False`` wrote before v5)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text((Path(src) / "config.json").read_text())
+    torch.save(load_file(str(Path(src) / "model.safetensors")), out / "pytorch_model.bin")
+    return out

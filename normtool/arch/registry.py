@@ -6,7 +6,7 @@ one place and checked by a test.
 
 from __future__ import annotations
 
-from normtool.arch import convnets, mlp
+from normtool.arch import convnets, mlp, transformer
 from normtool.arch.family import BuildOptions, Family
 from normtool.errors import NormtoolError
 from normtool.graph import Graph
@@ -16,6 +16,7 @@ FAMILIES: list[Family] = [
     convnets.CNN_FAMILY,
     convnets.RESNET_FAMILY,
     mlp.FAMILY,
+    *transformer.FAMILIES,
 ]
 
 

@@ -1,0 +1,564 @@
+"""Transformer families as data: one generic graph builder driven by per-family layouts.
+
+Why data: GPT-2, OPT, ViT, BERT, timm ViTs and normtool's own transformer share one structure
+(embeddings → blocks of attention + MLP with norms → optional final norm → head) and differ in
+names, storage and a few switches. Each family is a JSON layout in ``arch/families/`` (weight
+name templates with ``{i}``, config keys, fused/transposed storage, tied names, norm placement);
+this module turns a layout plus a checkpoint into the canonical graph (names in
+``normtool.graph``'s docstring and COMMON naming: ``tok_emb``, ``blocks.{i}.attn.q``…).
+
+Layout keys
+-----------
+``detect``      ``architectures`` / ``model_type`` matched against the config, or (no config)
+                ``keys`` that must all exist.
+``settings``    each a constant or ``{"config": key, "default": v, "map": {...}, "nonzero": b}``:
+                heads, layers, eps, stat_eps (UN/PowerNorm/BatchNorm eps), act, tie, placement
+                (pre|post), parallel, causal, norm (a kind, or ``auto``: recognised from buffers),
+                classify (head on token 0), pos_offset, type_index.
+``require``     config values the builder supports (anything else is refused by name).
+``embed``       ``tok``/``pos``/``type`` tensor keys, ``norm`` and ``project_in`` prefixes; or for
+                images ``patch`` (conv prefix), ``cls``, ``pos``.
+``block``       prefixes with ``{i}``: norm1, norm2, q/k/v or fused ``qkv``, o, fc1, fc2;
+                ``conv1d``: linears stored ``[in, out]`` (GPT-2).
+``norm_f``, ``project_out``, ``head`` (``linear``, ``tied`` key, ``pooler``, ``pooler_act``).
+``optional``    parts used only when present; ``ignore``: key templates that are not weights.
+``base_prefix`` the base model's key prefix (``transformer.``); checkpoints saved from the base
+                model (as on the Hub: ``h.0.attn.c_attn.weight``) are read without it.
+
+A linear prefix ``P`` means ``P.weight`` and, when stored, ``P.bias``. Every checkpoint tensor
+must be described or ignored: an unexplained tensor means the layout does not fit (another
+architecture, an unsupported variant) and is refused rather than silently dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from normtool.arch.builder import GraphBuilder
+from normtool.arch.family import BuildOptions, Family
+from normtool.arch.hf_config import activation, model_config
+from normtool.errors import NormtoolError
+from normtool.graph import Graph, InputSpec, Op
+from normtool.io.store import Checkpoint
+
+LAYOUT_DIR = Path(__file__).parent / "families"
+
+#: Detection order: configs are matched exactly; key-only detection (timm) comes last.
+ORDER = ("normtool_transformer", "gpt2", "opt", "vit", "bert", "timm_vit")
+
+#: Config norm names → graph op kinds.
+NORM_NAMES = {
+    "layernorm": "layernorm",
+    "rmsnorm": "rmsnorm",
+    "crmsnorm": "crmsnorm",
+    "powernorm": "powernorm",
+    "un": "unorm",
+    "unorm": "unorm",
+    "batchnorm": "batchnorm",
+}
+
+#: Per norm kind: graph params (role → stored suffix, required?) and training buffers that
+#: inference does not use (described, so they are not "unexplained", but not in the graph).
+NORM_PARAMS: dict[str, tuple[tuple[tuple[str, bool], ...], tuple[str, ...]]] = {
+    "layernorm": ((("weight", False), ("bias", False)), ()),
+    "rmsnorm": ((("weight", False),), ()),
+    "crmsnorm": ((("weight", False),), ()),
+    "powernorm": ((("weight", True), ("bias", True), ("running_phi", True)), ("ema_gz", "iters")),
+    "unorm": (
+        (("weight", True), ("bias", True), ("running_var", True)),
+        ("ema_gz", "iters", "buffer_x2", "buffer_gz", "skip_counter"),
+    ),
+    "batchnorm": (
+        (("weight", True), ("bias", True), ("running_mean", True), ("running_var", True)),
+        ("num_batches_tracked",),
+    ),
+}
+
+#: Group-scaling eps of PowerNorm (fixed in the reference implementation).
+GS_EPS = 1e-5
+
+
+@cache
+def layouts() -> dict[str, dict[str, Any]]:
+    """Every family layout shipped in ``arch/families``, by name."""
+    out = {}
+    for f in sorted(LAYOUT_DIR.glob("*.json")):
+        d = json.loads(f.read_text(encoding="utf-8"))
+        out[d["name"]] = d
+    return out
+
+
+# ---- settings --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Settings:
+    heads: int
+    layers: int
+    eps: float
+    stat_eps: float
+    act: str
+    tie: bool
+    placement: str
+    parallel: bool
+    causal: bool
+    norm: str
+    classify: bool
+    pos_offset: int
+    type_index: int
+
+
+_DEFAULTS: dict[str, Any] = {
+    "eps": 1e-5,
+    "tie": False,
+    "parallel": False,
+    "causal": False,
+    "classify": False,
+    "pos_offset": 0,
+    "type_index": 0,
+}
+
+_MISSING = object()
+
+
+def _setting(layout: dict, name: str, cfg: dict, ck: Checkpoint) -> Any:
+    spec = layout["settings"].get(name, _DEFAULTS.get(name, _MISSING))
+    if not isinstance(spec, dict):
+        return spec
+    value = cfg.get(spec["config"], spec.get("default", _MISSING))
+    if value is _MISSING:
+        return _MISSING
+    if spec.get("nonzero"):
+        return bool(value)
+    if "map" in spec:
+        key = str(value).lower() if isinstance(value, bool) else str(value)
+        if key not in spec["map"]:
+            raise NormtoolError(f"config {spec['config']}={value!r} is not supported", ck.path)
+        return spec["map"][key]
+    return value
+
+
+def _settings(layout: dict, ck: Checkpoint, opts: BuildOptions, block_count: int) -> Settings:
+    cfg = model_config(ck) or {}
+    for key, want in layout.get("require", {}).items():
+        if key in cfg and cfg[key] != want:
+            raise NormtoolError(
+                f"config {key}={cfg[key]!r} is not supported by the {layout['name']} adapter "
+                f"(needs {want!r})",
+                ck.path,
+            )
+    s = {n: _setting(layout, n, cfg, ck) for n in Settings.__dataclass_fields__}
+    heads = s["heads"]
+    if heads is _MISSING:
+        if opts.heads is None:
+            raise NormtoolError(
+                f"the {layout['name']} checkpoint does not say how many attention heads it has; "
+                "pass --heads N",
+                ck.path,
+            )
+        heads = opts.heads
+    elif opts.heads is not None and opts.heads != heads:
+        raise NormtoolError(f"--heads {opts.heads} contradicts the config's {heads}", ck.path)
+    if s["layers"] is not _MISSING and s["layers"] != block_count:
+        raise NormtoolError(
+            f"config says {s['layers']} layers but the checkpoint has {block_count} blocks", ck.path
+        )
+    for name in ("act", "placement", "norm"):
+        if s[name] is _MISSING:
+            raise NormtoolError(f"config lacks {name!r}", ck.path)
+    if s["stat_eps"] is _MISSING:
+        s["stat_eps"] = s["eps"]
+    if s["placement"] not in ("pre", "post"):
+        raise NormtoolError(f"norm placement {s['placement']!r} is not pre or post", ck.path)
+    if s["norm"] != "auto" and s["norm"] not in NORM_NAMES:
+        raise NormtoolError(f"norm {s['norm']!r} is not supported", ck.path)
+    return Settings(
+        **{
+            **s,
+            "heads": int(heads),
+            "layers": block_count,
+            "act": activation(str(s["act"]), ck),
+            "tie": bool(s["tie"]),
+            "parallel": bool(s["parallel"]),
+            "causal": bool(s["causal"]),
+        }
+    )
+
+
+# ---- detection -------------------------------------------------------------------------------
+
+
+def _fill(template: str, i: int) -> str:
+    return template.replace("{i}", str(i))
+
+
+def detect(layout: dict, ck: Checkpoint) -> bool:
+    rule = layout["detect"]
+    cfg = model_config(ck)
+    if cfg is not None:
+        archs = cfg.get("architectures")
+        if "architectures" in rule and isinstance(archs, list) and archs:
+            return any(a in rule["architectures"] for a in archs)
+        return cfg.get("model_type") in rule.get("model_type", ())
+    keys = rule.get("keys")
+    return bool(keys) and all(_fill(k, 0) in ck for k in keys)
+
+
+def _block_count(layout: dict, ck: Checkpoint) -> int:
+    probe = layout["block"]["o"] + ".weight"
+    n = 0
+    while _fill(probe, n) in ck:
+        n += 1
+    if n == 0:
+        raise NormtoolError(
+            f"no transformer blocks found (expected {_fill(probe, 0)!r} for {layout['name']})",
+            ck.path,
+        )
+    return n
+
+
+# ---- graph construction ----------------------------------------------------------------------
+
+
+class _Build:
+    """One graph build: the builder plus the layout, settings and keys described so far."""
+
+    def __init__(self, layout: dict, ck: Checkpoint, s: Settings) -> None:
+        self.layout, self.ck, self.s = layout, ck, s
+        self.b = GraphBuilder(layout["name"], ck)
+        self.described: set[str] = set()
+
+    def present(self, part: str, prefix: str | None) -> bool:
+        """Whether an optional part (``project_in``, ``norm_f``…) is in the checkpoint."""
+        if prefix is None:
+            return False
+        here = any(k.startswith(prefix + ".") or k == prefix for k in self.ck.keys())  # noqa: SIM118
+        if not here and part not in self.layout.get("optional", ()):
+            raise NormtoolError(
+                f"expected tensors under {prefix!r} ({self.layout['name']} {part})", self.ck.path
+            )
+        return here
+
+    def linear(
+        self,
+        name: str,
+        x: str,
+        prefix: str,
+        out_space: str,
+        in_space: str,
+        conv1d: bool = False,
+        part: tuple[int, int] | None = None,
+        output: str | None = None,
+    ) -> str:
+        """A linear op ``name`` reading ``prefix.weight`` (``+ .bias`` when stored).
+
+        ``conv1d``: stored ``[in, out]``; ``part=(j, n)``: the j-th of n equal slices along the
+        output axis of a fused weight (q, k, v of ``c_attn`` / ``qkv``).
+        """
+        b, wk, bk = self.b, prefix + ".weight", prefix + ".bias"
+        w_slice = b_slice = None
+        if part is not None:
+            j, n = part
+            size = self.b.spaces[out_space].size
+            rows = self.ck.shape(wk)[1 if conv1d else 0] if wk in self.ck else 0
+            if rows != n * size:
+                raise NormtoolError(
+                    f"fused tensor {wk!r} should have {n}×{size} outputs", self.ck.path
+                )
+            w_slice = (1 if conv1d else 0, j * size, (j + 1) * size)
+            b_slice = (0, j * size, (j + 1) * size)
+        params = {
+            "weight": b.tensor(
+                f"{name}.weight", wk, (out_space, in_space), w_slice, transpose=conv1d
+            )
+        }
+        if bk in self.ck:
+            params["bias"] = b.tensor(f"{name}.bias", bk, (out_space,), b_slice)
+        if output is None:
+            return b.op("linear", name, [x], out_space, params)
+        b.ops.append(Op(name, "linear", (x,), output, params))
+        b.value_spaces[output] = out_space
+        return output
+
+    def norm(self, name: str, x: str, prefix: str) -> str:
+        kind = self._norm_kind(prefix)
+        roles, buffers = NORM_PARAMS[kind]
+        params = {}
+        for role, required in roles:
+            key = f"{prefix}.{role}"
+            if key in self.ck:
+                params[role] = self.b.tensor(f"{name}.{role}", key, ("resid",), squeeze=True)
+            elif required:
+                raise NormtoolError(f"expected tensor {key!r} is missing ({kind})", self.ck.path)
+        self.described.update(f"{prefix}.{buf}" for buf in buffers)
+        attrs: dict[str, Any] = {"eps": self.s.eps if kind in _AFFINE_EPS else self.s.stat_eps}
+        if kind == "powernorm":
+            attrs.update(groups=self.s.heads, gs_eps=GS_EPS)
+        return self.b.op(kind, name, [x], "resid", params, **attrs)
+
+    def _norm_kind(self, prefix: str) -> str:
+        if self.s.norm != "auto":
+            return NORM_NAMES[self.s.norm]
+        has = {
+            r
+            for r in ("running_phi", "buffer_x2", "running_mean", "bias", "weight")
+            if f"{prefix}.{r}" in self.ck
+        }
+        if "running_phi" in has:
+            return "powernorm"
+        if "buffer_x2" in has:
+            return "unorm"
+        if "running_mean" in has:
+            return "batchnorm"
+        if "bias" in has:
+            return "layernorm"
+        if "weight" in has:
+            return "rmsnorm"
+        raise NormtoolError(f"no norm parameters under {prefix!r}", self.ck.path)
+
+    # ---- parts ---------------------------------------------------------------------------------
+    def token_stem(self, e: dict) -> str:
+        b, ck, s = self.b, self.ck, self.s
+        vocab, width = ck.shape(e["tok"]) if e["tok"] in ck else (0, 0)
+        project_in = self.present("project_in", e.get("project_in"))
+        emb_space = b.space("emb", width, "hidden") if project_in else "resid"
+        pos_rows = ck.shape(e["pos"])[0] if e["pos"] in ck else 0
+        max_len = pos_rows - s.pos_offset
+        ids = b.input(
+            InputSpec("input_ids", "tokens", ("batch", "seq"), vocab=vocab, max_len=max_len),
+            b.space("tokens", vocab, "input"),
+        )
+        x = b.op(
+            "embed",
+            "tok_emb",
+            [ids],
+            emb_space,
+            {"weight": b.tensor("tok_emb.weight", e["tok"], (None, emb_space))},
+        )
+        if project_in:
+            x = self.linear("project_in", x, e["project_in"], "resid", "emb")
+        if "type" in e:
+            t = b.op(
+                "row",
+                "type_emb",
+                [ids],
+                "resid",
+                {"weight": b.tensor("type_emb.weight", e["type"], (None, "resid"))},
+                index=s.type_index,
+            )
+            x = b.op("add", "type_add", [x, t], "resid")
+        p = b.op(
+            "positions",
+            "pos_emb",
+            [ids],
+            "resid",
+            {"weight": b.tensor("pos_emb.weight", e["pos"], (None, "resid"))},
+            offset=s.pos_offset,
+        )
+        x = b.op("add", "pos_add", [x, p], "resid")
+        b.info.update(vocab=vocab, max_len=max_len)
+        return x
+
+    def image_stem(self, e: dict) -> str:
+        b, ck = self.b, self.ck
+        wk = e["patch"] + ".weight"
+        if wk not in ck or len(ck.shape(wk)) != 4:
+            raise NormtoolError(f"expected a 4-D patch conv weight {wk!r}", ck.path)
+        _, chans, patch, patch_w = ck.shape(wk)
+        tokens = math.prod(ck.shape(e["pos"])) // b.spaces["resid"].size if e["pos"] in ck else 0
+        grid = math.isqrt(max(tokens - 1, 0))
+        if patch != patch_w or grid * grid != tokens - 1:
+            raise NormtoolError(
+                f"position table {e['pos']!r} does not fit a square grid of {patch}×{patch_w} "
+                "patches plus a class token",
+                ck.path,
+            )
+        size = grid * patch
+        pixels = b.input(
+            InputSpec("pixel_values", "pixels", ("batch", chans, size, size)),
+            b.space("pixels", chans, "input"),
+        )
+        x = b.op(
+            "patch_embed",
+            "patch_embed",
+            [pixels],
+            "resid",
+            {
+                "weight": b.tensor("patch_embed.weight", wk, ("resid", "pixels", None, None)),
+                "bias": b.tensor("patch_embed.bias", e["patch"] + ".bias", ("resid",)),
+            },
+            patch=patch,
+        )
+        token = b.tensor("cls_token.token", e["cls"], ("resid",), squeeze=True)
+        x = b.op("cls_concat", "cls_token", [x], "resid", {"token": token})
+        pos = b.tensor("pos_emb.weight", e["pos"], (None, "resid"), squeeze=True)
+        p = b.op("positions", "pos_emb", [x], "resid", {"weight": pos})
+        x = b.op("add", "pos_add", [x, p], "resid")
+        b.info.update(image_size=size, patch=patch, channels=chans)
+        return x
+
+    def block(self, i: int, x: str, d_ff: int) -> str:
+        b, s = self.b, self.s
+        t = {k: _fill(v, i) for k, v in self.layout["block"].items() if isinstance(v, str)}
+        conv1d = bool(self.layout["block"].get("conv1d"))
+        pre = f"blocks.{i}"
+        qk = b.space(f"{pre}.qk", b.spaces["resid"].size, "heads_qk", s.heads)
+        vo = b.space(f"{pre}.vo", b.spaces["resid"].size, "heads_vo", s.heads)
+        hid = b.space(f"{pre}.mlp", d_ff, "hidden")
+        h = self.norm(f"{pre}.norm1", x, t["norm1"]) if s.placement == "pre" else x
+        qkv = []
+        for j, (role, space) in enumerate((("q", qk), ("k", qk), ("v", vo))):
+            name = f"{pre}.attn.{role}"
+            if "qkv" in t:
+                qkv.append(self.linear(name, h, t["qkv"], space, "resid", conv1d, (j, 3)))
+            else:
+                qkv.append(self.linear(name, h, t[role], space, "resid", conv1d))
+        a = b.op("attention", f"{pre}.attn", qkv, vo, heads=s.heads, causal=s.causal)
+        a = self.linear(f"{pre}.attn.o", a, t["o"], "resid", vo, conv1d)
+        x = b.op("add", f"{pre}.resid1", [x, a], "resid")
+        if s.placement == "post" and not s.parallel:
+            x = self.norm(f"{pre}.norm1", x, t["norm1"])
+        if not s.parallel:
+            h = self.norm(f"{pre}.norm2", x, t["norm2"]) if s.placement == "pre" else x
+        f = self.linear(f"{pre}.mlp.fc1", h, t["fc1"], hid, "resid", conv1d)
+        f = b.op("act", f"{pre}.mlp.act", [f], hid, fn=s.act)
+        f = self.linear(f"{pre}.mlp.fc2", f, t["fc2"], "resid", hid, conv1d)
+        x = b.op("add", f"{pre}.resid2", [x, f], "resid")
+        if s.placement == "post":
+            x = self.norm(
+                f"{pre}.{'norm1' if s.parallel else 'norm2'}",
+                x,
+                t["norm1" if s.parallel else "norm2"],
+            )
+        return x
+
+    def head(self, x: str) -> None:
+        b, s, ck, lay = self.b, self.s, self.ck, self.layout
+        if self.present("norm_f", lay.get("norm_f")):
+            x = self.norm("norm_f", x, lay["norm_f"])
+        width = "resid"
+        if self.present("project_out", lay.get("project_out")):
+            width = "emb"
+            x = self.linear("project_out", x, lay["project_out"], "emb", "resid")
+        h = lay["head"]
+        if s.classify:
+            x = b.op("select", "pool", [x], width, index=0)
+        if "pooler" in h:
+            pool_space = b.space("pooler", ck.shape(h["pooler"] + ".weight")[0], "hidden")
+            x = self.linear("pooler", x, h["pooler"], pool_space, width)
+            x = b.op("act", "pooler.act", [x], pool_space, fn=h["pooler_act"])
+            width = pool_space
+        tied = s.tie and "tied" in h
+        wk = h["tied"] if tied else h["linear"] + ".weight"
+        if wk not in ck:
+            raise NormtoolError(f"expected head tensor {wk!r} is missing", ck.path)
+        out_space = b.space("logits" if s.classify else "vocab", ck.shape(wk)[0], "output")
+        if tied:
+            params = {"weight": b.tensor("head.weight", wk, (out_space, width))}
+            self.described.add(h["linear"] + ".weight")  # a stored copy of the tied matrix
+            b.ops.append(Op("head", "linear", (x,), "logits", params))
+            b.value_spaces["logits"] = out_space
+        else:
+            self.linear("head", x, h["linear"], out_space, width, output="logits")
+        b.info["tied_head"] = tied
+
+    def check_described(self) -> None:
+        """Refuse checkpoints with tensors this layout does not account for."""
+        used = {spec.source.key for spec in self.b.tensors.values()} | self.described
+        ignore = [_template_regex(t) for t in self.layout.get("ignore", ())]
+        stored = self.ck.keys()
+        extra = [k for k in stored if k not in used and not any(r.fullmatch(k) for r in ignore)]
+        if extra:
+            raise NormtoolError(
+                f"{len(extra)} tensor(s) not part of the {self.layout['name']} layout "
+                f"(e.g. {extra[0]!r}): an unsupported variant or another architecture "
+                "(--arch NAME to choose)",
+                self.ck.path,
+            )
+
+
+#: Norms whose eps comes from the ``eps`` setting; statistics-based norms use ``stat_eps``.
+_AFFINE_EPS = frozenset({"layernorm", "rmsnorm", "crmsnorm"})
+
+
+def _template_regex(template: str) -> re.Pattern[str]:
+    return re.compile(re.escape(template).replace(re.escape("{i}"), r"\d+"))
+
+
+def _without_base_prefix(layout: dict, ck: Checkpoint) -> dict:
+    """``layout`` with its base-model prefix dropped when no stored key carries it."""
+    prefix = layout.get("base_prefix")
+    stored = ck.keys()
+    if not prefix or any(k.startswith(prefix) for k in stored):
+        return layout
+
+    def strip(v: Any) -> Any:
+        if isinstance(v, str):
+            return v.removeprefix(prefix)
+        if isinstance(v, list):
+            return [strip(x) for x in v]
+        if isinstance(v, dict):
+            return {
+                k: strip(x) if k not in ("detect", "settings", "require") else x
+                for k, x in v.items()
+            }
+        return v
+
+    return strip(layout)
+
+
+def build(layout: dict, ck: Checkpoint, opts: BuildOptions) -> Graph:
+    """The canonical graph of ``ck`` read through ``layout``."""
+    layout = _without_base_prefix(layout, ck)
+    s = _settings(layout, ck, opts, _block_count(layout, ck))
+    run = _Build(layout, ck, s)
+    b, e = run.b, layout["embed"]
+    o_key = _fill(layout["block"]["o"], 0) + ".weight"
+    conv1d = bool(layout["block"].get("conv1d"))
+    d = ck.shape(o_key)[1 if conv1d else 0]
+    if d % s.heads:
+        raise NormtoolError(f"width {d} is not divisible by {s.heads} heads", ck.path)
+    b.space("resid", d, "resid")
+    fc1 = _fill(layout["block"]["fc1"], 0) + ".weight"
+    if fc1 not in ck:
+        raise NormtoolError(f"expected tensor {fc1!r} is missing", ck.path)
+    d_ff = ck.shape(fc1)[0 if not conv1d else 1]
+    x = run.image_stem(e) if "patch" in e else run.token_stem(e)
+    if "norm" in e:
+        x = run.norm("emb_norm", x, e["norm"])
+    for i in range(s.layers):
+        x = run.block(i, x, d_ff)
+    run.head(x)
+    run.check_described()
+    norms = sorted({o.kind for o in b.ops if o.kind in NORM_PARAMS})
+    b.info.update(
+        layout=layout["name"],
+        heads=s.heads,
+        layers=s.layers,
+        d_model=d,
+        d_ff=d_ff,
+        placement=s.placement,
+        parallel=s.parallel,
+        act=s.act,
+        causal=s.causal,
+        norm=",".join(norms),
+    )
+    return b.build(["logits"])
+
+
+def _family(layout: dict) -> Family:
+    return Family(
+        name=layout["name"],
+        description=layout["description"],
+        detect=lambda ck: detect(layout, ck),
+        build=lambda ck, opts: build(layout, ck, opts),
+    )
+
+
+FAMILIES: list[Family] = [_family(layouts()[name]) for name in ORDER]
