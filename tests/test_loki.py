@@ -22,7 +22,6 @@ from normtool.loki.head import add_loki_head, duplicate_columns
 from normtool.loki.labels import resolve_labels
 from normtool.loki.metric import MatrixMetric
 from normtool.loki.metric_files import load_metric
-from normtool.runtime.onnx_emit import EmitOptions, emit_onnx
 from normtool.runtime.torch_exec import run_graph
 from tests.conftest import run_cli
 
@@ -82,6 +81,8 @@ def assert_minimises(pred: np.ndarray, risk: np.ndarray) -> None:
 
 
 def onnx_outputs(model, inputs: dict[str, torch.Tensor], dtype: str) -> dict[str, np.ndarray]:
+    from normtool.runtime.onnx_emit import EmitOptions, emit_onnx
+
     proto = emit_onnx(model.graph, model.weights(), EmitOptions(dtype=dtype))
     sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     ft = np.float16 if dtype == "fp16" else np.float32
