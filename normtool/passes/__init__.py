@@ -10,9 +10,10 @@ from collections.abc import Callable
 
 from normtool.graph import Graph
 from normtool.loki import head as loki_head
-from normtool.passes import ln_to_rms
+from normtool.passes import fold, ln_to_rms
 
 APPLICABILITY: list[tuple[str, Callable[[Graph], list[str]]]] = [
     ("convert-ln-to-rms", ln_to_rms.check),
+    ("fold", fold.applicability),
     ("loki-head", loki_head.check),
 ]

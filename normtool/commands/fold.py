@@ -1,0 +1,128 @@
+"""``normtool fold``: fold UN / PowerNorm / BatchNorm into adjacent layers, self-verified."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from normtool import history
+from normtool.commands.common import (
+    ArchOpt,
+    ForceOpt,
+    HeadsOpt,
+    JsonOpt,
+    OutOpt,
+    PathArg,
+    default_output,
+    emit,
+    load,
+)
+from normtool.errors import CheckFailed, NormtoolError
+from normtool.io.atomic import check_output_path
+from normtool.io.writer import save_model
+from normtool.model import Model
+from normtool.passes.fold import SELECTORS, FoldResult, fold_norms
+from normtool.verify import compare_models
+
+#: The self-check's bars (issue 4): float64 error relative to the logit scale — the folds are
+#: exact algebra, so only rounding may remain — and float32 max-abs on the logits as stored.
+FP64_MAX_REL = 1e-9
+FP32_MAX_ABS = 1e-4
+
+
+def self_check(source: Model, result: FoldResult) -> dict[str, float]:
+    """fp64: the unrounded folded tensors (measures the maths); fp32: the tensors as written."""
+    r64 = compare_models(source, result.exact, "fp64")
+    r32 = compare_models(source, result.model, "fp32")
+    return {
+        "fp64_max_rel": r64.max_rel,
+        "fp64_max_abs": r64.max_abs,
+        "fp32_max_abs": r32.max_abs,
+        "fp32_max_rel": r32.max_rel,
+    }
+
+
+def _check(errors: dict[str, float], path: Path) -> None:
+    bad = []
+    if not errors["fp64_max_rel"] <= FP64_MAX_REL:
+        bad.append(f"fp64 relative error {errors['fp64_max_rel']:.3g} > {FP64_MAX_REL:g}")
+    if not errors["fp32_max_abs"] <= FP32_MAX_ABS:
+        bad.append(f"fp32 max-abs error {errors['fp32_max_abs']:.3g} > {FP32_MAX_ABS:g}")
+    if bad:
+        raise CheckFailed("self-verification failed, nothing written: " + "; ".join(bad), path)
+
+
+def _lines(path: Path, out: Path, r: FoldResult, errors: dict[str, float] | None) -> list[str]:
+    lines = [f"{path} -> {out}", f"  {r.summary()}"]
+    for f in r.folded:
+        kept = f", kept {f.kept}" if f.kept else ""
+        into = ", ".join(f.into[:6]) + (f" (+{len(f.into) - 6})" if len(f.into) > 6 else "")
+        lines.append(f"  folded {f.name} ({f.kind}, {f.placement}): {f.how} into {into}{kept}")
+    lines += [f"  skipped {s.name} ({s.kind}): {s.reason}" for s in r.skipped]
+    lines += [f"  {u}" for u in r.untied]
+    lines += [f"  {n}" for n in r.notes]
+    if r.scale_range is not None:
+        lo, hi = r.scale_range
+        lines.append(f"  re-based residual stream: accumulated scale |D| in [{lo:.3g}, {hi:.3g}]")
+    if errors is None:
+        lines.append("  not verified (--no-verify)")
+    else:
+        lines.append(
+            f"  verified: fp64 max rel error {errors['fp64_max_rel']:.2e}, "
+            f"fp32 max abs error {errors['fp32_max_abs']:.2e}"
+        )
+    return lines
+
+
+def fold(
+    path: PathArg,
+    output: OutOpt = None,
+    only: Annotated[
+        str,
+        typer.Option("--only", help="Comma-separated kinds to fold: un, powernorm, batchnorm, ws."),
+    ] = ",".join(SELECTORS),
+    arch: ArchOpt = None,
+    heads: HeadsOpt = None,
+    no_verify: Annotated[
+        bool, typer.Option("--no-verify", help="Skip the fp64/fp32 self-check before writing.")
+    ] = False,
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Fold UN, PowerNorm and BatchNorm into neighbouring layers, computing the same function.
+
+    Pre-Norm: into the readers; Conv/Linear→BN: backward into the layer; Post-Norm: the
+    residual stream is re-based so every norm disappears. Prints what was folded and what was
+    skipped, with reasons; self-verifies (fp64 and fp32) before writing.
+    """
+    kinds = [k.strip() for k in only.split(",") if k.strip()]
+    model = load(path, arch, heads)
+    out = output or default_output(path, ".folded.safetensors")
+    check_output_path(out, [path], force)  # fail before the work, not after it
+    try:
+        result = fold_norms(model, kinds)
+    except NormtoolError as e:
+        raise type(e)(e.message, e.path or path) from e
+    errors = None
+    if not no_verify:
+        errors = self_check(model, result)
+        _check(errors, path)
+    summary = result.summary()
+    params = {"only": kinds, "heads": heads}
+    result.model.history.append(history.entry("fold", model, params, errors, summary))
+    save_model(result.model, out, inputs=[Path(path)], force=force)
+    payload: dict[str, Any] = {
+        "input": str(path),
+        "output": str(out),
+        "folded": [vars(f) for f in result.folded],
+        "skipped": [vars(s) for s in result.skipped],
+        "untied": result.untied,
+        "notes": result.notes,
+        "scale_range": result.scale_range,
+        "verified": errors is not None,
+        "errors": errors,
+        "summary": summary,
+    }
+    emit(as_json, payload, _lines(path, out, result, errors))

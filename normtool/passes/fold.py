@@ -1,0 +1,511 @@
+"""The fold pass: remove norms whose inference map is a per-channel affine (DESIGN §3.1).
+
+Inference maps (``y = s ⊙ x + t`` per channel; ``x`` first group-RMS-scaled for PowerNorm):
+
+* Unified Normalization (``unorm``): ``s = γ/√(running_var + eps)``, ``t = β`` (no mean);
+* PowerNorm (``powernorm``): ``s = γ/√(running_phi + eps)``, ``t = β``; the group RMS scaling is
+  not affine and stays as a weightless ``group_rmsnorm`` (``rmsnorm`` with one group);
+* BatchNorm (``batchnorm``): ``s = γ/√(running_var + eps)``, ``t = β − running_mean ⊙ s``.
+
+How a norm leaves the graph, tried in this order:
+
+1. backward — its input is written by a linear/conv layer that nothing else reads: the layer
+   absorbs the map (``W' = diag(s)·W``, ``b' = s⊙b + t``), exact for grouped convs too;
+2. forward and re-based — the map becomes part of the representation ``x = D ⊙ u + e`` of the
+   values downstream (``normtool.passes.rebase``). Linear readers absorb it (creating biases),
+   token selection and average pooling carry it, residual adds re-base it by rescaling the
+   branch's last layer (Post-Norm: the skip path too), the final consumer absorbs what is left.
+
+Anything else the map would reach — an activation, attention, a kept norm, a conv that pads
+with zeros while a shift is pending, a graph output, a zero in ``D`` at an add — blocks it. The
+planner then keeps the norms whose map was blocked, with that reason, and plans again until
+the plan goes through; so one refusal never silently breaks the rest, and a kept norm in a
+Post-Norm stream keeps the norms upstream of it too (they would have to pass through it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field, replace
+
+import torch
+
+from normtool.analysis import norm_placement
+from normtool.errors import NormtoolError
+from normtool.graph import NORM_KINDS, Graph, Op, Source, TensorSpec
+from normtool.inputs import max_seq, random_inputs
+from normtool.io.safetensors_format import DTYPES
+from normtool.model import Model
+from normtool.passes.rebase import (
+    F64,
+    IDENTITY,
+    Rep,
+    at_add,
+    fold_backward,
+    fold_forward_conv,
+    through_norm,
+)
+from normtool.passes.weight_math import fold_forward
+from normtool.runtime.torch_exec import run_graph
+
+#: ``--only`` selector → graph op kind (``ws`` has no op kind: see ``WS_NOTE``).
+SELECTORS: dict[str, str | None] = {
+    "un": "unorm",
+    "powernorm": "powernorm",
+    "batchnorm": "batchnorm",
+    "ws": None,
+}
+FOLDABLE = frozenset(k for k in SELECTORS.values() if k)
+WS_NOTE = (
+    "ws: nothing to bake — no weight-standardised convolution in this graph (none of normtool's "
+    "families has one; their convolutions store plain weights)"
+)
+FP16_MAX = float(torch.finfo(torch.float16).max)
+_LAYERS = ("linear", "conv2d")
+
+
+@dataclass
+class FoldedNorm:
+    name: str
+    kind: str
+    placement: str
+    how: str  # "backward" | "forward" | "re-based"
+    into: list[str]
+    kept: str | None = None  # what remains of it (PowerNorm: the weightless group RMS)
+
+
+@dataclass
+class SkippedNorm:
+    name: str
+    kind: str
+    reason: str
+
+
+@dataclass
+class FoldResult:
+    model: Model  # rewritten tensors rounded to their stored dtypes: what gets written
+    exact: Model  # the same graph with the rewritten tensors in float64: the maths, unrounded
+    folded: list[FoldedNorm]
+    skipped: list[SkippedNorm]
+    untied: list[str] = field(default_factory=list)
+    scale_range: tuple[float, float] | None = None  # min/max |D| of re-based streams
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        return f"folded {len(self.folded)} norms, skipped {len(self.skipped)}"
+
+
+class _Blocked(Exception):
+    """A planned map cannot go on: keep ``norms`` (the folded norms it came from)."""
+
+    def __init__(self, norms: Collection[str], reason: str) -> None:
+        super().__init__(reason)
+        self.norms = frozenset(norms)
+        self.reason = reason
+
+
+# ---- inference maps -------------------------------------------------------------------------
+def inference_map(
+    op: Op, tensor: Callable[[str], torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(s, t)`` in float64 for a UN / PowerNorm / BatchNorm op; NormtoolError with the reason
+    when its parameters cannot define one (NaN/Inf, wrong size, non-positive variance)."""
+    p = {role: tensor(name).to(F64) for role, name in op.params.items()}
+    for role, v in p.items():
+        bad = int((~torch.isfinite(v)).sum())
+        if bad:
+            raise NormtoolError(f"{role} has {bad} NaN/Inf value(s)")
+    stat = "running_phi" if op.kind == "powernorm" else "running_var"
+    var = p[stat].reshape(-1)
+    if var.numel() != p["weight"].numel():
+        raise NormtoolError(f"{stat} has {var.numel()} values for {p['weight'].numel()} channels")
+    eps = float(op.attrs["eps"])
+    if (var + eps <= 0).any():
+        raise NormtoolError(f"{stat} + eps ≤ 0 in {int((var + eps <= 0).sum())} channel(s)")
+    s = p["weight"] / torch.sqrt(var + eps)
+    t = p["bias"] - p["running_mean"] * s if op.kind == "batchnorm" else p["bias"]
+    return s, t
+
+
+def _not_foldable_reason(op: Op) -> str:
+    if op.kind == "group_rmsnorm":
+        return "a weightless group RMS scaling (already folded)"
+    return (
+        f"{op.kind} normalises each token by its own statistics: not a fixed affine map at "
+        "inference (convert-ln-to-rms handles LayerNorm)"
+    )
+
+
+# ---- planning -------------------------------------------------------------------------------
+@dataclass
+class _Plan:
+    actions: list[tuple]
+    folded: dict[str, FoldedNorm]
+    scales: list[torch.Tensor]
+
+
+def _describe(op: Op, folding: set[str]) -> str:
+    if op.kind in NORM_KINDS and op.name not in folding:
+        return f"the kept norm {op.name} ({op.kind}), which must see the exact values"
+    if op.kind == "act":
+        return f"{op.name} (activation {op.attrs.get('fn')}), which is not linear"
+    return f"{op.name} ({op.kind}), which is not a linear layer"
+
+
+def _walk(
+    graph: Graph,
+    maps: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    folding: set[str],
+    consumers: dict[str, list[str]],
+) -> _Plan:
+    """One pass over the ops, following every folded map downstream; raises _Blocked."""
+    reps: dict[str, Rep] = {}
+    alias: dict[str, str] = {}  # value of a removed norm → the value that stands for it
+    writer: dict[str, Op] = {}  # value → the linear/conv that now writes it
+    actions: list[tuple] = []
+    folded: dict[str, FoldedNorm] = {}
+    scales: list[torch.Tensor] = []
+
+    def rep(v: str) -> Rep:
+        return reps.get(v, IDENTITY)
+
+    def absorbed(r: Rep, into: str, how: str) -> None:
+        for n in r.norms:
+            folded[n].into.append(into)
+            if how == "re-based":
+                folded[n].how = how
+
+    for op in graph.ops:
+        if op.kind in _LAYERS:
+            writer[op.output] = op
+        ins = [rep(v) for v in op.inputs]
+        if op.name in folding:
+            s, t = maps[op.name]
+            src = op.inputs[0]
+            prod = writer.get(src)
+            info = FoldedNorm(op.name, op.kind, norm_placement(graph, op), "forward", [])
+            folded[op.name] = info
+            if op.kind != "powernorm" and prod is not None and consumers[src] == [op.name]:
+                info.how, info.into = "backward", [prod.name]
+                actions.append(("backward", prod, op, s, t))
+                writer[op.output] = prod
+                continue
+            if op.kind == "powernorm":
+                if not ins[0].identity:
+                    raise _Blocked(
+                        ins[0].norms,
+                        f"its affine map would reach {op.name} "
+                        "(PowerNorm), whose group RMS must see the exact values",
+                    )
+                groups = int(op.attrs["groups"])
+                info.kept = "rmsnorm" if groups == 1 else f"group_rmsnorm(groups={groups})"
+                actions.append(("group_rms", op))
+                reps[op.output] = through_norm(IDENTITY, op.name, s, t)
+            else:
+                actions.append(("remove", op))
+                reps[op.output] = through_norm(ins[0], op.name, s, t)
+                alias[op.output] = alias.get(src, src)
+            continue
+        if all(r.identity for r in ins):
+            continue
+        r = ins[0]
+        if op.kind == "linear":
+            actions.append(("absorb", op, r))
+            absorbed(r, op.name, "forward")
+        elif op.kind == "conv2d":
+            pad = op.attrs.get("padding", 0)
+            if pad not in (0, [0, 0], (0, 0)) and r.shift is not None and bool(r.shift.any()):
+                raise _Blocked(
+                    r.norms,
+                    f"its shift would reach {op.name}, a conv with zero "
+                    f"padding {pad}: inexact at the borders",
+                )
+            actions.append(("absorb_conv", op, r))
+            absorbed(r, op.name, "forward")
+        elif (
+            op.kind in ("select", "global_avgpool")
+            or op.kind == "maxpool2d"
+            and r.scale is not None
+            and bool((r.scale > 0).all())
+        ):
+            reps[op.output] = r
+        elif op.kind == "add":
+            reps[op.output] = _plan_add(op, ins, writer, consumers, maps, actions, scales)
+            for side in ins:
+                absorbed(side, op.name, "re-based")
+        else:
+            bad = frozenset().union(*(x.norms for x in ins))
+            raise _Blocked(bad, f"its affine map would reach {_describe(op, folding)}")
+    for out in graph.outputs:
+        if not rep(out).identity:
+            raise _Blocked(
+                rep(out).norms,
+                f"its affine map would reach the graph output {out!r} "
+                "with no linear layer to absorb it",
+            )
+    return _Plan(actions, folded, scales)
+
+
+def _plan_add(
+    op: Op,
+    ins: list[Rep],
+    writer: dict[str, Op | None],
+    consumers: dict[str, list[str]],
+    maps: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    actions: list[tuple],
+    scales: list[torch.Tensor],
+) -> Rep:
+    """Re-base a residual add: the branch whose last layer only feeds this add is rescaled."""
+
+    def rescalable(i: int) -> bool:
+        v = op.inputs[i]
+        return writer.get(v) is not None and consumers[v] == [op.name]
+
+    # prefer rescaling an identity branch (Post-Norm: the sublayer's output projection)
+    order = sorted((i for i in (1, 0) if rescalable(i)), key=lambda i: not ins[i].identity)
+    if not order:
+        raise _Blocked(
+            ins[0].norms | ins[1].norms,
+            f"its affine map would reach the add {op.name}, and neither of its inputs is written "
+            "by a layer that could be rescaled",
+        )
+    b = order[0]
+    skip, branch = ins[1 - b], ins[b]
+    if skip.scale is not None and not bool(skip.scale.all()):
+        zero = ~skip.scale.to(torch.bool)
+        culprits = [n for n in skip.norms if not bool(maps[n][0][zero].all())]
+        n_zero = int(zero.sum())
+        reason = (
+            f"zero scale (γ = 0 in {n_zero} channel(s)): re-basing the residual stream at "
+            f"{op.name} divides by it"
+            if culprits
+            else f"the accumulated residual scale underflows to 0 at {op.name}"
+        )
+        raise _Blocked(culprits or skip.norms, reason)
+    out, ratio = at_add(skip, branch)
+    if ratio is not None:
+        actions.append(("rescale", writer[op.inputs[b]], ratio))
+    if out.scale is not None:
+        scales.append(out.scale.abs())
+    return out
+
+
+def plan(
+    graph: Graph, maps: dict[str, tuple[torch.Tensor, torch.Tensor]], candidates: set[str]
+) -> tuple[_Plan, dict[str, str]]:
+    """Plan the largest exact fold: drop blocked norms (with their reason) until it goes through."""
+    consumers: dict[str, list[str]] = {}
+    for o in graph.ops:
+        for v in dict.fromkeys(o.inputs):
+            consumers.setdefault(v, []).append(o.name)
+    folding, kept = set(candidates), {}
+    while True:
+        try:
+            return _walk(graph, maps, folding, consumers), kept
+        except _Blocked as b:
+            hit = b.norms & folding
+            if not hit:  # an op kind this planner does not know blocks nothing folded: a bug
+                raise RuntimeError(f"fold planner blocked without culprits: {b.reason}") from b
+            for n in hit:
+                kept[n] = b.reason
+            folding -= hit
+
+
+# ---- applying the plan ----------------------------------------------------------------------
+class _Editor:
+    """Float64 working copies of the tensors being rewritten; unties shared tensors on write."""
+
+    def __init__(self, model: Model, graph: Graph) -> None:
+        self.model, self.graph = model, graph
+        self.work: dict[str, torch.Tensor] = {}
+        self.untied: list[str] = []
+
+    def _users(self, name: str) -> list[tuple[Op, str]]:
+        return [(o, r) for o in self.graph.ops for r, t in o.params.items() if t == name]
+
+    def _fresh(self, base: str) -> str:
+        name, i = base, 1
+        while name in self.graph.tensors:
+            name, i = f"{base}.{i}", i + 1
+        return name
+
+    def get(self, op: Op, role: str) -> torch.Tensor | None:
+        name = op.params.get(role)
+        if name is None:
+            return None
+        if name not in self.work:
+            self.work[name] = self.model.tensor(name).to(F64)
+        return self.work[name]
+
+    def put(self, op: Op, role: str, value: torch.Tensor) -> None:
+        name = op.params.get(role)
+        if name is None:  # a created bias lives in the output space of the weight
+            w = self.graph.tensors[op.params["weight"]]
+            name = self._fresh(f"{op.name}.{role}")
+            self.graph.tensors[name] = TensorSpec(
+                (w.shape[0],), (w.axes[0],), Source(name), w.dtype
+            )
+        elif len(self._users(name)) > 1:
+            new = self._fresh(f"{op.name}.{role}")
+            self.graph.tensors[new] = replace(self.graph.tensors[name], source=Source(new))
+            self.untied.append(f"{name} (shared) untied: {op.name} now has its own copy {new}")
+            name = new
+        op.params[role] = name
+        self.work[name] = value
+
+
+def _apply(model: Model, p: _Plan) -> tuple[Graph, dict[str, torch.Tensor], list[str]]:
+    """The new graph, the rewritten tensors in float64, and the untie notes."""
+    g = model.graph.copy()
+    ops = {o.name: o for o in g.ops}
+    ed = _Editor(model, g)
+    gone: set[str] = set()
+    alias: dict[str, str] = {}
+    for action in p.actions:
+        kind, op = action[0], ops[action[1].name]
+        if kind == "absorb":
+            r: Rep = action[2]
+            w = ed.get(op, "weight")
+            scale = torch.ones(w.shape[1], dtype=F64) if r.scale is None else r.scale
+            w2, b2 = fold_forward(w, ed.get(op, "bias"), scale, r.shift)
+            ed.put(op, "weight", w2)
+            if b2 is not None:
+                ed.put(op, "bias", b2)
+        elif kind == "absorb_conv":
+            r = action[2]
+            w = ed.get(op, "weight")
+            groups = int(op.attrs.get("groups", 1))
+            channels = w.shape[1] * groups
+            scale = torch.ones(channels, dtype=F64) if r.scale is None else r.scale
+            w2, b2 = fold_forward_conv(w, ed.get(op, "bias"), scale, r.shift, groups)
+            ed.put(op, "weight", w2)
+            if b2 is not None:
+                ed.put(op, "bias", b2)
+        elif kind in ("backward", "rescale"):
+            s, t = (action[3], action[4]) if kind == "backward" else (action[2], None)
+            w2, b2 = fold_backward(ed.get(op, "weight"), ed.get(op, "bias"), s, t)
+            ed.put(op, "weight", w2)
+            if b2 is not None:
+                ed.put(op, "bias", b2)
+            if kind == "backward":
+                norm = ops[action[2].name]
+                g.value_spaces.pop(op.output, None)
+                op.output = norm.output
+                gone.add(norm.name)
+        elif kind == "remove":
+            alias[op.output] = alias.get(op.inputs[0], op.inputs[0])
+            g.value_spaces.pop(op.output, None)
+            gone.add(op.name)
+        elif kind == "group_rms":
+            groups = int(op.attrs["groups"])
+            eps = float(op.attrs["gs_eps"])
+            op.kind = "rmsnorm" if groups == 1 else "group_rmsnorm"
+            op.attrs = {"eps": eps} if groups == 1 else {"groups": groups, "eps": eps}
+            op.params = {}
+    g.ops = [o for o in g.ops if o.name not in gone]
+    for o in g.ops:
+        o.inputs = tuple(alias.get(v, v) for v in o.inputs)
+    used = {t for o in g.ops for t in o.params.values()}
+    g.tensors = {k: v for k, v in g.tensors.items() if k in used}
+    g.validate()
+    return g, {k: v for k, v in ed.work.items() if k in g.tensors}, ed.untied
+
+
+def _rounded(model: Model, graph: Graph, exact: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The rewritten tensors in their stored dtypes; refuses any that overflow it."""
+    out = {}
+    for name, value in exact.items():
+        dtype = DTYPES[graph.tensors[name].dtype]
+        out[name] = value.to(dtype)
+        if not bool(torch.isfinite(out[name]).all()):
+            raise NormtoolError(
+                f"folding makes {name} overflow {dtype} (the re-based scales are too extreme "
+                "for this dtype); refused",
+                model.checkpoint.path if model.checkpoint else None,
+            )
+    return out
+
+
+def peak_activation(graph: Graph, weights, inputs: dict[str, torch.Tensor]) -> float:
+    """Largest |value| of any float activation of ``graph`` on ``inputs``, run in float32."""
+    g = graph.copy()
+    g.outputs = [o.output for o in g.ops]
+    vals = run_graph(g, weights, inputs, dtype=torch.float32)
+    return max(float(v.abs().max()) for v in vals.values() if v.is_floating_point() and v.numel())
+
+
+# ---- the pass -------------------------------------------------------------------------------
+def _selected(only: Collection[str]) -> set[str]:
+    bad = sorted(set(only) - set(SELECTORS))
+    if bad:
+        raise NormtoolError(f"--only: unknown kind(s) {bad}; choose from {', '.join(SELECTORS)}")
+    return {SELECTORS[k] for k in only if SELECTORS[k]}
+
+
+def fold_norms(model: Model, only: Collection[str] = tuple(SELECTORS)) -> FoldResult:
+    """Fold every selected UN / PowerNorm / BatchNorm that can be folded exactly.
+
+    Returns the new model (no history entry yet: the caller verifies first) and what was folded
+    or skipped, with reasons. NormtoolError when nothing can be folded.
+    """
+    g = model.graph
+    where = model.checkpoint.path if model.checkpoint else None
+    kinds = _selected(only)
+    maps: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    skipped: dict[str, str] = {}
+    for op in g.ops:
+        if op.kind not in NORM_KINDS:
+            continue
+        if op.kind not in FOLDABLE:
+            skipped[op.name] = _not_foldable_reason(op)
+        elif op.kind not in kinds:
+            skipped[op.name] = "not selected by --only"
+        else:
+            try:
+                maps[op.name] = inference_map(op, model.tensor)
+            except NormtoolError as e:  # broken statistics break the model, not just the fold
+                raise NormtoolError(f"{op.name} ({op.kind}): {e.message}", where) from e
+    p, kept = plan(g, maps, set(maps))
+    skipped.update(kept)
+    kind_of = {o.name: o.kind for o in g.ops}
+    skips = [SkippedNorm(o.name, o.kind, skipped[o.name]) for o in g.ops if o.name in skipped]
+    notes = [WS_NOTE] if "ws" in only else []
+    if not p.folded:
+        detail = "; ".join(f"{s.name}: {s.reason}" for s in skips[:6]) or "the graph has no norms"
+        more = f" (and {len(skips) - 6} more)" if len(skips) > 6 else ""
+        raise NormtoolError(f"nothing to fold: {detail}{more}", where)
+    graph, exact, untied = _apply(model, p)
+    kept_overrides = {k: v for k, v in model.overrides.items() if k in graph.tensors}
+    new = Model(graph, model.checkpoint, {**kept_overrides, **_rounded(model, graph, exact)})
+    new.history = list(model.history)
+    exact_model = Model(graph, model.checkpoint, {**kept_overrides, **exact})
+    scale_range = None
+    if p.scales:
+        all_d = torch.cat(p.scales)
+        scale_range = (float(all_d.min()), float(all_d.max()))
+    if any(s.dtype == "F16" for s in graph.tensors.values()) and scale_range is not None:
+        x = random_inputs(graph, 2, max_seq(graph), seed=0)
+        before = peak_activation(g, model.weights(), x)
+        after = peak_activation(graph, new.weights(), x)
+        if after > FP16_MAX and after > before:
+            raise NormtoolError(
+                f"the re-based residual stream reaches |x| = {after:.3g} (|D| in "
+                f"[{scale_range[0]:.3g}, {scale_range[1]:.3g}]), beyond fp16's {FP16_MAX:.0f}: "
+                "refused for this fp16 checkpoint (the stream would need fp32)",
+                where,
+            )
+    folded = [p.folded[n] for n in kind_of if n in p.folded]
+    return FoldResult(new, exact_model, folded, skips, untied, scale_range, notes)
+
+
+def applicability(graph: Graph) -> list[str]:
+    """Why ``fold`` does not apply (empty: at least one norm folds), from the structure alone."""
+    maps = {}
+    for op in graph.ops:
+        if op.kind in FOLDABLE:
+            c = graph.tensors[op.params["weight"]].shape[0]
+            maps[op.name] = (torch.ones(c, dtype=F64), torch.ones(c, dtype=F64))
+    if not maps:
+        return ["no UN, PowerNorm or BatchNorm in the graph"]
+    p, kept = plan(graph, maps, set(maps))
+    return [] if p.folded else [f"{n}: {r}" for n, r in kept.items()]
