@@ -1,0 +1,212 @@
+"""Benchmark ONNX models with ONNX Runtime: interleaved runs, medians, ratios to the first model.
+
+Why these choices: every model in one call is timed in the same interleaved rounds
+(``normtool.timing``), so ratios are measured under the same conditions; the provider reported
+is the one the session actually runs on (``session.get_providers()``), never the one asked for;
+on CUDA inputs and outputs live on the device (IO binding), so host copies are not timed, and
+TF32 stays off unless asked so fp32 means fp32. Checkpoints are exported on the fly with the
+same emitter ``normtool export`` uses.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import platform
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import onnxruntime
+import torch
+
+from normtool import __version__
+from normtool.errors import NormtoolError
+from normtool.export import export_model
+from normtool.graph import InputSpec
+from normtool.inputs import input_shape
+from normtool.load import load_model
+from normtool.runtime.onnx_emit import INPUTS_KEY, input_signature
+from normtool.runtime.ort import Session, create_session
+from normtool.timing import interleaved, summarize
+
+
+@dataclass
+class Prepared:
+    label: str
+    onnx_path: Path
+    signature: list[InputSpec]
+
+
+def _signature(path: Path) -> list[InputSpec]:
+    """The input signature of an ONNX file: normtool's metadata, or read off its declared inputs."""
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # noqa: BLE001 - protobuf raises untyped errors on a bad file
+        raise NormtoolError(f"not a readable ONNX model ({type(e).__name__})", path) from e
+    if any(p.key == INPUTS_KEY for p in proto.metadata_props):
+        return input_signature(proto)
+    specs = []
+    for i in proto.graph.input:
+        t = i.type.tensor_type
+        dims: list[int | str] = []
+        for k, d in enumerate(t.shape.dim):
+            if d.HasField("dim_value"):
+                dims.append(d.dim_value)
+            else:
+                dims.append("batch" if k == 0 else "seq")
+        kind = "tokens" if t.elem_type == onnx.TensorProto.INT64 else "features"
+        # a foreign model's vocabulary is unknown: id 0..1 is valid for any embedding table
+        specs.append(InputSpec(i.name, kind, tuple(dims), vocab=2 if kind == "tokens" else 0))
+    return specs
+
+
+def prepare(
+    paths: Sequence[Path],
+    workdir: Path,
+    dtype: str,
+    arch: str | None,
+    heads: int | None,
+    act: str | None,
+) -> list[Prepared]:
+    """ONNX files are used as they are; checkpoints are exported into ``workdir``."""
+    out = []
+    for i, p in enumerate(paths):
+        p = Path(p)
+        if p.suffix.lower() == ".onnx":
+            if not p.is_file():
+                raise NormtoolError("no such file", p)
+            onnx_path = p
+        else:
+            onnx_path = workdir / f"{i}-{p.stem}.onnx"
+            export_model(load_model(p, arch, heads, act), onnx_path, dtype=dtype, inputs=[p])
+        out.append(Prepared(p.name, onnx_path, _signature(onnx_path)))
+    return out
+
+
+def _feeds(sig: list[InputSpec], batch: int, seq: int, seed: int, types: dict) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    feeds = {}
+    for spec in sig:
+        shape = input_shape(spec, batch, seq)
+        if spec.kind == "tokens":
+            x = torch.randint(0, max(spec.vocab, 1), shape, generator=g).numpy()
+        else:
+            x = torch.randn(shape, generator=g).numpy()
+        feeds[spec.name] = np.ascontiguousarray(x, dtype=types.get(spec.name) or x.dtype)
+    return feeds
+
+
+def _runner(sess: Session, feeds: dict) -> Callable[[], object]:
+    """A no-argument call running one inference; on CUDA with device-resident IO."""
+    s = sess.session
+    if sess.provider == "cpu":
+        return lambda: s.run(None, feeds)
+    binding = s.io_binding()
+    for name, arr in feeds.items():
+        binding.bind_ortvalue_input(name, onnxruntime.OrtValue.ortvalue_from_numpy(arr, "cuda", 0))
+    for o in s.get_outputs():
+        binding.bind_output(o.name, "cuda")
+    return lambda: s.run_with_iobinding(binding)
+
+
+def _uses_seq(sig: list[InputSpec]) -> bool:
+    return any("seq" in s.shape for s in sig)
+
+
+def device_name(provider: str) -> str:
+    if provider in ("cuda", "tensorrt") and shutil.which("nvidia-smi"):
+        r = subprocess.run(
+            ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if r.returncode == 0 and r.stdout.strip():
+            return r.stdout.strip().splitlines()[0]
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def versions() -> dict[str, str]:
+    return {
+        "normtool": __version__,
+        "onnxruntime": onnxruntime.__version__,
+        "onnx": onnx.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def run_bench(
+    paths: Sequence[Path],
+    provider: str = "auto",
+    batches: Sequence[int] = (1, 8),
+    seqs: Sequence[int] = (128, 512),
+    warmup: int = 10,
+    iters: int = 50,
+    threads: int | None = None,
+    dtype: str = "fp32",
+    tf32: bool = False,
+    arch: str | None = None,
+    heads: int | None = None,
+    act: str | None = None,
+    seed: int = 0,
+    on_shape: Callable[[int, int | None], None] | None = None,
+) -> dict[str, Any]:
+    """Time every model at every (batch, seq) shape; ratios are to the first model's median."""
+    if not paths:
+        raise NormtoolError("bench needs at least one model")
+    with tempfile.TemporaryDirectory(prefix="normtool-bench-") as work:
+        prepared = prepare(paths, Path(work), dtype, arch, heads, act)
+        sessions = [create_session(p.onnx_path, provider, threads, tf32) for p in prepared]
+        used = {s.provider for s in sessions}
+        if len(used) > 1:
+            raise NormtoolError(f"models ran on different providers: {sorted(used)}")
+        seq_list: list[int | None] = (
+            list(seqs) if any(_uses_seq(p.signature) for p in prepared) else [None]
+        )
+        results = []
+        for batch in batches:
+            for seq in seq_list:
+                if on_shape is not None:
+                    on_shape(batch, seq)
+                runners = []
+                for p, s in zip(prepared, sessions, strict=True):
+                    feeds = _feeds(p.signature, batch, seq or 1, seed, s.input_types)
+                    runners.append(_runner(s, feeds))
+                times = interleaved(runners, warmup, iters)
+                rows = [
+                    {"model": p.label, **summarize(t, batch)}
+                    for p, t in zip(prepared, times, strict=True)
+                ]
+                base = rows[0]["median_ms"]
+                for r in rows:
+                    r["ratio"] = r["median_ms"] / base
+                results.append({"batch": batch, "seq": seq, "models": rows})
+    first = sessions[0]
+    return {
+        "provider": first.provider,
+        "requested_provider": provider,
+        "fallback": first.fallback,
+        "device": device_name(first.provider),
+        "threads": threads,
+        "dtype": dtype,
+        "tf32": tf32 if first.provider != "cpu" else None,
+        "warmup": warmup,
+        "iters": iters,
+        "versions": versions(),
+        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "models": [str(p) for p in paths],
+        "results": results,
+    }

@@ -1,0 +1,88 @@
+"""``normtool bench``: ONNX Runtime latency of one or more models, interleaved, with ratios."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from normtool.bench import run_bench
+from normtool.commands.common import STATE, ActOpt, ArchOpt, HeadsOpt, JsonOpt, emit
+from normtool.errors import NormtoolError
+
+
+def _ints(text: str, flag: str) -> list[int]:
+    try:
+        vals = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError as e:
+        raise NormtoolError(f"{flag} {text!r}: expected comma-separated integers") from e
+    if not vals or any(v < 1 for v in vals):
+        raise NormtoolError(f"{flag} {text!r}: expected positive integers")
+    return vals
+
+
+def bench(
+    models: Annotated[
+        list[Path], typer.Argument(help="ONNX files or checkpoints (exported on the fly).")
+    ],
+    provider: Annotated[str, typer.Option(help="auto | cuda | tensorrt | cpu")] = "auto",
+    batch: Annotated[str, typer.Option(help="Batch sizes, comma-separated.")] = "1,8",
+    seq: Annotated[
+        str, typer.Option(help="Sequence lengths (token models), comma-separated.")
+    ] = "128,512",
+    warmup: Annotated[int, typer.Option(help="Untimed runs per model first.")] = 10,
+    iters: Annotated[int, typer.Option(help="Timed runs per model (interleaved).")] = 50,
+    threads: Annotated[
+        int | None, typer.Option(help="ORT intra-op threads (default: ORT's).")
+    ] = None,
+    dtype: Annotated[
+        str, typer.Option(help="fp32 | fp16 for checkpoints exported on the fly.")
+    ] = "fp32",
+    tf32: Annotated[
+        bool, typer.Option("--tf32", help="Allow TF32 on CUDA (off by default).")
+    ] = False,
+    arch: ArchOpt = None,
+    heads: HeadsOpt = None,
+    act: ActOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Time models with ONNX Runtime: median, p90, p99, throughput, ratio to the first model."""
+    if dtype not in ("fp32", "fp16"):
+        raise NormtoolError(f"--dtype {dtype!r}: use fp32 or fp16")
+    if warmup < 0 or iters < 1:
+        raise NormtoolError("--warmup must be >= 0 and --iters >= 1")
+
+    def say(b: int, s: int | None) -> None:
+        if not (as_json or STATE.quiet):
+            print(f"  timing batch={b}" + (f" seq={s}" if s else "") + " ...", flush=True)
+
+    r = run_bench(
+        models,
+        provider,
+        _ints(batch, "--batch"),
+        _ints(seq, "--seq"),
+        warmup,
+        iters,
+        threads,
+        dtype,
+        tf32,
+        arch,
+        heads,
+        act,
+        on_shape=say,
+    )
+    lines = [f"provider: {r['provider']} ({r['device']})"]
+    if r["fallback"]:
+        lines.append(f"note: {r['fallback']}")
+    lines.append("versions: " + ", ".join(f"{k} {v}" for k, v in r["versions"].items()))
+    lines.append(
+        f"{'batch':>5} {'seq':>5}  {'model':<32} {'median ms':>10} {'p90 ms':>9} {'p99 ms':>9} {'items/s':>9} {'ratio':>6}"
+    )
+    for res in r["results"]:
+        for m in res["models"]:
+            lines.append(
+                f"{res['batch']:>5} {res['seq'] or '-':>5}  {m['model'][:32]:<32} {m['median_ms']:>10.3f} "
+                f"{m['p90_ms']:>9.3f} {m['p99_ms']:>9.3f} {m['throughput']:>9.1f} {m['ratio']:>6.3f}"
+            )
+    emit(as_json, r, lines)
