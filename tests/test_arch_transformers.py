@@ -16,6 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from normtool.arch.registry import family_names
+from normtool.arch.transformer import ORDER, check_layout, layouts
 from normtool.cli import main
 from normtool.errors import NormtoolError
 from normtool.io.writer import save_model
@@ -122,6 +124,26 @@ def test_gpt2_views_of_fused_transposed_and_tied_storage(hf_dir):
     info = g.info
     assert (info["heads"], info["layers"], info["act"], info["causal"]) == (4, 2, "gelu_tanh", True)
     assert info["layout"] == "gpt2" and info["parallel"] is False
+
+
+def test_untied_gpt2_uses_its_lm_head(tmp_path):
+    path = make_gpt2(tmp_path / "untied", tie_word_embeddings=False)
+    model = load_model(path)
+    assert model.graph.tensors["head.weight"].source.key == "lm_head.weight"
+    assert model.graph.info["tied_head"] is False
+    assert _max_err(model, load_hf(path), 2, 16, torch.float32) <= 1e-4
+
+
+def test_every_layout_is_registered_and_checked():
+    assert sorted(layouts()) == sorted(ORDER)
+    assert set(ORDER) <= set(family_names())
+    bad = {**layouts()["gpt2"], "optinal": ["norm_f"]}
+    with pytest.raises(ValueError, match="unknown key optinal"):
+        check_layout(bad, "bad.json")
+    no_q = {**layouts()["opt"], "block": {**layouts()["opt"]["block"], "q": None}}
+    del no_q["block"]["q"]
+    with pytest.raises(ValueError, match="block lacks q"):
+        check_layout(no_q, "bad.json")
 
 
 def test_opt_offset_positions_and_projections(hf_dir):

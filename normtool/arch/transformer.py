@@ -86,12 +86,59 @@ GS_EPS = 1e-5
 
 @cache
 def layouts() -> dict[str, dict[str, Any]]:
-    """Every family layout shipped in ``arch/families``, by name."""
+    """Every family layout shipped in ``arch/families``, by name (each checked)."""
     out = {}
     for f in sorted(LAYOUT_DIR.glob("*.json")):
         d = json.loads(f.read_text(encoding="utf-8"))
+        check_layout(d, f.name)
         out[d["name"]] = d
     return out
+
+
+_LAYOUT_KEYS = {
+    "": {
+        "name",
+        "description",
+        "base_prefix",
+        "detect",
+        "settings",
+        "require",
+        "embed",
+        "block",
+        "norm_f",
+        "project_out",
+        "head",
+        "optional",
+        "ignore",
+    },
+    "detect": {"architectures", "model_type", "keys"},
+    "embed": {"tok", "pos", "type", "norm", "project_in", "patch", "cls"},
+    "block": {"norm1", "norm2", "q", "k", "v", "qkv", "o", "fc1", "fc2", "conv1d"},
+    "head": {"linear", "tied", "pooler", "pooler_act"},
+}
+_SETTING_KEYS = {"config", "default", "map", "nonzero"}
+
+
+def check_layout(d: dict[str, Any], where: str) -> None:
+    """Refuse a layout with unknown or missing keys: a typo in data must not be ignored."""
+    problems = []
+    for section, allowed in _LAYOUT_KEYS.items():
+        part = d if not section else d.get(section, {})
+        where_in = f"{section}." if section else ""
+        problems += [f"unknown key {where_in}{k}" for k in sorted(set(part) - allowed)]
+    for name, spec in d.get("settings", {}).items():
+        if name not in Settings.__dataclass_fields__:
+            problems.append(f"unknown setting {name}")
+        elif isinstance(spec, dict) and (set(spec) - _SETTING_KEYS or "config" not in spec):
+            problems.append(f"setting {name} needs 'config' and only {sorted(_SETTING_KEYS)}")
+    block = d.get("block", {})
+    needed = {"norm1", "o", "fc1", "fc2"} | ({"qkv"} if "qkv" in block else {"q", "k", "v"})
+    problems += [f"block lacks {k}" for k in sorted(needed - set(block))]
+    problems += [f"lacks {k}" for k in ("name", "description", "detect", "head") if k not in d]
+    if "linear" not in d.get("head", {}):
+        problems.append("head lacks linear")
+    if problems:
+        raise ValueError(f"family layout {where}: " + "; ".join(problems))
 
 
 # ---- settings --------------------------------------------------------------------------------
