@@ -1,0 +1,60 @@
+"""``normtool export``: a checkpoint as an ONNX file (dynamic batch and sequence axes)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from normtool.commands.common import (
+    ActOpt,
+    ArchOpt,
+    ForceOpt,
+    HeadsOpt,
+    JsonOpt,
+    OutOpt,
+    PathArg,
+    default_output,
+    emit,
+    load,
+)
+from normtool.export import default_opset, export_model
+from normtool.runtime.onnx_emit import EmitOptions
+
+OpsetOpt = Annotated[
+    int | None,
+    typer.Option("--opset", help="ONNX opset, 17..23 (default: 23, or the highest ORT runs)."),
+]
+DtypeOpt = Annotated[
+    str,
+    typer.Option("--dtype", help="fp32, or fp16 (norm statistics and softmax stay fp32)."),
+]
+
+
+def export(
+    path: PathArg,
+    output: OutOpt = None,
+    opset: OpsetOpt = None,
+    dtype: DtypeOpt = "fp32",
+    arch: ArchOpt = None,
+    heads: HeadsOpt = None,
+    act: ActOpt = None,
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Export to ONNX (default output: <stem>.onnx beside the input)."""
+    opts = EmitOptions(opset or default_opset(), dtype)
+    opts.check()  # refuse a bad --opset/--dtype before reading anything
+    out = output or default_output(path, ".onnx")
+    res = export_model(load(path, arch, heads, act), out, opts.opset, dtype, [path], force)
+    payload = {
+        "output": str(res.path),
+        "external_data": str(res.data_path) if res.data_path else None,
+        "opset": res.opset,
+        "dtype": res.dtype,
+        "nodes": res.nodes,
+        "weight_bytes": res.weight_bytes,
+    }
+    extra = f", weights in {res.data_path}" if res.data_path else ""
+    line = f"wrote {res.path} (opset {res.opset}, {res.dtype}, {res.nodes} nodes{extra})"
+    emit(as_json, payload, [line])

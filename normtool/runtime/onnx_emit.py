@@ -1,0 +1,615 @@
+"""The ONNX emitter: Graph + weights → ``onnx.ModelProto``, written node by node with onnx.helper.
+
+Why not ``torch.onnx.export``: it chooses op forms and may silently lower the opset; here every op
+kind has one small emitter (``EMITTERS``, one per entry of ``normtool.graph.OP_KINDS``), so the
+forms ONNX Runtime runs fastest are chosen on purpose and nothing falls back silently.
+
+Forms (all exact rewrites of the op table's semantics):
+* layernorm → ``LayerNormalization`` (stash_type 1: statistics in fp32 even for fp16 activations).
+* rmsnorm → ``RMSNormalization`` at opset ≥ 23; below, ``Pow → ReduceMean → Add → Sqrt → Div →
+  Mul(scale)``, the pattern ORT fuses into ``SimplifiedLayerNormalization`` (a weightless norm gets
+  a ones scale so the pattern, and the fusion, stay complete).
+* crmsnorm → ``x / sqrt((ReduceSumSquare(x) + ReduceSum(x)²) / (C+1) + eps) · γ``.
+* group_rmsnorm / powernorm → Reshape to ``[..., G, C/G]``, RMS normalisation, per-channel affine
+  in the grouped shape, Reshape back.
+* unorm / batchnorm / affine → one ``Mul`` and one ``Add`` with the scale and shift precomputed in
+  fp64 at export time (what remains of a per-channel affine at inference).
+* attention → ``MatMul → Mul(scale) → [Add causal mask] → Softmax → MatMul`` with Reshape/Transpose
+  over heads (``attention="op"``: the opset-23 ``Attention`` node instead).
+* dynamic axes: Reshape uses 0-copy dims; positions and the causal mask are sliced / built from
+  ``Shape`` of the running activation, so batch and sequence length stay free.
+
+fp16: weights and activations are fp16; norm statistics and softmax run in fp32 (``Cast`` around
+them, or the op's own fp32 stash/precision), matching the torch executor's precision policy.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from normtool import __version__
+from normtool.errors import NormtoolError
+from normtool.graph import Graph, InputSpec, Op
+
+INPUTS_KEY = "normtool.inputs"
+MIN_OPSET, MAX_OPSET = 17, 23
+DTYPES = {"fp32": TensorProto.FLOAT, "fp16": TensorProto.FLOAT16}
+_NP = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16}
+_TORCH = {TensorProto.FLOAT: torch.float32, TensorProto.FLOAT16: torch.float16}
+
+
+@dataclass(frozen=True)
+class EmitOptions:
+    """How to emit. ``attention``: ``decomposed`` (every provider runs it) or ``op`` (the opset-23
+    ``Attention`` node; ORT's CUDA kernel rejects its fp32-softmax precision, so not the default)."""
+
+    opset: int = MAX_OPSET
+    dtype: str = "fp32"
+    attention: str = "decomposed"
+
+    def check(self) -> None:
+        if not MIN_OPSET <= self.opset <= MAX_OPSET:
+            raise NormtoolError(f"--opset {self.opset}: supported are {MIN_OPSET}..{MAX_OPSET}")
+        if self.dtype not in DTYPES:
+            raise NormtoolError(f"--dtype {self.dtype!r}: supported are {', '.join(DTYPES)}")
+        if self.attention not in ("decomposed", "op"):
+            raise NormtoolError(f"attention form {self.attention!r}: use decomposed or op")
+        if self.attention == "op" and self.opset < 23:
+            raise NormtoolError("the Attention op needs opset 23")
+
+
+class _Emitter:
+    """Accumulates nodes and initializers; helpers keep the per-kind emitters short."""
+
+    def __init__(self, graph: Graph, weights: Mapping[str, torch.Tensor], opts: EmitOptions):
+        self.graph = graph
+        self.weights = weights
+        self.opset = opts.opset
+        self.opts = opts
+        self.act = DTYPES[opts.dtype]
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: dict[str, onnx.TensorProto] = {}
+        self.rank: dict[str, int] = {}
+        self._consts: dict[tuple, str] = {}
+        self._used: set[str] = set()
+        self._scope = "graph"
+        self.tied = _tied_heads(graph, weights)
+
+    # ---- naming and nodes -------------------------------------------------------------------
+    def fresh(self, hint: str) -> str:
+        base = f"{self._scope}/{hint}"
+        name, i = base, 0
+        while name in self._used:
+            i += 1
+            name = f"{base}_{i}"
+        self._used.add(name)
+        return name
+
+    def node(self, op_type: str, inputs: list[str], hint: str = "", **attrs: Any) -> str:
+        out = self.fresh(hint or op_type)
+        self.nodes.append(helper.make_node(op_type, inputs, [out], name=out, **attrs))
+        return out
+
+    # ---- constants and weights --------------------------------------------------------------
+    def _init(self, name: str, array: np.ndarray) -> str:
+        self.inits[name] = numpy_helper.from_array(np.array(array, order="C"), name)
+        self._used.add(name)
+        return name
+
+    def const(self, values: Any, dtype: Any) -> str:
+        """A small constant (shapes, axes, eps, …), shared between all its uses."""
+        arr = np.asarray(values, dtype=dtype)
+        key = (arr.dtype.str, arr.shape, arr.tobytes())
+        if key not in self._consts:
+            self._consts[key] = self._init(f"const/{len(self._consts)}", arr)
+        return self._consts[key]
+
+    def i64(self, values: Any) -> str:
+        return self.const(values, np.int64)
+
+    def scalar(self, value: float, stat: bool = False) -> str:
+        """A float scalar in the activation dtype (or fp32 for the statistics chain)."""
+        return self.const(value, np.float32 if stat else _NP[self.act])
+
+    def weight(
+        self,
+        tensor: str,
+        form: str = "",
+        fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        dtype: int | None = None,
+    ) -> str:
+        """Initializer for a graph tensor, optionally transformed by ``fn`` (applied in fp64).
+
+        ``form`` names the transformed variant so each form is stored once, however many ops use
+        it. Values that do not fit fp16 are refused instead of exported as inf.
+        """
+        name = f"{tensor}{'/' + form if form else ''}"
+        if name in self.inits:
+            return name
+        w = self.weights[tensor].detach()
+        if fn is not None:
+            w = fn(w.double())
+        target = dtype if dtype is not None else self.act
+        if w.is_floating_point():
+            cast = w.to(_TORCH[target])
+            if target == TensorProto.FLOAT16 and bool((cast.isinf() & w.isfinite()).any()):
+                raise NormtoolError(f"tensor {tensor!r} has values beyond the fp16 range")
+            w = cast
+        return self._init(name, w.cpu().numpy())
+
+    def channel(
+        self, tensor: str, form: str, fn: Callable[[torch.Tensor], torch.Tensor], rank: int
+    ):
+        """A per-channel vector shaped to broadcast on the channel axis (axis 1 of 4-D images)."""
+        if rank == 4:
+            return self.weight(tensor, f"{form}_chw", lambda w: fn(w).reshape(-1, 1, 1))
+        return self.weight(tensor, form, fn)
+
+    # ---- precision -----------------------------------------------------------------------
+    @property
+    def low(self) -> bool:
+        return self.act == TensorProto.FLOAT16
+
+    def to_stat(self, x: str) -> str:
+        return self.node("Cast", [x], "to_fp32", to=TensorProto.FLOAT) if self.low else x
+
+    def from_stat(self, x: str) -> str:
+        return self.node("Cast", [x], "to_fp16", to=self.act) if self.low else x
+
+    # ---- shared building blocks -------------------------------------------------------------
+    def reduce(self, op_type: str, x: str, axes: list[int], keepdims: int = 1) -> str:
+        """Reduce* with axes as an input (opset ≥ 18, and ReduceSum from 13) or an attribute."""
+        if self.opset >= 18 or op_type == "ReduceSum":
+            return self.node(op_type, [x, self.i64(axes)], keepdims=keepdims)
+        return self.node(op_type, [x], axes=axes, keepdims=keepdims)
+
+    def rms(self, x: str, eps: float, scale: str) -> str:
+        """``x / sqrt(mean(x², last axis) + eps) · scale`` in its fastest exact form."""
+        if self.opset >= 23:
+            return self.node("RMSNormalization", [x, scale], axis=-1, epsilon=eps, stash_type=1)
+        xs = self.to_stat(x)
+        ms = self.reduce("ReduceMean", self.node("Pow", [xs, self.scalar(2.0, stat=True)]), [-1])
+        den = self.node("Sqrt", [self.node("Add", [ms, self.scalar(eps, stat=True)])])
+        return self.node("Mul", [self.from_stat(self.node("Div", [xs, den])), scale])
+
+    def ones(self, n: int) -> str:
+        return self.const(np.ones(n), _NP[self.act])
+
+    def grouped(self, x: str, groups: int, body: Callable[[str], str]) -> str:
+        """Run ``body`` on ``x`` reshaped to ``[..., groups, C/groups]``, then reshape back."""
+        if groups == 1:
+            return body(x)
+        lead = [0] * (self.rank[x] - 1)
+        g = self.node("Reshape", [x, self.i64([*lead, groups, -1])], "group")
+        return self.node("Reshape", [body(g), self.i64([*lead, -1])], "ungroup")
+
+
+def _tied_heads(graph: Graph, weights: Mapping[str, torch.Tensor]) -> dict[str, str]:
+    """Linear weights equal to an embedding table (a tied LM head) → that table's name.
+
+    Such a head then reads the embedding's initializer through a Transpose (constant-folded by
+    ORT) instead of storing the matrix twice; equality is checked, so sharing is always exact.
+    """
+    tables = [op.params["weight"] for op in graph.ops_of("embed")]
+    tied = {}
+    for op in graph.ops_of("linear"):
+        w = op.params["weight"]
+        for t in tables:
+            same_shape = w != t and graph.tensors[w].shape == graph.tensors[t].shape
+            if same_shape and torch.equal(weights[w], weights[t]):
+                tied[w] = t
+    return tied
+
+
+# ---- emitters: one per op kind ------------------------------------------------------------
+Emit = Callable[[_Emitter, Op, list[str], dict[str, str]], str]
+
+
+def _embed(em: _Emitter, op: Op, xs: list[str], p: dict[str, str]) -> str:
+    return em.node("Gather", [em.weight(p["weight"]), xs[0]], axis=0)
+
+
+def _positions(em: _Emitter, op: Op, xs: list[str], p: dict[str, str]) -> str:
+    table = em.weight(p["weight"], "1PC", lambda w: w.reshape(1, -1, w.shape[-1]))
+    seq = em.node("Shape", [xs[0]], "seq", start=1, end=2)
+    offset = int(op.attrs.get("offset", 0))
+    end = em.node("Add", [seq, em.i64([offset])]) if offset else seq
+    return em.node("Slice", [table, em.i64([offset]), end, em.i64([1])])
+
+
+def _row(em: _Emitter, op: Op, xs: list[str], p: dict[str, str]) -> str:
+    index = int(op.attrs.get("index", 0))
+    return em.weight(p["weight"], f"row{index}", lambda w: w[index].reshape(1, 1, -1))
+
+
+def _patch_embed(em: _Emitter, op: Op, xs: list[str], p: dict[str, str]) -> str:
+    k = int(op.attrs["patch"])
+    conv = em.node(
+        "Conv",
+        [xs[0], em.weight(p["weight"]), em.weight(p["bias"])],
+        kernel_shape=[k, k],
+        strides=[k, k],
+    )
+    flat = em.node("Reshape", [conv, em.i64([0, 0, -1])])
+    return em.node("Transpose", [flat], perm=[0, 2, 1])
+
+
+def _cls_concat(em: _Emitter, op: Op, xs: list[str], p: dict[str, str]) -> str:
+    token = em.weight(p["token"], "11C", lambda w: w.reshape(1, 1, -1))
+    batch = em.node("Shape", [xs[0]], "batch", start=0, end=1)
+    shape = em.node("Concat", [batch, em.i64([1, 1])], axis=0)
+    return em.node("Concat", [em.node("Expand", [token, shape]), xs[0]], axis=1)
+
+
+def _linear(em: _Emitter, op: Op, xs: list[str], p: dict[str, str]) -> str:
+    w = p["weight"]
+    bias = [em.weight(p["bias"])] if "bias" in p else []
+    if em.rank[xs[0]] == 2:
+        return em.node("Gemm", [xs[0], em.weight(w), *bias], transB=1)
+    if w in em.tied:
+        wt = em.node("Transpose", [em.weight(em.tied[w])], "head_T", perm=[1, 0])
+    else:
+        wt = em.weight(w, "T", lambda t: t.t())
+    y = em.node("MatMul", [xs[0], wt])
+    return em.node("Add", [y, *bias]) if bias else y
+
+
+def _width(em: _Emitter, op: Op) -> int:
+    return em.graph.spaces[em.graph.value_spaces[op.inputs[0]]].size
+
+
+def _layernorm(em: _Emitter, op: Op, xs: list[str], p: dict[str, str]) -> str:
+    scale = em.weight(p["weight"]) if "weight" in p else em.ones(_width(em, op))
+    bias = [em.weight(p["bias"])] if "bias" in p else []
+    return em.node(
+        "LayerNormalization", [xs[0], scale, *bias], axis=-1, epsilon=op.attrs["eps"], stash_type=1
+    )
+
+
+def _rmsnorm(em: _Emitter, op: Op, xs: list[str], p: dict[str, str]) -> str:
+    scale = em.weight(p["weight"]) if "weight" in p else em.ones(_width(em, op))
+    return em.rms(xs[0], op.attrs["eps"], scale)
+
+
+def _crmsnorm(em: _Emitter, op: Op, xs: list[str], p: dict[str, str]) -> str:
+    xs32 = em.to_stat(xs[0])
+    sq = em.reduce("ReduceSumSquare", xs32, [-1])
+    s = em.reduce("ReduceSum", xs32, [-1])
+    total = em.node("Add", [sq, em.node("Mul", [s, s])])
+    ms = em.node("Div", [total, em.scalar(_width(em, op) + 1, stat=True)])
+    den = em.node("Sqrt", [em.node("Add", [ms, em.scalar(op.attrs["eps"], stat=True)])])
+    y = em.from_stat(em.node("Div", [xs32, den]))
+    return em.node("Mul", [y, em.weight(p["weight"])]) if "weight" in p else y
+
+
+def _group_rmsnorm(em: _Emitter, op: Op, xs: list[str], p: dict[str, str]) -> str:
+    groups = int(op.attrs["groups"])
+    ones = em.ones(_width(em, op) // groups)
+    return em.grouped(xs[0], groups, lambda g: em.rms(g, op.attrs["eps"], ones))
+
+
+def _affine_nodes(em: _Emitter, x: str, scale: str, shift: str | None) -> str:
+    y = em.node("Mul", [x, scale])
+    return em.node("Add", [y, shift]) if shift is not None else y
+
+
+def _unorm(em: _Emitter, op: Op, xs: list[str], p: dict[str, str]) -> str:
+    var = em.weights[p["running_var"]].double().reshape(-1)
+    r = em.rank[xs[0]]
+    s = em.channel(p["weight"], "unorm_s", lambda g: g / torch.sqrt(var + op.attrs["eps"]), r)
+    return _affine_nodes(em, xs[0], s, em.channel(p["bias"], "", lambda b: b, r))
+
+
+def _powernorm(em: _Emitter, op: Op, xs: list[str], p: dict[str, str]) -> str:
+    """Group-RMS then the per-channel affine, applied in the grouped shape (one Mul, one Add)."""
+    groups = int(op.attrs["groups"])
+    width = _width(em, op)
+    phi = em.weights[p["running_phi"]].double().reshape(-1)
+
+    def grouped(v: torch.Tensor) -> torch.Tensor:
+        return v.reshape(groups, width // groups) if groups > 1 else v
+
+    s = em.weight(p["weight"], "pn_s", lambda g: grouped(g / torch.sqrt(phi + op.attrs["eps"])))
+    t = em.weight(p["bias"], "pn_t", grouped)
+    ones = em.ones(width // groups)
+    return em.grouped(
+        xs[0],
+        groups,
+        lambda g: _affine_nodes(em, em.rms(g, op.attrs["gs_eps"], ones), s, t),
+    )
+
+
+def _batchnorm(em: _Emitter, op: Op, xs: list[str], p: dict[str, str]) -> str:
+    inv_std = 1.0 / torch.sqrt(em.weights[p["running_var"]].double() + op.attrs["eps"])
+    scale = em.weights[p["weight"]].double() * inv_std
+    mean = em.weights[p["running_mean"]].double()
+    r = em.rank[xs[0]]
+    s = em.channel(p["weight"], "bn_s", lambda g: g * inv_std, r)
+    t = em.channel(p["bias"], "bn_t", lambda b: b - mean * scale, r)
+    return _affine_nodes(em, xs[0], s, t)
+
+
+def _affine(em: _Emitter, op: Op, xs: list[str], p: dict[str, str]) -> str:
+    r = em.rank[xs[0]]
+    s = em.channel(p["scale"], "", lambda v: v, r)
+    t = em.channel(p["shift"], "", lambda v: v, r) if "shift" in p else None
+    return _affine_nodes(em, xs[0], s, t)
+
+
+def _gelu_erf(em: _Emitter, x: str) -> str:
+    """0.5·x·(1 + erf(x/√2)): the decomposition ORT fuses into its Gelu kernel below opset 20."""
+    e = em.node("Erf", [em.node("Div", [x, em.scalar(math.sqrt(2.0))])])
+    return em.node(
+        "Mul", [em.node("Mul", [x, em.node("Add", [e, em.scalar(1.0)])]), em.scalar(0.5)]
+    )
+
+
+def _gelu_tanh(em: _Emitter, x: str) -> str:
+    """0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))): ORT's FastGelu pattern below opset 20."""
+    cube = em.node("Mul", [em.node("Pow", [x, em.scalar(3.0)]), em.scalar(0.044715)])
+    inner = em.node("Mul", [em.node("Add", [x, cube]), em.scalar(math.sqrt(2.0 / math.pi))])
+    t = em.node("Add", [em.node("Tanh", [inner]), em.scalar(1.0)])
+    return em.node("Mul", [em.node("Mul", [x, t]), em.scalar(0.5)])
+
+
+def _act(em: _Emitter, op: Op, xs: list[str], p: dict[str, str]) -> str:
+    fn, x = op.attrs["fn"], xs[0]
+    if fn in ("gelu", "gelu_tanh") and em.opset >= 20:
+        return em.node("Gelu", [x], approximate="tanh" if fn == "gelu_tanh" else "none")
+    if fn == "gelu":
+        return _gelu_erf(em, x)
+    if fn == "gelu_tanh":
+        return _gelu_tanh(em, x)
+    if fn == "silu":
+        return em.node("Mul", [x, em.node("Sigmoid", [x])])
+    if fn == "quick_gelu":
+        return em.node("Mul", [x, em.node("Sigmoid", [em.node("Mul", [x, em.scalar(1.702)])])])
+    op_type = {"relu": "Relu", "tanh": "Tanh"}.get(fn)
+    if op_type is None:
+        raise NormtoolError(f"op {op.name!r}: activation {fn!r} cannot be exported")
+    return em.node(op_type, [x])
+
+
+def _attention(em: _Emitter, op: Op, xs: list[str], p: dict[str, str]) -> str:
+    heads = int(op.attrs["heads"])
+    gs = em.graph.value_spaces
+    dq = em.graph.spaces[gs[op.inputs[0]]].size // heads
+    scale = float(op.attrs.get("scale") or 1.0 / math.sqrt(dq))
+    causal = bool(op.attrs.get("causal"))
+    if em.opts.attention == "op":
+        extra = {"softmax_precision": TensorProto.FLOAT} if em.low else {}
+        return em.node(
+            "Attention",
+            xs,
+            q_num_heads=heads,
+            kv_num_heads=heads,
+            is_causal=int(causal),
+            scale=scale,
+            **extra,
+        )
+    q, k, v = (em.node("Reshape", [x, em.i64([0, 0, heads, -1])], "heads") for x in xs)
+    q = em.node("Transpose", [q], "q", perm=[0, 2, 1, 3])
+    k = em.node("Transpose", [k], "kT", perm=[0, 2, 3, 1])
+    v = em.node("Transpose", [v], "v", perm=[0, 2, 1, 3])
+    scores = em.to_stat(em.node("Mul", [em.node("MatMul", [q, k]), em.scalar(scale)], "scores"))
+    if causal:
+        seq = em.node("Shape", [xs[0]], "seq", start=1, end=2)
+        square = em.node("Concat", [seq, seq], axis=0)
+        neg = helper.make_tensor("neg_inf", TensorProto.FLOAT, [1], [-math.inf])
+        full = em.node("ConstantOfShape", [square], value=neg)
+        mask = em.node("Trilu", [full, em.i64(1)], "causal_mask", upper=1)
+        scores = em.node("Add", [scores, mask])
+    w = em.from_stat(em.node("Softmax", [scores], axis=-1))
+    y = em.node("Transpose", [em.node("MatMul", [w, v])], perm=[0, 2, 1, 3])
+    return em.node("Reshape", [y, em.i64([0, 0, -1])])
+
+
+def _select(em: _Emitter, op: Op, xs: list[str], p: dict[str, str]) -> str:
+    return em.node("Gather", [xs[0], em.i64(int(op.attrs.get("index", 0)))], axis=1)
+
+
+def _pair(v: Any) -> list[int]:
+    return [int(v), int(v)] if isinstance(v, int | float) else [int(a) for a in v]
+
+
+def _pads(padding: Any, kernel: list[int], dilation: list[int]) -> list[int]:
+    """ONNX pads ``[top, left, bottom, right]`` for torch's int, pair, 'valid' or 'same'."""
+    if padding == "valid":
+        return [0, 0, 0, 0]
+    if padding == "same":
+        total = [d * (k - 1) for k, d in zip(kernel, dilation, strict=True)]
+        return [t // 2 for t in total] + [t - t // 2 for t in total]
+    ph, pw = _pair(padding)
+    return [ph, pw, ph, pw]
+
+
+def _conv2d(em: _Emitter, op: Op, xs: list[str], p: dict[str, str]) -> str:
+    kernel = list(em.graph.tensors[p["weight"]].shape[2:])
+    dilation = _pair(op.attrs.get("dilation", 1))
+    bias = [em.weight(p["bias"])] if "bias" in p else []
+    return em.node(
+        "Conv",
+        [xs[0], em.weight(p["weight"]), *bias],
+        kernel_shape=kernel,
+        strides=_pair(op.attrs.get("stride", 1)),
+        pads=_pads(op.attrs.get("padding", 0), kernel, dilation),
+        dilations=dilation,
+        group=int(op.attrs.get("groups", 1)),
+    )
+
+
+def _maxpool2d(em: _Emitter, op: Op, xs: list[str], p: dict[str, str]) -> str:
+    kernel = _pair(op.attrs["kernel"])
+    stride = op.attrs.get("stride")
+    return em.node(
+        "MaxPool",
+        xs,
+        kernel_shape=kernel,
+        strides=_pair(stride) if stride else kernel,
+        pads=_pads(op.attrs.get("padding", 0), kernel, [1, 1]),
+    )
+
+
+def _global_avgpool(em: _Emitter, op: Op, xs: list[str], p: dict[str, str]) -> str:
+    return em.node("Flatten", [em.node("GlobalAveragePool", xs)], axis=1)
+
+
+def _loki(em: _Emitter, op: Op, xs: list[str], p: dict[str, str]) -> str:
+    """argmin_y Σ p_i d²(y, i): Softmax → MatMul(D²) → ArgMin, in fp32 (first index on ties,
+    as torch's argmax of the negated risk)."""
+    probs = em.node("Softmax", [em.to_stat(xs[0])], axis=-1)
+    risk = em.node("MatMul", [probs, em.weight(p["d2"], dtype=TensorProto.FLOAT)])
+    return em.node("ArgMin", [risk], "prediction", axis=-1, keepdims=0, select_last_index=0)
+
+
+EMITTERS: dict[str, Emit] = {
+    "embed": _embed,
+    "positions": _positions,
+    "row": _row,
+    "patch_embed": _patch_embed,
+    "cls_concat": _cls_concat,
+    "add": lambda em, op, xs, p: em.node("Add", xs),
+    "linear": _linear,
+    "layernorm": _layernorm,
+    "rmsnorm": _rmsnorm,
+    "crmsnorm": _crmsnorm,
+    "group_rmsnorm": _group_rmsnorm,
+    "unorm": _unorm,
+    "powernorm": _powernorm,
+    "batchnorm": _batchnorm,
+    "affine": _affine,
+    "act": _act,
+    "attention": _attention,
+    "select": _select,
+    "conv2d": _conv2d,
+    "maxpool2d": _maxpool2d,
+    "global_avgpool": _global_avgpool,
+    "loki": _loki,
+}
+
+#: Rank of an op's output from its inputs' ranks (kinds not listed keep the first input's rank).
+_OUT_RANK: dict[str, Callable[[list[int]], int]] = {
+    "embed": lambda r: r[0] + 1,
+    "positions": lambda r: 3,
+    "row": lambda r: 3,
+    "patch_embed": lambda r: 3,
+    "add": max,
+    "select": lambda r: r[0] - 1,
+    "global_avgpool": lambda r: 2,
+    "loki": lambda r: 1,
+}
+
+
+# ---- the model ----------------------------------------------------------------------------
+def _input_type(spec: InputSpec, act: int) -> int:
+    return TensorProto.INT64 if spec.kind == "tokens" else act
+
+
+def _output_dims(graph: Graph, value: str, rank: int) -> list[int | str | None]:
+    """``[batch, ?, …, channels]``: the batch axis named, the channel width where known."""
+    dims: list[int | str | None] = [None] * rank
+    dims[0] = "batch"
+    space = graph.spaces.get(graph.value_spaces.get(value, ""))
+    if rank > 1 and space is not None:
+        dims[-1] = space.size
+    return dims
+
+
+def output_names(graph: Graph) -> dict[str, str]:
+    """Graph output value → ONNX output name: loki predictions are ``prediction``, the first
+    other output ``logits``; any further outputs keep their graph names."""
+    loki = {op.output for op in graph.ops_of("loki")}
+    names, first = {}, True
+    for v in graph.outputs:
+        if v in loki:
+            names[v] = "prediction"
+        elif first:
+            names[v], first = "logits", False
+        else:
+            names[v] = v
+    return names
+
+
+def _rename(em: _Emitter, old: str, new: str) -> None:
+    """Give value ``old`` the name ``new`` everywhere (moving any other holder of ``new`` aside)."""
+    if new in em._used and new != old:
+        _rename(em, new, em.fresh(new))
+    for n in em.nodes:
+        for seq in (n.input, n.output):
+            for i, s in enumerate(seq):
+                if s == old:
+                    seq[i] = new
+    em._used.add(new)
+
+
+def emit_onnx(
+    graph: Graph, weights: Mapping[str, torch.Tensor], opts: EmitOptions | None = None
+) -> onnx.ModelProto:
+    """Emit ``graph`` with ``weights`` as an ONNX model (not yet checked or written)."""
+    opts = opts or EmitOptions()
+    opts.check()
+    missing = sorted({op.kind for op in graph.ops} - EMITTERS.keys())
+    if missing:
+        raise NormtoolError(f"no ONNX emitter for op kinds {missing}")
+    em = _Emitter(graph, weights, opts)
+    env: dict[str, str] = {}
+    inputs = []
+    for spec in graph.inputs:
+        dims = [d if isinstance(d, str) else int(d) for d in spec.shape]
+        inputs.append(helper.make_tensor_value_info(spec.name, _input_type(spec, em.act), dims))
+        env[spec.name] = spec.name
+        em.rank[spec.name] = len(dims)
+        em._used.add(spec.name)
+    for op in graph.ops:
+        em._scope = op.name
+        xs = [env[v] for v in op.inputs]
+        out = EMITTERS[op.kind](em, op, xs, dict(op.params))
+        em.rank[out] = _OUT_RANK.get(op.kind, lambda r: r[0])([em.rank[x] for x in xs])
+        env[op.output] = out
+    produced = {o for n in em.nodes for o in n.output}
+    outputs = []
+    for v, name in output_names(graph).items():
+        src = env[v]
+        if src in produced:
+            _rename(em, src, name)
+        else:  # an output that is an initializer or an input needs a node to carry its name
+            em.nodes.append(helper.make_node("Identity", [src], [name], name=name))
+        kind = next((o.kind for o in graph.ops if o.output == v), None)
+        elem = TensorProto.INT64 if kind == "loki" else em.act
+        outputs.append(
+            helper.make_tensor_value_info(name, elem, _output_dims(graph, v, em.rank[src]))
+        )
+    onnx_graph = helper.make_graph(
+        em.nodes, f"normtool_{graph.family}", inputs, outputs, list(em.inits.values())
+    )
+    opset = [helper.make_opsetid("", opts.opset)]
+    model = helper.make_model(onnx_graph, opset_imports=opset, producer_name="normtool")
+    model.producer_version = __version__
+    model.ir_version = helper.find_min_ir_version_for(opset)
+    signature = [{**asdict(s), "shape": list(s.shape)} for s in graph.inputs]
+    helper.set_model_props(
+        model,
+        {
+            INPUTS_KEY: json.dumps(signature),
+            "normtool.family": graph.family,
+            "normtool.dtype": opts.dtype,
+        },
+    )
+    return model
+
+
+def input_signature(model: onnx.ModelProto) -> list[InputSpec]:
+    """The graph input signature stored by ``emit_onnx`` (for valid random inputs)."""
+    props = {p.key: p.value for p in model.metadata_props}
+    if INPUTS_KEY not in props:
+        raise NormtoolError(f"ONNX model has no {INPUTS_KEY} metadata (not a normtool export)")
+    return [InputSpec(**{**s, "shape": tuple(s["shape"])}) for s in json.loads(props[INPUTS_KEY])]
