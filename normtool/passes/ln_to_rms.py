@@ -34,6 +34,8 @@ from normtool.passes import weight_math as wm
 STREAM_OPS = frozenset({"add", "cls_concat", "select"})
 #: Ops whose weights produce what they write into the stream (centred along its axis).
 WRITER_OPS = frozenset({"embed", "positions", "row", "patch_embed", "linear", "conv2d"})
+#: Ops that read only the *shape* of their input (sequence length), never its values.
+SHAPE_ONLY = frozenset({"positions", "row"})
 #: Ops that pass a norm's output on to its readers unchanged per channel.
 PASS_THROUGH = frozenset({"select"})
 #: Rows per block when rewriting large row-independent tensors (embeddings, LM heads).
@@ -175,7 +177,7 @@ def find_stream(graph: Graph) -> tuple[Stream | None, list[str]]:
     norms: list[Op] = []
     readers: dict[str, list[Op]] = {}
     for o in graph.ops:
-        if o.kind in STREAM_OPS or not any(v in stream for v in o.inputs):
+        if o.kind in STREAM_OPS | SHAPE_ONLY or not any(v in stream for v in o.inputs):
             continue
         if o.kind != "layernorm":
             reasons.append(
@@ -253,8 +255,8 @@ def _compute(r: _Recipe, read: Callable[[str], torch.Tensor], rows: slice) -> to
     """The float64 value of rows ``rows`` of the tensor ``r`` describes."""
 
     def get(name: str, part: bool) -> torch.Tensor:
-        t = read(name).to(torch.float64)
-        return t[rows] if part else t
+        t = read(name)
+        return (t[rows] if part else t).to(torch.float64)  # upcast only the block
 
     if r.fold is not None:
         w_name, g_name, b_name = r.fold
@@ -281,13 +283,20 @@ def _compute(r: _Recipe, read: Callable[[str], torch.Tensor], rows: slice) -> to
 def _materialise(r: _Recipe, read: Callable[[str], torch.Tensor], exact: bool) -> torch.Tensor:
     """The whole tensor: float64 when ``exact``, else its stored dtype, built in row blocks
     (each block upcast, rewritten and rounded once) when the recipe allows it."""
+    memo: dict[str, torch.Tensor] = {}
+
+    def read_once(name: str) -> torch.Tensor:  # each source tensor read once, not per block
+        if name not in memo:
+            memo[name] = read(name)
+        return memo[name]
+
     n = r.shape[0] if r.shape else 0
     if exact or not r.row_independent() or n <= BLOCK_ROWS:
-        t = _compute(r, read, slice(None))
+        t = _compute(r, read_once, slice(None))
         return t if exact else t.to(DTYPES[r.dtype])
     out = torch.empty(r.shape, dtype=DTYPES[r.dtype])
     for i in range(0, n, BLOCK_ROWS):
-        out[i : i + BLOCK_ROWS] = _compute(r, read, slice(i, i + BLOCK_ROWS))
+        out[i : i + BLOCK_ROWS] = _compute(r, read_once, slice(i, i + BLOCK_ROWS))
     return out
 
 
@@ -300,7 +309,10 @@ def convert_ln_to_rms(model: Model, compressed: bool = False) -> Conversion:
     g = model.graph
     stream, reasons = find_stream(g)
     if stream is None:
-        raise NormtoolError("cannot convert to RMSNorm: " + "; ".join(reasons))
+        more = (
+            f" (and {len(reasons) - 1} more; 'normtool inspect' lists all)" if reasons[1:] else ""
+        )
+        raise NormtoolError(f"cannot convert to RMSNorm: {reasons[0]}{more}")
     new = g.copy()
     space = stream.space
     d = g.spaces[space].size
