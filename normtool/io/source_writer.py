@@ -144,7 +144,7 @@ def save_like_source(
     if is_normtool(ck):
         return save_model(model, out, inputs, force)
     produce = _Assembler(model)
-    meta = {k: v for k, v in ck.metadata.items() if not k.startswith("normtool.")}
+    meta = {k: v for k, v in ck.metadata.items() if k not in (GRAPH_KEY, HISTORY_KEY)}
     meta.update({"format": "pt", HISTORY_KEY: json.dumps(model.history)})
     with atomic_path(out, inputs, force) as tmp:
         if ck.format == "torch":

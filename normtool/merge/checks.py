@@ -7,7 +7,14 @@ from collections.abc import Sequence
 import torch
 
 from normtool.errors import NormtoolError
+from normtool.graph import Graph
 from normtool.model import Model
+
+
+def _named(graph: Graph, name: str) -> str:
+    """The graph tensor's name, with the checkpoint key it is stored under when that differs."""
+    key = graph.tensors[name].source.key
+    return repr(name) if key == name else f"{name!r} (stored as {key!r})"
 
 
 def check_same_architecture(models: Sequence[Model]) -> None:
@@ -24,15 +31,18 @@ def check_same_architecture(models: Sequence[Model]) -> None:
         for name, spec in ga.tensors.items():
             other = gb.tensors.get(name)
             if other is None:
-                raise NormtoolError(f"tensor {name!r} of the first model is missing", where)
+                raise NormtoolError(
+                    f"tensor {_named(ga, name)} of the first model is missing", where
+                )
             if other.shape != spec.shape:
                 raise NormtoolError(
-                    f"tensor {name!r} has shape {other.shape}, the first model's has {spec.shape}",
+                    f"tensor {_named(gb, name)} has shape {other.shape}, the first model's has "
+                    f"{spec.shape}",
                     where,
                 )
         extra = [n for n in gb.tensors if n not in ga.tensors]
         if extra:
-            raise NormtoolError(f"tensor {extra[0]!r} is not in the first model", where)
+            raise NormtoolError(f"tensor {_named(gb, extra[0])} is not in the first model", where)
         for name, sp in ga.spaces.items():
             if gb.spaces.get(name) != sp:
                 raise NormtoolError(
@@ -50,6 +60,6 @@ def check_finite(model: Model, weights: dict[str, torch.Tensor]) -> None:
     for name, t in weights.items():
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
             raise NormtoolError(
-                f"tensor {name!r} holds NaN or Inf values",
+                f"tensor {_named(model.graph, name)} holds NaN or Inf values",
                 model.checkpoint.path if model.checkpoint else None,
             )
