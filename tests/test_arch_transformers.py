@@ -264,6 +264,15 @@ def test_timm_vit_needs_heads(tmp_path, capsys):
     assert code == 0 and "timm_vit" in out
 
 
+def test_timm_vit_with_timm_config_json(tmp_path):
+    """timm's own config.json names no Hugging Face architecture: recognised by tensor names."""
+    path = make_timm_vit(tmp_path)
+    (tmp_path / "config.json").write_text(
+        json.dumps({"architecture": "vit_tiny", "num_classes": 5})
+    )
+    assert load_model(path, heads=4).graph.family == "timm_vit"
+
+
 def test_unexplained_tensor_is_refused(tmp_path):
     """A variant with parts the layout does not know (here timm's fc_norm) must not load with
     those parts silently dropped."""

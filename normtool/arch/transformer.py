@@ -246,13 +246,15 @@ def _fill(template: str, i: int) -> str:
 
 
 def detect(layout: dict, ck: Checkpoint) -> bool:
+    """Config match (``architectures`` first, else ``model_type``); key match only for configs
+    that name neither (no config, or timm's own ``config.json``)."""
     rule = layout["detect"]
-    cfg = model_config(ck)
-    if cfg is not None:
-        archs = cfg.get("architectures")
-        if "architectures" in rule and isinstance(archs, list) and archs:
-            return any(a in rule["architectures"] for a in archs)
-        return cfg.get("model_type") in rule.get("model_type", ())
+    cfg = model_config(ck) or {}
+    archs = cfg.get("architectures")
+    if isinstance(archs, list) and archs:
+        return any(a in rule.get("architectures", ()) for a in archs)
+    if cfg.get("model_type") is not None:
+        return cfg["model_type"] in rule.get("model_type", ())
     keys = rule.get("keys")
     return bool(keys) and all(_fill(k, 0) in ck for k in keys)
 
