@@ -287,7 +287,8 @@ class _Build:
         """Whether an optional part (``project_in``, ``norm_f``…) is in the checkpoint."""
         if prefix is None:
             return False
-        here = any(k.startswith(prefix + ".") or k == prefix for k in self.ck.keys())  # noqa: SIM118
+        stored = self.ck.keys()
+        here = any(k.startswith(prefix + ".") or k == prefix for k in stored)
         if not here and part not in self.layout.get("optional", ()):
             raise NormtoolError(
                 f"expected tensors under {prefix!r} ({self.layout['name']} {part})", self.ck.path
@@ -479,12 +480,9 @@ class _Build:
         f = b.op("act", f"{pre}.mlp.act", [f], hid, fn=s.act)
         f = self.linear(f"{pre}.mlp.fc2", f, t["fc2"], "resid", hid, conv1d)
         x = b.op("add", f"{pre}.resid2", [x, f], "resid")
-        if s.placement == "post":
-            x = self.norm(
-                f"{pre}.{'norm1' if s.parallel else 'norm2'}",
-                x,
-                t["norm1" if s.parallel else "norm2"],
-            )
+        if s.placement == "post":  # a parallel block has one norm, after the joint sum
+            last = "norm1" if s.parallel else "norm2"
+            x = self.norm(f"{pre}.{last}", x, t[last])
         return x
 
     def head(self, x: str) -> None:
