@@ -149,6 +149,22 @@ def test_tied_lm_head_is_stored_once(checkpoint, tmp_path):
     assert len(tables) == 1
 
 
+@pytest.mark.parametrize(
+    ("family", "fused"), [("ref_rmsnorm", "SimplifiedLayerNormalization"), ("gpt2", "FastGelu")]
+)
+def test_low_opset_decompositions_are_fused_by_ort(family, fused, checkpoint, tmp_path):
+    """Below opset 23/20 the RMSNorm and tanh-GELU decompositions must keep the exact patterns
+    ORT rewrites into its fused kernels (else they silently run as ~8 separate nodes)."""
+    model = load_model(checkpoint(family))
+    proto = emit_onnx(model.graph, model.weights(), EmitOptions(opset=17))
+    so = onnxruntime.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    so.log_severity_level = 3
+    onnxruntime.InferenceSession(proto.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node]
+    assert ops.count(fused) == (5 if fused.endswith("Normalization") else 2), ops
+
+
 # ---- hand-written graphs: the kinds no adapter produces yet -----------------------------------
 class _Net:
     """A tiny Graph written by hand, with seeded random weights (all tensors stored as is)."""

@@ -358,7 +358,7 @@ def _gelu_tanh(em: _Emitter, x: str) -> str:
     cube = em.node("Mul", [em.node("Pow", [x, em.scalar(3.0)]), em.scalar(0.044715)])
     inner = em.node("Mul", [em.node("Add", [x, cube]), em.scalar(math.sqrt(2.0 / math.pi))])
     t = em.node("Add", [em.node("Tanh", [inner]), em.scalar(1.0)])
-    return em.node("Mul", [em.node("Mul", [x, t]), em.scalar(0.5)])
+    return em.node("Mul", [em.node("Mul", [x, em.scalar(0.5)]), t])
 
 
 def _act(em: _Emitter, op: Op, xs: list[str], p: dict[str, str]) -> str:
