@@ -14,6 +14,7 @@ real change (a wrong fold moves logits by O(0.1)).
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -40,6 +41,7 @@ from tests.factories_ref import (
 )
 
 FP64_REL, FP32_ABS = 1e-9, 1e-4
+FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 
 
 def _ids(seed: int, vocab: int = 48, shape=(3, 12)) -> torch.Tensor:
@@ -143,15 +145,34 @@ def test_post_norm_zero_gamma_is_refused_and_upstream_kept(tmp_path):
     _check(r.model, r.exact, _module_ref(module), _ids(6), "input_ids")
 
 
-def test_fp16_overflow_refused(tmp_path):
-    # |γ| ≈ 0.01 over 24 Post-Norm layers: |D| ≈ 1e-48, so writers need 1/D: far beyond fp16
-    path, module = _deep_post(tmp_path, "un", seed=7, gamma_std=0.01)
+def _half(tmp_path, path):
     with safe_open(str(path), "pt") as f:
         meta, sd = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
     half = tmp_path / "half.safetensors"
     save_file({k: v.half() if v.is_floating_point() else v for k, v in sd.items()}, half, meta)
-    with pytest.raises(NormtoolError, match="float16"):
-        fold_norms(load_model(half))
+    return half
+
+
+def test_fp16_weight_overflow_refused(tmp_path):
+    # |γ| ≈ 0.01 over 24 Post-Norm layers: |D| ≈ 1e-48, so writers need 1/D: far beyond fp16
+    path, _ = _deep_post(tmp_path, "un", seed=7, gamma_std=0.01)
+    with pytest.raises(NormtoolError, match="overflow torch.float16"):
+        fold_norms(load_model(_half(tmp_path, path)))
+
+
+def test_fp16_stream_overflow_refused(tmp_path):
+    # γ = 0.6, unit statistics: |D| falls to 0.6²⁴ ≈ 5e-6; every rescaled weight still fits in
+    # fp16, but the re-based stream grows to ~4e4, inside the 4× headroom of fp16's 65504
+    path, module = _deep_post(tmp_path, "un", seed=0)
+    with torch.no_grad():
+        for b in module.blocks:
+            for n in (b.norm1, b.norm2):
+                n.weight.fill_(0.6)
+                n.running_var.fill_(1.0)
+    path = save_reference(module, path, force=True)
+    assert fold_norms(load_model(path)).scale_range[0] < 1e-5  # fp32 is fine
+    with pytest.raises(NormtoolError, match="refused for this fp16 checkpoint"):
+        fold_norms(load_model(_half(tmp_path, path)))
 
 
 def test_tied_head_untied_for_pre_norm(tmp_path):
@@ -357,3 +378,19 @@ def test_cli_missing_statistics(tmp_path):
     r = run_cli("fold", broken)
     assert r.returncode == 2 and "blocks.1.norm2.running_var" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
+
+
+# ---- trained fixtures: realistic running statistics (scripts/make_fixtures.py) ---------------
+@pytest.mark.parametrize(
+    "name", ["ref_un_pre", "ref_un_post", "ref_powernorm_pre", "ref_powernorm_post", "cnn_bn"]
+)
+def test_trained_fixtures(name):
+    path = FIXTURES / f"{name}.safetensors"
+    model = load_model(path)
+    r = fold_norms(model)
+    spec = model.graph.inputs[0]
+    if spec.kind == "tokens":
+        x = _ids(13, vocab=spec.vocab, shape=(2, min(12, spec.max_len)))
+    else:
+        x = _pixels((2, *spec.shape[1:]), 13)
+    _check(r.model, r.exact, _module_ref(load_reference(path).eval()), x, spec.name)

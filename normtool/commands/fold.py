@@ -23,7 +23,7 @@ from normtool.errors import CheckFailed, NormtoolError
 from normtool.io.atomic import check_output_path
 from normtool.io.writer import save_model
 from normtool.model import Model
-from normtool.passes.fold import SELECTORS, FoldResult, fold_norms
+from normtool.passes.fold import SELECTORS, WS_NOTE, FoldResult, fold_norms
 from normtool.verify import compare_models
 
 #: The self-check's bars (issue 4): float64 error relative to the logit scale — the folds are
@@ -80,9 +80,11 @@ def fold(
     path: PathArg,
     output: OutOpt = None,
     only: Annotated[
-        str,
-        typer.Option("--only", help="Comma-separated kinds to fold: un, powernorm, batchnorm, ws."),
-    ] = ",".join(SELECTORS),
+        str | None,
+        typer.Option(
+            "--only", help="Comma-separated kinds to fold: un, powernorm, batchnorm, ws (all)."
+        ),
+    ] = None,
     arch: ArchOpt = None,
     heads: HeadsOpt = None,
     no_verify: Annotated[
@@ -97,7 +99,7 @@ def fold(
     residual stream is re-based so every norm disappears. Prints what was folded and what was
     skipped, with reasons; self-verifies (fp64 and fp32) before writing.
     """
-    kinds = [k.strip() for k in only.split(",") if k.strip()]
+    kinds = list(SELECTORS) if only is None else [k.strip() for k in only.split(",") if k.strip()]
     model = load(path, arch, heads)
     out = output or default_output(path, ".folded.safetensors")
     check_output_path(out, [path], force)  # fail before the work, not after it
@@ -105,6 +107,8 @@ def fold(
         result = fold_norms(model, kinds)
     except NormtoolError as e:
         raise type(e)(e.message, e.path or path) from e
+    if only is None:  # the WS note answers an explicit request; by default it is noise
+        result.notes = [n for n in result.notes if n != WS_NOTE]
     errors = None
     if not no_verify:
         errors = self_check(model, result)

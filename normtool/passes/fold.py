@@ -61,6 +61,9 @@ WS_NOTE = (
     "families has one; their convolutions store plain weights)"
 )
 FP16_MAX = float(torch.finfo(torch.float16).max)
+#: Headroom asked of a re-based fp16 stream: the check sees seeded random inputs, not every
+#: input, so its peak must stay 4× below the fp16 limit.
+FP16_HEADROOM = 4.0
 _LAYERS = ("linear", "conv2d")
 
 
@@ -419,8 +422,8 @@ def _rounded(model: Model, graph: Graph, exact: dict[str, torch.Tensor]) -> dict
         out[name] = value.to(dtype)
         if not bool(torch.isfinite(out[name]).all()):
             raise NormtoolError(
-                f"folding makes {name} overflow {dtype} (the re-based scales are too extreme "
-                "for this dtype); refused",
+                f"refused: folding makes {name} overflow {dtype} (the re-based scales are too "
+                "extreme for it); a float32 copy of the checkpoint keeps the stream in range",
                 model.checkpoint.path if model.checkpoint else None,
             )
     return out
@@ -487,11 +490,12 @@ def fold_norms(model: Model, only: Collection[str] = tuple(SELECTORS)) -> FoldRe
         x = random_inputs(graph, 2, max_seq(graph), seed=0)
         before = peak_activation(g, model.weights(), x)
         after = peak_activation(graph, new.weights(), x)
-        if after > FP16_MAX and after > before:
+        if after * FP16_HEADROOM > FP16_MAX and after > before:
             raise NormtoolError(
-                f"the re-based residual stream reaches |x| = {after:.3g} (|D| in "
-                f"[{scale_range[0]:.3g}, {scale_range[1]:.3g}]), beyond fp16's {FP16_MAX:.0f}: "
-                "refused for this fp16 checkpoint (the stream would need fp32)",
+                f"refused for this fp16 checkpoint: the re-based residual stream reaches "
+                f"|x| = {after:.3g} (|D| in [{scale_range[0]:.3g}, {scale_range[1]:.3g}]), "
+                f"within {FP16_HEADROOM:g}× of fp16's {FP16_MAX:.0f}; a float32 copy of the "
+                "checkpoint keeps the stream in range",
                 where,
             )
     folded = [p.folded[n] for n in kind_of if n in p.folded]
