@@ -6,7 +6,9 @@ state dict (``weights_only=True`` only, never plain unpickling); normtool's own 
 safetensors metadata carry the graph and history.
 
 Why lazy: checkpoints can be larger than memory. Safetensors are memory-mapped and each tensor
-is materialised only when asked for; headers are checked first (see ``safetensors_format``).
+is read only when asked for, with a positioned read into memory the caller owns — not through a
+memory map, whose touched pages would stay resident (and count as the process's memory) for as
+long as the file is open. Headers are checked first (see ``safetensors_format``).
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from normtool.errors import NormtoolError
 from normtool.io.safetensors_format import DTYPES, read_header
@@ -44,7 +45,7 @@ class Checkpoint:
     files: list[Path]
     _where: dict[str, Path] = field(default_factory=dict, repr=False)
     _entries: dict[str, tuple[str, tuple[int, ...]]] = field(default_factory=dict, repr=False)
-    _handles: dict[Path, object] = field(default_factory=dict, repr=False)
+    _spans: dict[str, tuple[int, int]] = field(default_factory=dict, repr=False)
     _eager: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     def keys(self) -> list[str]:
@@ -60,16 +61,24 @@ class Checkpoint:
         return DTYPES[self._entries[key][0]]
 
     def get(self, key: str) -> torch.Tensor:
-        """Materialise one tensor (a memory-mapped read for safetensors)."""
+        """Materialise one tensor: a fresh tensor read from its byte range (safetensors)."""
         if key in self._eager:
             return self._eager[key]
         if key not in self._entries:
             raise NormtoolError(f"tensor {key!r} not found", self.path)
         f = self._where[key]
-        h = self._handles.get(f)
-        if h is None:
-            h = self._handles[f] = safe_open(str(f), framework="pt")
-        return h.get_tensor(key)
+        start, end = self._spans[key]
+        t = torch.empty(self.shape(key), dtype=self.dtype(key))
+        if end > start:
+            try:
+                with f.open("rb") as fh:
+                    fh.seek(start)
+                    got = fh.readinto(t.reshape(-1).view(torch.uint8).numpy())
+            except OSError as e:
+                raise NormtoolError(f"cannot read: {e.strerror or e}", f) from e
+            if got != end - start:
+                raise NormtoolError(f"tensor {key!r} is cut short (file changed?)", f)
+        return t
 
     def sha256(self) -> str:
         """Digest of the weight files (in order), recorded in every output's history."""
@@ -83,6 +92,8 @@ class Checkpoint:
     # ---- construction ----------------------------------------------------------------------
     def _add_safetensors(self, f: Path, only: set[str] | None = None) -> dict[str, str]:
         entries, meta = read_header(f)
+        with f.open("rb") as fh:
+            data_start = 8 + int.from_bytes(fh.read(8), "little")
         for k, e in entries.items():
             if only is not None and k not in only:
                 continue
@@ -90,6 +101,7 @@ class Checkpoint:
                 raise NormtoolError(f"tensor {k!r} appears in more than one shard", f)
             self._entries[k] = (e["dtype"], tuple(e["shape"]))
             self._where[k] = f
+            self._spans[k] = (data_start + e["data_offsets"][0], data_start + e["data_offsets"][1])
         return meta
 
     def _add_torch(self, f: Path) -> None:
@@ -166,7 +178,8 @@ def _open_index(ck: Checkpoint, index: Path) -> None:
             raise NormtoolError(f"shard {fname} listed in the index is missing", index)
         ck.files.append(f)
         if fname.endswith(".safetensors"):
-            ck._add_safetensors(f, keys)
+            meta = ck._add_safetensors(f, keys)
+            ck.metadata = ck.metadata or meta  # a sharded normtool output: graph in every shard
         else:
             ck._add_torch(f)
         missing = keys - set(ck._entries)
