@@ -137,6 +137,8 @@ def test_tree_distances_equal_path_walk(random_tree):
         [[path_walk_distance(parent, a, b) ** 2 for b in metric.names] for a in metric.names]
     )
     assert np.array_equal(got, want)  # integers: exact
+    a, b = np.meshgrid(idx, idx)  # the elementwise query (--eval) uses a different index
+    assert np.array_equal(metric.pairs(a.ravel(), b.ravel()), want.T.ravel())
 
 
 def test_json_tree_formats_equal_tsv(tmp_path, random_tree):

@@ -44,8 +44,8 @@ def loki_head(
         Path | None,
         typer.Option(
             "--labels",
-            help="The N labels, one per line (default: tree leaves in first-seen order, or "
-            "every point of the matrix).",
+            help="The N labels, one per line; any tree node may be a label (default: tree "
+            "leaves in first-seen order, or every point of the matrix / embeddings).",
         ),
     ] = None,
     observed: Annotated[

@@ -100,14 +100,11 @@ def duplicate_columns(d2: np.ndarray) -> np.ndarray:
     dup = np.zeros(n, dtype=bool)
     starts = np.flatnonzero(np.diff(h[order]) != 0) + 1
     for run in np.split(order, starts):
-        if run.size < 2:
-            continue
-        reps: list[int] = []
-        for j in run:
-            if any(np.array_equal(d2[:, j], d2[:, r]) for r in reps):
-                dup[j] = True
-            else:
-                reps.append(int(j))
+        while run.size > 1:  # each pass: the lowest remaining index and its exact copies
+            block = d2[:, run]
+            same = (block == block[:, :1]).all(axis=0)
+            dup[run[1:][same[1:]]] = True
+            run = run[~same]
     return dup
 
 
@@ -190,7 +187,7 @@ def verify_head(model: Model, batches: int = 2, batch: int = 8) -> dict[str, flo
             raise CheckFailed(f"logits have shape {tuple(logits.shape)}, expected [batch, classes]")
         want, best = reference_predictions(logits, d2)
         p = torch.softmax(logits.double(), dim=-1)
-        got_risk = (p * d2.double()[:, pred].T).sum(-1).numpy()
+        got_risk = (p * d2[:, pred].double().T).sum(-1).numpy()
         worst = max(worst, float((got_risk - best).max()) / scale)
         mismatches += int((pred.numpy() != want).sum())
     if worst > 1e-5:

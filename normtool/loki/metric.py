@@ -54,7 +54,7 @@ class TreeMetric:
         return self.tree.leaves
 
     def block(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-        return self.tree.squared(rows[:, None], cols[None, :])
+        return self.tree.squared_block(rows, cols)
 
     def pairs(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return self.tree.squared(a, b)

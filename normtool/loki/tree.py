@@ -46,6 +46,26 @@ class Tree:
         d = self.depth[a] + self.depth[b] - 2 * self.lca_depth(a, b)
         return (d * d).astype(np.float64)
 
+    def squared_block(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
+        """Squared hop distances, float64 [len(rows), len(cols)].
+
+        Per row ``u`` one sweep of the tour: the running minimum of the depths outward from
+        ``u``'s first visit (rightward, and leftward reversed) is the LCA depth with every node
+        at once — O(V + N) per row in two numpy scans, several times faster than ``len(cols)``
+        sparse-table queries with their scattered gathers.
+        """
+        tour = self._table[0]  # int32 depths along the tour
+        first_cols = self._first[cols]
+        depth_cols = self.depth[cols]
+        sweep = np.empty_like(tour)
+        out = np.empty((len(rows), len(cols)), dtype=np.float64)
+        for r, u in enumerate(rows):
+            f = self._first[u]
+            np.minimum.accumulate(tour[f:], out=sweep[f:])
+            np.minimum.accumulate(tour[f::-1], out=sweep[f::-1])
+            np.subtract(depth_cols + self.depth[u], 2 * sweep[first_cols], out=out[r])
+        return np.square(out, out=out)
+
 
 def build_tree(edges: Sequence[tuple[str, str | None]], path: Path | str) -> Tree:
     """Validate an edge list and index it. Raises NormtoolError (naming ``path``) unless the
