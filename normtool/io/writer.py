@@ -3,11 +3,23 @@
 The file alone is enough to run, export, verify or transform it again. Tensors are produced one
 at a time (read from the source checkpoint or taken from a pass's results) and streamed into an
 atomic temporary file, so memory stays bounded and no partial output ever carries the final name.
+
+Checkpoints larger than ``max_shard_size`` are written the Hugging Face way: shards
+``<stem>-00001-of-0000n.safetensors`` and an index ``<stem>.safetensors.index.json`` whose
+``weight_map`` names each tensor's shard. The graph and history go into the index's
+``metadata`` and into every shard, so any shard still says what it belongs to. All files are
+written in a temporary folder beside the output and moved into place shards first, index last:
+the index is the name a user opens, and it appears only once every shard it lists is there.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import os
+import re
+import shutil
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -15,11 +27,59 @@ from pathlib import Path
 import torch
 
 from normtool import __version__
+from normtool.errors import NormtoolError
 from normtool.graph import Source
-from normtool.io.atomic import atomic_path
+from normtool.io.atomic import atomic_path, check_output_path
 from normtool.io.safetensors_format import DTYPES, write_stream
 from normtool.load import GRAPH_KEY, HISTORY_KEY
 from normtool.model import Model
+
+#: ``transformers``' default ``max_shard_size`` ("5GB", decimal units as it parses them).
+DEFAULT_MAX_SHARD = 5 * 10**9
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
+_UNITS |= {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+Spec = tuple[str, torch.dtype, tuple[int, ...]]
+
+
+def parse_size(text: str | int) -> int:
+    """``"5GB"`` → 5·10⁹, ``"500MB"``, ``"2GiB"`` (binary), or plain bytes; NormtoolError else."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", str(text))
+    unit = m.group(2).upper() if m else ""
+    if m is None or unit not in _UNITS:
+        raise NormtoolError(
+            f"--max-shard-size {text!r}: expected bytes or a size like 5GB, 500MB, 2GiB"
+        )
+    size = int(float(m.group(1)) * _UNITS[unit])
+    if size < 1:
+        raise NormtoolError(f"--max-shard-size {text!r} must be at least one byte")
+    return size
+
+
+def _nbytes(spec: Spec) -> int:
+    return math.prod(spec[2]) * torch.empty((), dtype=spec[1]).element_size()
+
+
+def plan_shards(specs: Sequence[Spec], max_bytes: int) -> list[list[Spec]]:
+    """Consecutive groups of at most ``max_bytes`` each; a larger tensor gets a shard of its own
+    (as ``transformers`` does: a tensor is never split)."""
+    shards: list[list[Spec]] = [[]]
+    size = 0
+    for spec in specs:
+        n = _nbytes(spec)
+        if shards[-1] and size + n > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(spec)
+        size += n
+    return shards
+
+
+def shard_paths(out: Path, n: int) -> tuple[Path, list[Path]]:
+    """The index path and the ``n`` shard paths for the output ``out`` (``x.safetensors``)."""
+    stem = out.name.removesuffix(".safetensors")
+    index = out.with_name(f"{stem}.safetensors.index.json")
+    return index, [out.with_name(f"{stem}-{i:05d}-of-{n:05d}.safetensors") for i in range(1, n + 1)]
 
 
 def save_model(
@@ -28,8 +88,14 @@ def save_model(
     inputs: Sequence[Path] = (),
     force: bool = False,
     on_tensor: Callable[[str], None] | None = None,
+    max_shard_size: int = DEFAULT_MAX_SHARD,
 ) -> Path:
-    """Write ``model`` to ``out`` (a ``.safetensors`` file), keeping each tensor's dtype."""
+    """Write ``model`` to ``out`` (a ``.safetensors`` file), keeping each tensor's dtype.
+
+    Returns the path to open: ``out``, or the index beside it when the tensors exceed
+    ``max_shard_size`` bytes and are written as shards.
+    """
+    out = Path(out)
     graph = model.graph.copy()
     for name, spec in graph.tensors.items():
         graph.tensors[name] = replace(spec, source=Source(name))
@@ -45,6 +111,47 @@ def save_model(
     def produce(name: str) -> torch.Tensor:
         return model.tensor(name).to(dtype_of[name])
 
-    with atomic_path(out, inputs, force) as tmp, tmp.open("wb") as f:
-        write_stream(f, specs, produce, meta, on_tensor)
-    return out
+    shards = plan_shards(specs, max_shard_size)
+    if len(shards) == 1:
+        with atomic_path(out, inputs, force) as tmp, tmp.open("wb") as f:
+            write_stream(f, specs, produce, meta, on_tensor)
+        return out
+    return _save_sharded(out, shards, produce, meta, inputs, force, on_tensor)
+
+
+def _save_sharded(
+    out: Path,
+    shards: list[list[Spec]],
+    produce: Callable[[str], torch.Tensor],
+    meta: dict[str, str],
+    inputs: Sequence[Path],
+    force: bool,
+    on_tensor: Callable[[str], None] | None,
+) -> Path:
+    index, paths = shard_paths(out, len(shards))
+    for p in (index, *paths):
+        check_output_path(p, inputs, force)
+    tmpdir = out.parent / f".{index.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    moved: list[Path] = []
+    try:
+        tmpdir.mkdir()
+        weight_map: dict[str, str] = {}
+        for shard, path in zip(shards, paths, strict=True):
+            with (tmpdir / path.name).open("wb") as f:
+                write_stream(f, shard, produce, meta, on_tensor)
+            weight_map.update(dict.fromkeys((name for name, _, _ in shard), path.name))
+        total = sum(_nbytes(s) for shard in shards for s in shard)
+        doc = {"metadata": {"total_size": total, **meta}, "weight_map": weight_map}
+        (tmpdir / index.name).write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+        for p in (*paths, index):  # the index last: it appears only with all its shards
+            os.replace(tmpdir / p.name, p)
+            moved.append(p)
+    except BaseException as e:
+        for p in moved:
+            p.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise NormtoolError(f"cannot write: {e.strerror or e}", out) from e
+        raise
+    finally:
+        shutil.rmtree(tmpdir, ignore_errors=True)
+    return index
