@@ -163,7 +163,7 @@ def test_json_tree_formats_equal_tsv(tmp_path, random_tree):
 # ---- end to end: MLP, tree metric, torch and ONNX --------------------------------------------
 
 
-def test_cli_mlp_tree_matches_brute_force(tmp_path, random_tree):
+def test_cli_mlp_tree_matches_brute_force(tmp_path, capsys, random_tree):
     tree, parent, leaves = random_tree
     rng = random.Random(5)
     observed = rng.sample(leaves, 7)  # a shuffled subset: the map must be followed, not guessed
@@ -194,8 +194,13 @@ def test_cli_mlp_tree_matches_brute_force(tmp_path, random_tree):
     risk = brute_force_risk(got["logits"].numpy(), observed, leaves, dist)
     assert_minimises(got["prediction"].numpy(), risk)
     assert len(set(got["prediction"].tolist())) >= 3  # not a constant answer
-    for dtype in ("fp32", "fp16"):
-        o = onnx_outputs(model, {"input": x}, dtype)
+    for dtype in ("fp32", "fp16"):  # through `normtool export`, as a user ships it
+        onnx_path = tmp_path / f"mlp.{dtype}.onnx"
+        code, _, err = cli(capsys, "export", out, "--dtype", dtype, "-o", onnx_path)
+        assert code == 0, err
+        sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+        feed = {"input": x.numpy().astype(np.float16 if dtype == "fp16" else np.float32)}
+        o = dict(zip([v.name for v in sess.get_outputs()], sess.run(None, feed), strict=True))
         # reference from the export's own logits: the head itself runs in fp32 in both exports
         assert_minimises(o["prediction"], brute_force_risk(o["logits"], observed, leaves, dist))
 
