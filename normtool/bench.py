@@ -30,6 +30,7 @@ from normtool.errors import NormtoolError
 from normtool.export import export_model
 from normtool.graph import InputSpec
 from normtool.inputs import input_shape
+from normtool.io.onnx_guard import check_external_data
 from normtool.load import load_model
 from normtool.runtime.onnx_emit import INPUTS_KEY, input_signature
 from normtool.runtime.ort import Session, create_session
@@ -81,6 +82,7 @@ def prepare(
         if p.suffix.lower() == ".onnx":
             if not p.is_file():
                 raise NormtoolError("no such file", p)
+            check_external_data(p)
             onnx_path = p
         else:
             onnx_path = workdir / f"{i}-{p.stem}.onnx"

@@ -22,6 +22,7 @@ import onnxruntime
 from onnx import TensorProto, helper
 
 from normtool.errors import CheckFailed
+from normtool.finite import require_finite
 from normtool.io.atomic import check_output_path
 from normtool.load import HISTORY_KEY
 from normtool.model import Model
@@ -101,6 +102,7 @@ def export_model(
     opts = EmitOptions(opset or default_opset(), dtype, attention)
     opts.check()
     check_output_path(out, inputs, force)
+    require_finite(model)
     proto = emit_onnx(model.graph, model.weights(), opts)
     helper.set_model_props(
         proto,

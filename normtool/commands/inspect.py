@@ -7,6 +7,7 @@ from typing import Any
 
 from normtool.analysis import norms
 from normtool.commands.common import ActOpt, ArchOpt, HeadsOpt, JsonOpt, PathArg, emit, load
+from normtool.finite import nonfinite_tensors
 from normtool.passes import APPLICABILITY
 
 
@@ -29,6 +30,7 @@ def describe(model) -> dict[str, Any]:
         "norm_summary": dict(Counter(f"{n['kind']}/{n['placement']}" for n in norm_list)),
         "transforms": transforms,
         "history": model.history,
+        "non_finite": nonfinite_tensors(model),
     }
 
 
@@ -54,6 +56,11 @@ def inspect(
             f"  {name}: "
             + ("applies" if t["applies"] else "does not apply: " + "; ".join(t["reasons"]))
         )
+    bad = d["non_finite"]
+    lines.append(
+        "  non-finite: "
+        + (", ".join(f"{n} ({k} NaN/Inf)" for n, k in bad.items()) if bad else "none")
+    )
     for h in d["history"]:
         lines.append(f"  history: {h.get('transform')} {h.get('summary', '')}")
     emit(as_json, d, lines)

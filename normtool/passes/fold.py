@@ -32,6 +32,7 @@ import torch
 
 from normtool.analysis import norm_placement
 from normtool.errors import NormtoolError
+from normtool.finite import require_finite
 from normtool.graph import NORM_KINDS, Graph, Op, Source, TensorSpec
 from normtool.inputs import max_seq, random_inputs
 from normtool.io.safetensors_format import DTYPES
@@ -468,6 +469,7 @@ def fold_norms(model: Model, only: Collection[str] = tuple(SELECTORS)) -> FoldRe
                 maps[op.name] = inference_map(op, model.tensor)
             except NormtoolError as e:  # broken statistics break the model, not just the fold
                 raise NormtoolError(f"{op.name} ({op.kind}): {e.message}", where) from e
+    require_finite(model)
     p, kept = plan(g, maps, set(maps))
     skipped.update(kept)
     kind_of = {o.name: o.kind for o in g.ops}

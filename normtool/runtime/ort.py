@@ -21,6 +21,7 @@ import numpy as np
 import onnxruntime
 
 from normtool.errors import DeviceUnavailable, NormtoolError
+from normtool.io.onnx_guard import check_external_data
 
 PROVIDERS = {
     "cpu": "CPUExecutionProvider",
@@ -149,6 +150,8 @@ def create_session(
     """
     if provider not in ("auto", *PROVIDERS):
         raise NormtoolError(f"--provider {provider!r}: use auto, {', '.join(PROVIDERS)}")
+    if not isinstance(model, bytes):
+        check_external_data(model)  # before ONNX Runtime reads any external data
     if provider == "cpu":
         return Session(_cpu_session(model, threads), "cpu", provider)
     sess, reason = _try_accelerator(
