@@ -51,6 +51,7 @@ FAMILY = {"gpt2": "gpt2", "vit": "vit", "bert": "bert"}
 
 def cli(capsys, *args: object) -> tuple[int, str, str]:
     """Run the normtool CLI in-process (as ``python -m normtool`` would) and capture it."""
+    capsys.readouterr()  # drop what fixtures printed (transformers' progress bars)
     with pytest.raises(SystemExit) as e:
         main([str(a) for a in args])
     out = capsys.readouterr()
@@ -200,6 +201,8 @@ def test_arch_override(tmp_path, hf_dir, capsys):
     code, _, err = cli(capsys, "inspect", path)
     assert code == 2 and "unknown architecture" in err and "gpt2" in err and "timm_vit" in err
     assert len(err.strip().splitlines()) == 1
+    code, _, err = cli(capsys, "inspect", path, "--arch", "bert")
+    assert code == 2 and "bert" in err and str(path) in err  # a wrong family names what is missing
     model = load_model(path, arch="gpt2")
     assert model.graph.family == "gpt2"
     assert _max_err(model, load_hf(src), 2, 16, torch.float32) <= 1e-4

@@ -539,7 +539,8 @@ def _template_regex(template: str) -> re.Pattern[str]:
 
 
 def _without_base_prefix(layout: dict, ck: Checkpoint) -> dict:
-    """``layout`` with its base-model prefix dropped when no stored key carries it."""
+    """``layout`` with its base-model prefix dropped when the stored keys lack it and the
+    unprefixed names fit (otherwise the full names, which make the clearer error message)."""
     prefix = layout.get("base_prefix")
     stored = ck.keys()
     if not prefix or any(k.startswith(prefix) for k in stored):
@@ -557,7 +558,8 @@ def _without_base_prefix(layout: dict, ck: Checkpoint) -> dict:
             }
         return v
 
-    return strip(layout)
+    stripped = strip(layout)
+    return stripped if _fill(stripped["block"]["o"], 0) + ".weight" in ck else layout
 
 
 def build(layout: dict, ck: Checkpoint, opts: BuildOptions) -> Graph:
