@@ -8,15 +8,20 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
+from normtool.export import export_model
 from normtool.inputs import random_inputs
 from normtool.load import load_model
-from normtool.verify import TOLERANCES, compare_models
+from normtool.verify import TOLERANCES, Report, compare, compare_models, open_runners
+from tests import factories_hf as fh
+from tests import factories_ref as fr
 from tests.conftest import run_cli
 
 DELTA = 1e-3  # the single-weight perturbation verify must catch at default tolerances
@@ -146,3 +151,106 @@ def test_bad_arguments_exit_2(mlp_path, tmp_path):
     assert run_cli("verify", mlp_path, mlp_path, "--samples", "0").returncode == 2
     r = run_cli("verify", mlp_path, tmp_path / "missing.safetensors")
     assert r.returncode == 2 and "missing.safetensors" in r.stderr
+
+
+# ---- families: checkpoint vs its ONNX export, vs one weight moved -----------------------------
+#: family -> (factory, extra load options, a checkpoint key (2-D weight) to perturb at [0, 0],
+#: the dtype that must catch it). The CNN's head weight moves its tiny logits (scale ~0.25) by
+#: only ~1.4e-5 of their scale — inside fp32 noise of large models — so fp64 must catch it there.
+FAMILIES = {
+    "ref_transformer": (
+        lambda d: fr.make_reference_transformer(d),
+        {},
+        "blocks.0.mlp.fc1.weight",
+        None,
+    ),
+    "gpt2": (lambda d: fh.make_gpt2(d / "gpt2"), {}, "transformer.h.0.attn.c_attn.weight", None),
+    "opt": (lambda d: fh.make_opt(d / "opt"), {}, "model.decoder.layers.0.fc1.weight", None),
+    "bert": (
+        lambda d: fh.make_bert(d / "bert"),
+        {},
+        "bert.encoder.layer.0.attention.output.dense.weight",
+        None,
+    ),
+    "vit": (
+        lambda d: fh.make_vit(d / "vit"),
+        {},
+        "vit.encoder.layer.0.attention.attention.key.weight",
+        None,
+    ),
+    "timm_vit": (
+        lambda d: fh.make_timm_vit(d / "timm"),
+        {"heads": 4},
+        "blocks.0.attn.proj.weight",
+        None,
+    ),
+    "cnn": (lambda d: fr.make_cnn(d), {}, "head.weight", "fp64"),
+}
+
+
+def _perturb_copy(src: Path, key: str, out: Path) -> Path:
+    """A copy of checkpoint ``src`` (file or HF folder) with ``key[0, 0]`` moved by DELTA."""
+    if src.is_dir():
+        shutil.copytree(src, out)
+        file = out / "model.safetensors"
+    else:
+        out.mkdir()
+        file = shutil.copy(src, out / src.name)
+    with safe_open(str(file), "pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - not a dict
+    tensors[key][0, 0] += DELTA
+    save_file(tensors, str(file), metadata=meta)
+    return out if src.is_dir() else Path(file)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_export_and_perturbed(family, tmp_path):
+    make, opts, key, catch_dtype = FAMILIES[family]
+    ckpt = make(tmp_path)
+    onnx_path = export_model(load_model(ckpt, **opts), tmp_path / "m.onnx").path
+    moved = _perturb_copy(ckpt, key, tmp_path / "moved")
+
+    def check(a: Path, b: Path, dtype: str | None = None) -> Report:
+        (ra, rb), name = open_runners([a, b], dtype, **opts)
+        return compare(ra, rb, name)
+
+    exported = check(ckpt, onnx_path)
+    assert exported.ok, exported.to_dict()
+    assert exported.outputs[0].name == "logits" and exported.dtype == "fp32"
+    caught = check(ckpt, moved, catch_dtype)
+    assert not caught.ok, caught.to_dict()
+    # the move is several times the limit, and far above the ONNX export's rounding noise
+    assert caught.max_abs > 3 * caught.outputs[0].limit
+    assert caught.max_abs > 10 * exported.max_abs
+
+
+def test_token_batches_include_batch_1_at_the_longest_sequence(tmp_path):
+    ckpt = fr.make_reference_transformer(tmp_path)  # max_len 16 (factories_ref.TINY_TRANSFORMER)
+    m = load_model(ckpt)
+    rep = compare_models(m, m, "fp32", samples=6, seed=1)
+    assert rep.batches[0] == (1, 16) and (16, 1) in rep.batches
+    assert all(1 <= s <= 16 for _, s in rep.batches) and len(rep.batches) == 6
+
+
+def test_onnx_dtype_rules(mlp_path, tmp_path):
+    """An fp16 export is compared at fp16 by default; asking it for fp32 or fp64 is refused."""
+    model = load_model(mlp_path)
+    fp16 = export_model(model, tmp_path / "m16.onnx", dtype="fp16").path
+    fp32 = export_model(model, tmp_path / "m32.onnx").path
+    r = run_cli("verify", mlp_path, fp16, "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["dtype"] == "fp16"
+    for a, b, dtype in ((mlp_path, fp16, "fp32"), (mlp_path, fp32, "fp64")):
+        r = run_cli("verify", a, b, "--dtype", dtype)
+        assert r.returncode == 2 and "compare it with --dtype" in r.stderr and str(b) in r.stderr
+
+
+def test_checkpoint_onnx_cli_and_not_an_onnx_file(mlp_path, mlp_pair, tmp_path):
+    onnx_path = export_model(load_model(mlp_path), tmp_path / "m.onnx").path
+    assert run_cli("verify", mlp_path, onnx_path).returncode == 0
+    assert run_cli("verify", mlp_pair[1], onnx_path).returncode == 1  # moved weight vs export
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"not a protobuf")
+    r = run_cli("verify", mlp_path, junk)
+    assert r.returncode == 2 and "junk.onnx" in r.stderr

@@ -12,7 +12,7 @@ import typer
 
 from normtool.commands.common import ActOpt, ArchOpt, HeadsOpt, JsonOpt, emit
 from normtool.errors import CheckFailed
-from normtool.verify import DEFAULT_SAMPLES, Report, compare, open_runner
+from normtool.verify import DEFAULT_SAMPLES, Report, compare, open_runners
 
 ModelArg = Annotated[Path, typer.Argument(help="Checkpoint, model folder or .onnx file.")]
 
@@ -59,17 +59,24 @@ def verify(
     ] = DEFAULT_SAMPLES,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the random inputs.")] = 0,
     dtype: Annotated[
-        str, typer.Option("--dtype", help="Run dtype and tolerances: fp32, fp64, fp16, bf16.")
-    ] = "fp32",
+        str | None,
+        typer.Option(
+            "--dtype",
+            help="Run dtype and tolerances: fp32, fp64, fp16, bf16 (default: fp32, or an ONNX "
+            "file's lower export dtype).",
+        ),
+    ] = None,
+    provider: Annotated[
+        str, typer.Option("--provider", help="ONNX Runtime provider: auto, cpu, cuda, tensorrt.")
+    ] = "auto",
     arch: ArchOpt = None,
     heads: HeadsOpt = None,
     act: ActOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Compare A (reference) and B on seeded random inputs; exit 0 equivalent, 1 not."""
-    ra = open_runner(a, dtype, arch, heads, act)
-    rb = open_runner(b, dtype, arch, heads, act)
-    report = compare(ra, rb, dtype, samples, seed, atol, rtol)
+    (ra, rb), name = open_runners([a, b], dtype, arch, heads, act, provider)
+    report = compare(ra, rb, name, samples, seed, atol, rtol)
     emit(as_json, report.to_dict(), report_lines(report))
     if not report.ok:
         raise CheckFailed("not equivalent: " + "; ".join(report.failures()), b)
