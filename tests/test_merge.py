@@ -8,6 +8,7 @@ MLPs, and statistics measured with forward hooks on the transformers ResNet.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -411,3 +412,15 @@ def test_bad_inputs_exit_2(tmp_path, capsys, family_path):
     np.savez(tmp_path / "nolabels.npz", inputs=np.zeros((4, 12), np.float32))
     code, _, err = cli(capsys, "barrier", path, same, "--data", tmp_path / "nolabels.npz")
     assert code == 2 and "labels" in err
+
+
+def test_barrier_plot_without_matplotlib_is_a_clear_error(tmp_path, capsys, monkeypatch):
+    path = FACTORIES["mlp"][0](tmp_path)
+    np.savez(tmp_path / "d.npz", inputs=np.ones((4, 12), np.float32), labels=np.arange(4) % 5)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    png = tmp_path / "b.png"
+    code, _, err = cli(
+        capsys, "barrier", path, path, "--data", tmp_path / "d.npz", "--steps", "2", "--plot", png
+    )
+    assert code == 2 and "pip install 'normtool[plot]'" in err
+    assert not png.exists()

@@ -7,6 +7,7 @@ permutation (Ainsworth et al. 2022, "Git Re-Basin"); finding it makes averaging 
 
 Modules: ``groups`` (which permutations a graph allows), ``permute`` (applying them),
 ``matching`` (weight matching of two models), ``many`` (three or more), ``interpolate``,
-``bn_repair`` (BatchNorm statistics after interpolation), ``data`` (labelled data files),
-``path`` (loss along the linear path and the barrier), ``plot``, ``merge`` (the whole recipe).
+``bn_repair`` (BatchNorm statistics after interpolation), ``checks`` (refusals), ``data``
+(labelled data files), ``merge`` (the whole recipe), ``path`` (loss along the linear path and
+the barrier), ``barrier`` (naive and matched paths), ``plot``.
 """

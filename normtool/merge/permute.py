@@ -74,11 +74,3 @@ def random_perms(graph: Graph, groups: list[Group], gen: torch.Generator) -> Per
 def invert(perms: Mapping[str, torch.Tensor]) -> Perms:
     """The permutations that undo ``perms``."""
     return {s: torch.argsort(p) for s, p in perms.items()}
-
-
-def compose(first: Mapping[str, torch.Tensor], then: Mapping[str, torch.Tensor]) -> Perms:
-    """Applying ``first`` and then ``then`` equals applying the result once."""
-    out = dict(first)
-    for s, p in then.items():
-        out[s] = first[s][p] if s in first else p
-    return out
