@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -30,8 +31,10 @@ def check_output_path(out: Path, inputs: Sequence[Path], force: bool) -> None:
     parent = out.parent if str(out.parent) else Path(".")
     if not parent.is_dir():
         raise NormtoolError(f"output folder {parent} does not exist", out)
-    if not os.access(parent, os.W_OK):
-        raise NormtoolError(f"output folder {parent} is not writable", out)
+    try:  # a real probe: access() says yes to root even where nothing can be created
+        tempfile.TemporaryFile(dir=parent).close()
+    except OSError as e:
+        raise NormtoolError(f"output folder {parent} is not writable ({e.strerror})", out) from e
 
 
 @contextmanager

@@ -1,0 +1,308 @@
+"""Hostile input through the CLI, for every command that reads a checkpoint and writes one.
+
+Each case must end with exit 2 and one stderr line naming the file and the problem, no
+traceback, nothing under the output's final name (nor a leftover temporary), and every input
+byte-for-byte unchanged (SHA-256 before and after). Commands run in-process: the same ``main``
+``python -m normtool`` runs, without paying a new interpreter per case.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import struct
+from collections.abc import Callable
+from pathlib import Path
+
+import onnx
+import pytest
+import torch
+from onnx import TensorProto, helper
+from safetensors.torch import load_file, save_file
+
+from normtool.cli import main
+from tests.factories_ref import make_reference_transformer
+
+WRITERS = ("convert-ln-to-rms", "fold", "merge", "export")
+COMMANDS = ("inspect", *WRITERS)
+
+
+# ---- models --------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    """A tiny Pre-LN transformer (convert, merge, export, inspect) and a Pre-UN one (fold)."""
+    d = tmp_path_factory.mktemp("models")
+    return {
+        "ln": make_reference_transformer(d, "ln", seed=0, norm="layernorm"),
+        "ln2": make_reference_transformer(d, "ln2", seed=1, norm="layernorm"),
+        "un": make_reference_transformer(d, "un", seed=0, norm="un"),
+    }
+
+
+def _source(command: str, models: dict[str, Path]) -> Path:
+    return models["un" if command == "fold" else "ln"]
+
+
+# ---- corruptions of a valid safetensors file -----------------------------------------------
+def _split(raw: bytes) -> tuple[dict, bytes]:
+    (n,) = struct.unpack("<Q", raw[:8])
+    return json.loads(raw[8 : 8 + n]), raw[8 + n :]
+
+
+def _join(header: dict, data: bytes) -> bytes:
+    h = json.dumps(header).encode()
+    return struct.pack("<Q", len(h)) + h + data
+
+
+def _by_offset(header: dict) -> list[str]:
+    return sorted(
+        (k for k in header if k != "__metadata__"), key=lambda k: header[k]["data_offsets"]
+    )
+
+
+def _overlap(raw: bytes) -> bytes:
+    h, data = _split(raw)
+    a, b = _by_offset(h)[-2:]
+    size = h[b]["data_offsets"][1] - h[b]["data_offsets"][0]
+    start = h[a]["data_offsets"][0]
+    h[b]["data_offsets"] = [start, start + size]  # b now shares bytes with a
+    return _join(h, data)
+
+
+def _out_of_range(raw: bytes) -> bytes:
+    h, data = _split(raw)
+    last = _by_offset(h)[-1]
+    lo, hi = h[last]["data_offsets"]
+    h[last]["data_offsets"] = [lo + 64, hi + 64]
+    return _join(h, data)
+
+
+def _edit_entry(key: str, value: Callable[[dict], object]) -> Callable[[bytes], bytes]:
+    def edit(raw: bytes) -> bytes:
+        h, data = _split(raw)
+        name = _by_offset(h)[0]
+        h[name][key] = value(h[name])
+        return _join(h, data)
+
+    return edit
+
+
+def _header_bytes(fill: Callable[[int], bytes]) -> Callable[[bytes], bytes]:
+    def edit(raw: bytes) -> bytes:
+        (n,) = struct.unpack("<Q", raw[:8])
+        return raw[:8] + fill(n) + raw[8 + n :]
+
+    return edit
+
+
+#: name → (bytes → corrupted bytes, words the one-line error must contain)
+CORRUPT: dict[str, tuple[Callable[[bytes], bytes], str]] = {
+    "truncated": (lambda raw: raw[: len(raw) - 100], "outside the file"),
+    "header_beyond_file": (lambda raw: struct.pack("<Q", 2**40) + raw[8:], "header length"),
+    "overlapping_offsets": (_overlap, "overlap"),
+    "offsets_out_of_range": (_out_of_range, "outside the file"),
+    "non_utf8_header": (_header_bytes(lambda n: b"\xff" * n), "not UTF-8 JSON"),
+    "non_json_header": (_header_bytes(lambda n: b"{" * n), "not UTF-8 JSON"),
+    "size_mismatch": (
+        _edit_entry("shape", lambda e: [e["shape"][0] + 1, *e["shape"][1:]]),
+        "needs",
+    ),
+    "unknown_dtype": (_edit_entry("dtype", lambda e: "Q7"), "unknown dtype"),
+}
+
+
+def _nonfinite(value: float) -> Callable[[Path, Path], str]:
+    """Put ``value`` into one element of an attention weight; returns the tensor's name."""
+
+    def make(src: Path, dst: Path) -> str:
+        from safetensors import safe_open  # noqa: PLC0415 - only this helper keeps the metadata
+
+        with safe_open(str(src), "pt") as f:
+            meta = f.metadata()
+        tensors = load_file(src)
+        tensors["blocks.1.attn.q.weight"][2, 3] = value
+        save_file(tensors, str(dst), metadata=meta)
+        return "blocks.1.attn.q.weight"
+
+    return make
+
+
+class _Evil:
+    """Unpickling this would create the marker file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+# ---- running and checking ------------------------------------------------------------------
+def _sha(folder: Path) -> dict[str, str]:
+    return {
+        p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.iterdir() if p.is_file()
+    }
+
+
+def cli(capsys, *args: object) -> tuple[int, str, str]:
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main([str(a) for a in args])
+    out = capsys.readouterr()
+    return int(e.value.code or 0), out.out, out.err
+
+
+def _argv(command: str, bad: Path, models: dict[str, Path], out: Path) -> list[object]:
+    if command == "inspect":
+        return [command, bad]
+    if command == "merge":
+        return [
+            command,
+            models["ln2"],
+            bad,
+            "-o",
+            out,
+        ]  # the bad model second: read after a good one
+    return [command, bad, "-o", out]
+
+
+def _check_refused(capsys, argv: list[object], bad: Path, words: str, outdir: Path) -> None:
+    inputs = {p.parent for p in argv if isinstance(p, Path) and p.parent != outdir}
+    before = {d: _sha(d) for d in inputs}
+    code, _, err = cli(capsys, *argv)
+    assert code == 2, (argv, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert bad.name in lines[0] and words.lower() in lines[0].lower(), lines[0]
+    assert {d: _sha(d) for d in inputs} == before  # inputs unchanged (and nothing written there)
+    assert list(outdir.iterdir()) == []  # no output and no temporary left
+
+
+def _dirs(tmp_path: Path) -> tuple[Path, Path]:
+    bad_dir, outdir = tmp_path / "in", tmp_path / "out"
+    bad_dir.mkdir()
+    outdir.mkdir()
+    return bad_dir, outdir
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.parametrize("case", sorted(CORRUPT))
+def test_corrupt_safetensors(tmp_path, capsys, models, command, case):
+    corrupt, words = CORRUPT[case]
+    bad_dir, outdir = _dirs(tmp_path)
+    bad = bad_dir / f"{case}.safetensors"
+    bad.write_bytes(corrupt(_source(command, models).read_bytes()))
+    argv = _argv(command, bad, models, outdir / "o.safetensors")
+    _check_refused(capsys, argv, bad, words, outdir)
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_nonfinite_weights(tmp_path, capsys, models, command, value):
+    bad_dir, outdir = _dirs(tmp_path)
+    bad = bad_dir / "nonfinite.safetensors"
+    name = _nonfinite(value)(_source(command, models), bad)
+    argv = _argv(command, bad, models, outdir / ("o.onnx" if command == "export" else "o.s"))
+    if command == "inspect":  # reported, not refused
+        code, out, err = cli(capsys, *argv)
+        assert code == 0, err
+        assert f"non-finite: {name} (1 NaN/Inf)" in out
+        code, out, _ = cli(capsys, *argv, "--json")
+        assert json.loads(out)["non_finite"] == {name: 1}
+        return
+    _check_refused(capsys, argv, bad, f"{name!r} holds NaN or Inf", outdir)
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_malicious_pickle_never_runs(tmp_path, capsys, models, command):
+    bad_dir, outdir = _dirs(tmp_path)
+    marker = tmp_path / "PWNED"
+    bad = bad_dir / "evil.pt"
+    state = load_file(_source(command, models))
+    torch.save({**state, "extra": _Evil(marker)}, bad)
+    assert not marker.exists()
+    _check_refused(capsys, _argv(command, bad, models, outdir / "o.x"), bad, "refused", outdir)
+    assert not marker.exists(), "the pickle's code ran"
+
+
+@pytest.mark.parametrize("command", WRITERS)
+@pytest.mark.parametrize("case", ["output_is_input", "symlink", "unwritable"])
+def test_bad_output_path(tmp_path, capsys, models, command, case):
+    src_dir, outdir = _dirs(tmp_path)
+    src = src_dir / "model.safetensors"
+    src.write_bytes(_source(command, models).read_bytes())
+    extra: list[object] = []
+    if case == "output_is_input":
+        out, words, extra = src, "overwrite the input", ["--force"]
+    elif case == "symlink":
+        out, words = outdir / "link.safetensors", "symlink"
+        out.symlink_to(tmp_path / "elsewhere.safetensors")
+    else:
+        out, words = Path("/proc/normtool-hostile.safetensors"), "not writable"
+    argv = _argv(command, src, models, out) + extra
+    before = _sha(src_dir)
+    code, _, err = cli(capsys, *argv)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert out.name in lines[0] and words in lines[0], lines[0]
+    assert _sha(src_dir) == before
+    assert not (tmp_path / "elsewhere.safetensors").exists()
+    assert [p.name for p in outdir.iterdir()] == (["link.safetensors"] if case == "symlink" else [])
+
+
+# ---- ONNX whose external data leaves its folder --------------------------------------------
+def _onnx_with_external(path: Path, location: str) -> Path:
+    """A valid one-op model (y = x + w) whose weight ``w`` claims to live at ``location``."""
+    w = helper.make_tensor("w", TensorProto.FLOAT, [4], [0.0] * 4)
+    w.ClearField("float_data")
+    w.data_location = TensorProto.EXTERNAL
+    for k, v in (("location", location), ("offset", "0"), ("length", "16")):
+        w.external_data.add(key=k, value=v)
+    g = helper.make_graph(
+        [helper.make_node("Add", ["x", "w"], ["logits"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 4])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 4])],
+        [w],
+    )
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    path.write_bytes(m.SerializeToString())
+    return path
+
+
+@pytest.mark.parametrize("where", ["absolute", "dotdot", "symlink_out"])
+@pytest.mark.parametrize("command", ["verify", "bench"])
+def test_onnx_external_data_outside_folder(tmp_path, capsys, models, where, command):
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(b"\0" * 16)
+    d = tmp_path / "model"
+    d.mkdir()
+    location = {"absolute": str(secret), "dotdot": "../secret.bin", "symlink_out": "w.bin"}[where]
+    if where == "symlink_out":
+        (d / "w.bin").symlink_to(secret)
+    bad = _onnx_with_external(d / "m.onnx", location)
+    before = _sha(d) | _sha(tmp_path)
+    argv = (
+        [command, bad, "--iters", "1", "--warmup", "0"]
+        if command == "bench"
+        else [command, models["ln"], bad]
+    )
+    code, _, err = cli(capsys, *argv)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert bad.name in lines[0] and "outside the model's folder" in lines[0], lines[0]
+    assert _sha(d) | _sha(tmp_path) == before
+
+
+def test_onnx_external_data_beside_model_is_accepted(tmp_path):
+    """The guard refuses escapes only: external data in the model's folder is read normally."""
+    from normtool.io.onnx_guard import check_external_data  # noqa: PLC0415
+    from normtool.runtime.ort import create_session  # noqa: PLC0415
+
+    (tmp_path / "w.bin").write_bytes(struct.pack("<4f", 1, 2, 3, 4))
+    path = _onnx_with_external(tmp_path / "m.onnx", "w.bin")
+    check_external_data(path)
+    out = create_session(path, "cpu").run({"x": torch.zeros(1, 4).numpy()})["logits"]
+    assert out.tolist() == [[1.0, 2.0, 3.0, 4.0]]
+    onnx.checker.check_model(str(path))
