@@ -24,7 +24,12 @@ def nonfinite_tensors(model: Model) -> dict[str, int]:
         seen.add(src)
         t = model.tensor(name)
         if t.is_floating_point():
-            bad = t.numel() - int(t.isfinite().sum())
+            # in chunks: isfinite's temporaries (|t|, masks) would otherwise double the peak
+            flat, step = t.reshape(-1), 1 << 22
+            bad = flat.numel() - sum(
+                int(flat[i : i + step].isfinite().count_nonzero())
+                for i in range(0, flat.numel(), step)
+            )
             if bad:
                 found[name] = bad
     return found
