@@ -44,7 +44,7 @@ bf16     1e-2     5e-2     ~13·u: bf16 keeps 8 mantissa bits; both sides rounde
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -189,7 +189,7 @@ class Report:
     atol: float
     rtol: float
     outputs: list[OutputReport]
-    not_compared: dict[str, list[str]] = field(default_factory=dict)
+    not_compared: dict[str, list[str]] = field(default_factory=dict)  # "a"/"b": outputs only there
 
     @property
     def ok(self) -> bool:
@@ -324,11 +324,13 @@ def compare(
     seed: int = 0,
     atol: float | None = None,
     rtol: float | None = None,
+    each: Callable[[list[tuple[int, int | None]]], Iterable[tuple[int, int | None]]] = iter,
 ) -> Report:
     """Run ``a`` (the reference) and ``b`` on the same random inputs and measure the difference.
 
     ``dtype`` selects the default tolerances (and is recorded); the runners already run in
-    their own dtype. Raises NormtoolError when the inputs, the outputs or their shapes differ.
+    their own dtype. ``each`` wraps the loop over input batches (the CLI's progress bar).
+    Raises NormtoolError when the inputs, the outputs or their shapes differ.
     """
     name = dtype_name(dtype)
     default = TOLERANCES[name]
@@ -339,19 +341,16 @@ def compare(
         raise NormtoolError(
             f"no output in common: {a.label} gives {a.outputs}, {b.label} gives {b.outputs}"
         )
-    not_compared = {
-        k: v
-        for k, v in (
-            (a.label, [o for o in a.outputs if o not in common]),
-            (b.label, [o for o in b.outputs if o not in common]),
-        )
-        if v
+    only = {
+        "a": [o for o in a.outputs if o not in common],
+        "b": [o for o in b.outputs if o not in common],
     }
+    not_compared = {k: v for k, v in only.items() if v}
     signature = Graph("signature", specs, [], [], {}, {}, {})  # all that inputs.py reads
     has_seq = any("seq" in s.shape for s in specs)
     plan = batch_plan(samples, max_seq(signature) if has_seq else None, seed)
     acc: dict[str, _Acc] = {}
-    for k, (batch, seq) in enumerate(plan):
+    for k, (batch, seq) in enumerate(each(plan)):
         feeds = random_inputs(signature, batch, seq or 1, seed + k)
         ya, yb = a.run(feeds), b.run(feeds)
         for o in common:

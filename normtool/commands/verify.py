@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from normtool.commands.common import ActOpt, ArchOpt, HeadsOpt, JsonOpt, emit
+from normtool.commands.common import ActOpt, ArchOpt, HeadsOpt, JsonOpt, emit, progress
 from normtool.errors import CheckFailed
 from normtool.verify import DEFAULT_SAMPLES, Report, compare, open_runners
 
@@ -38,7 +38,7 @@ def report_lines(r: Report) -> list[str]:
             f"{_num(o.limit):>10} {agree:>8}  {'ok' if o.ok else 'FAIL'}"
         )
     for who, names in r.not_compared.items():
-        lines.append(f"  not compared (only in {who}): {', '.join(names)}")
+        lines.append(f"  not compared (only in {r.a if who == 'a' else r.b}): {', '.join(names)}")
     verdict = "equivalent" if r.ok else "NOT equivalent"
     lines.append(f"{verdict} ({r.dtype}: atol {r.atol:g}, rtol {r.rtol:g} of the output's scale)")
     return lines
@@ -76,7 +76,9 @@ def verify(
 ) -> None:
     """Compare A (reference) and B on seeded random inputs; exit 0 equivalent, 1 not."""
     (ra, rb), name = open_runners([a, b], dtype, arch, heads, act, provider)
-    report = compare(ra, rb, name, samples, seed, atol, rtol)
+    report = compare(
+        ra, rb, name, samples, seed, atol, rtol, lambda plan: progress(plan, "verify", len(plan))
+    )
     emit(as_json, report.to_dict(), report_lines(report))
     if not report.ok:
         raise CheckFailed("not equivalent: " + "; ".join(report.failures()), b)
