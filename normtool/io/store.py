@@ -80,6 +80,30 @@ class Checkpoint:
                 raise NormtoolError(f"tensor {key!r} is cut short (file changed?)", f)
         return t
 
+    def get_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
+        """Rows ``start:stop`` (first axis) of a tensor, reading only their bytes.
+
+        Why: passes that rewrite a large tensor row block by row block (an embedding, an LM
+        head) then never hold its input whole.
+        """
+        if key in self._eager or key not in self._entries:
+            return self.get(key)[start:stop]
+        shape = self.shape(key)
+        stop = min(stop, shape[0])
+        t = torch.empty((max(0, stop - start), *shape[1:]), dtype=self.dtype(key))
+        row = t[0].numel() * t.element_size() if t.numel() else 0
+        if t.numel():
+            f = self._where[key]
+            try:
+                with f.open("rb") as fh:
+                    fh.seek(self._spans[key][0] + start * row)
+                    got = fh.readinto(t.reshape(-1).view(torch.uint8).numpy())
+            except OSError as e:
+                raise NormtoolError(f"cannot read: {e.strerror or e}", f) from e
+            if got != t.numel() * t.element_size():
+                raise NormtoolError(f"tensor {key!r} is cut short (file changed?)", f)
+        return t
+
     def sha256(self) -> str:
         """Digest of the weight files (in order), recorded in every output's history."""
         h = hashlib.sha256()

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 
 from normtool.errors import NormtoolError
+from normtool.finite import require_finite
 from normtool.graph import Graph, Op, Source, Space, TensorSpec
 from normtool.io.safetensors_format import DTYPES
 from normtool.model import Model
@@ -39,7 +40,7 @@ SHAPE_ONLY = frozenset({"positions", "row"})
 #: Ops that pass a norm's output on to its readers unchanged per channel.
 PASS_THROUGH = frozenset({"select"})
 #: Rows per block when rewriting large row-independent tensors (embeddings, LM heads).
-BLOCK_ROWS = 4096
+BLOCK_ROWS = 1024
 
 
 class NothingToConvert(NormtoolError):
@@ -251,12 +252,35 @@ class _Recipe:
         return self.centre in (None, 1) and self.narrow in (None, 1)
 
 
-def _compute(r: _Recipe, read: Callable[[str], torch.Tensor], rows: slice) -> torch.Tensor:
-    """The float64 value of rows ``rows`` of the tensor ``r`` describes."""
+class _Reader:
+    """Reads a graph tensor whole, or rows ``a:b`` of it straight from the checkpoint file when
+    the tensor is stored as is (no slice, transpose or reshape view) — so a row-blocked rewrite
+    never holds its input whole."""
+
+    def __init__(self, model: Model) -> None:
+        self.model = model
+
+    def by_rows(self, name: str) -> bool:
+        src = self.model.graph.tensors[name].source
+        plain = src.slice is None and not src.transpose and src.reshape is None
+        return plain and name not in self.model.overrides and self.model.checkpoint is not None
+
+    def __call__(self, name: str, rows: slice | None) -> torch.Tensor:
+        if rows is not None and self.by_rows(name):
+            key = self.model.graph.tensors[name].source.key
+            return self.model.checkpoint.get_rows(key, rows.start, rows.stop)
+        t = self.model.tensor(name)
+        return t if rows is None else t[rows]
+
+
+Reader = Callable[[str, slice | None], torch.Tensor]
+
+
+def _compute(r: _Recipe, read: Reader, rows: slice | None) -> torch.Tensor:
+    """The float64 value of rows ``rows`` (``None``: all) of the tensor ``r`` describes."""
 
     def get(name: str, part: bool) -> torch.Tensor:
-        t = read(name)
-        return (t[rows] if part else t).to(torch.float64)  # upcast only the block
+        return read(name, rows if part else None).to(torch.float64)
 
     if r.fold is not None:
         w_name, g_name, b_name = r.fold
@@ -280,23 +304,25 @@ def _compute(r: _Recipe, read: Callable[[str], torch.Tensor], rows: slice) -> to
     return t
 
 
-def _materialise(r: _Recipe, read: Callable[[str], torch.Tensor], exact: bool) -> torch.Tensor:
+def _materialise(r: _Recipe, read: _Reader, exact: bool) -> torch.Tensor:
     """The whole tensor: float64 when ``exact``, else its stored dtype, built in row blocks
-    (each block upcast, rewritten and rounded once) when the recipe allows it."""
-    memo: dict[str, torch.Tensor] = {}
+    (each block read, upcast, rewritten and rounded once) when the recipe allows it."""
+    whole: dict[str, torch.Tensor] = {}
 
-    def read_once(name: str) -> torch.Tensor:  # each source tensor read once, not per block
-        if name not in memo:
-            memo[name] = read(name)
-        return memo[name]
+    def read_whole_once(name: str, rows: slice | None) -> torch.Tensor:
+        if rows is not None and read.by_rows(name):
+            return read(name, rows)
+        if name not in whole:  # γ, β and views: read once, not per block
+            whole[name] = read(name, None)
+        return whole[name] if rows is None else whole[name][rows]
 
     n = r.shape[0] if r.shape else 0
     if exact or not r.row_independent() or n <= BLOCK_ROWS:
-        t = _compute(r, read_once, slice(None))
+        t = _compute(r, read, None)
         return t if exact else t.to(DTYPES[r.dtype])
     out = torch.empty(r.shape, dtype=DTYPES[r.dtype])
     for i in range(0, n, BLOCK_ROWS):
-        out[i : i + BLOCK_ROWS] = _compute(r, read_once, slice(i, i + BLOCK_ROWS))
+        out[i : i + BLOCK_ROWS] = _compute(r, read_whole_once, slice(i, i + BLOCK_ROWS))
     return out
 
 
@@ -313,6 +339,7 @@ def convert_ln_to_rms(model: Model, compressed: bool = False) -> Conversion:
             f" (and {len(reasons) - 1} more; 'normtool inspect' lists all)" if reasons[1:] else ""
         )
         raise NormtoolError(f"cannot convert to RMSNorm: {reasons[0]}{more}")
+    require_finite(model)
     new = g.copy()
     space = stream.space
     d = g.spaces[space].size
@@ -388,7 +415,7 @@ def convert_ln_to_rms(model: Model, compressed: bool = False) -> Conversion:
     new.validate()
 
     untied = _untied(g, recipes)
-    read = model.tensor
+    read = _Reader(model)
     lazy = {n: (lambda r=r: _materialise(r, read, exact=False)) for n, r in recipes.items()}
     exact = {n: (lambda r=r: _materialise(r, read, exact=True)) for n, r in recipes.items()}
     return Conversion(
