@@ -34,11 +34,14 @@ from normtool.errors import NormtoolError
 from normtool.nn.cnn import SmallCNN, cnn_config
 from normtool.nn.save import save_reference
 from normtool.nn.transformer import ReferenceTransformer, transformer_config
+from normtool.nn.unified_norm import UnifiedNorm
 
 MLP_WIDTHS = (16, 64, 32, 10)
 SMALL = {"vocab_size": 64, "max_len": 16, "d_model": 32, "heads": 4, "layers": 2, "d_ff": 64}
-LABEL_GROUPS = {"vehicles": ["car", "bus", "bike", "train", "plane"],
-                "animals": ["cat", "dog", "horse", "bird", "fish"]}  # fmt: skip
+LABEL_GROUPS = {
+    "vehicles": ["car", "bus", "bike", "train", "plane"],
+    "animals": ["cat", "dog", "horse", "bird", "fish"],
+}
 
 
 def _mlp(seed: int) -> nn.Sequential:
@@ -62,7 +65,7 @@ def _trained_statistics(model: nn.Module, seed: int) -> nn.Module:
             elif name.endswith("running_mean"):
                 buf.copy_(torch.randn(buf.shape, generator=g) * 0.3)
         for m in model.modules():
-            if m.__class__.__name__ in ("UnifiedNorm", "BatchNorm2d"):
+            if isinstance(m, UnifiedNorm | nn.BatchNorm2d):
                 m.weight.copy_(1 + 0.3 * torch.randn(m.weight.shape, generator=g))
                 m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
     return model.eval()
@@ -125,10 +128,6 @@ class StepResult:
 
 def _err(x: float) -> str:
     return f"{x:.1e}"
-
-
-def _verify_key(j: dict[str, Any]) -> str:
-    return f"max abs {_err(j['max_abs'])}, rel {_err(j['max_rel'])} ({j['dtype']})"
 
 
 def _path(p: dict[str, Path], ref: str) -> Path:
@@ -198,13 +197,13 @@ STEPS: list[Step] = [
         "transformer",
         lambda p: {"path": p["transformer"]},
         lambda j: f"{j['family']}, {j['parameters']:,} parameters",
-    ),  # fmt: skip
+    ),
     Step(
         "inspect",
         "cnn",
         lambda p: {"path": p["cnn"]},
         lambda j: f"{j['family']}, {j['parameters']:,} parameters",
-    ),  # fmt: skip
+    ),
     _export("mlp"),
     _verify("mlp", "mlp+.onnx"),
     _export("transformer"),
@@ -225,7 +224,7 @@ STEPS: list[Step] = [
             "seq": "16",
             "warmup": 5,
             "iters": 30,
-        },  # fmt: skip
+        },
         _bench_key,
     ),
     _transform("convert-ln-to-rms", "transformer", ".crms.safetensors", compressed=True),
@@ -241,7 +240,7 @@ STEPS: list[Step] = [
             "models": [p["mlp"], p["mlp_b"]],
             "output": _path(p, "mlp+.merged.safetensors"),
             "force": True,
-        },  # fmt: skip
+        },
         lambda j: f"{j['groups']} groups, permutation rel err {_err(j['permutation_rel_err'])}",
     ),
     Step(
@@ -258,7 +257,7 @@ STEPS: list[Step] = [
             "metric": p["tree"],
             "output": _path(p, "mlp+.loki.safetensors"),
             "force": True,
-        },  # fmt: skip
+        },
         lambda j: f"{j['observed']} outputs → {j['labels']} labels ({j['metric']})",
     ),
     _verify("mlp", "mlp+.loki.safetensors"),

@@ -53,8 +53,10 @@ def demo(
         "steps": [asdict(r) for r in results],
     }
     where = f"outputs in {dir}" if dir else "outputs removed (use --dir to keep them)"
-    lines = [*_table(results), f"{len(results) - len(failed)}/{len(results)} steps ok in "
-             f"{total:.1f}s; {where}"]  # fmt: skip
+    lines = [
+        *_table(results),
+        f"{len(results) - len(failed)}/{len(results)} steps ok in {total:.1f}s; {where}",
+    ]
     emit(as_json, payload, lines)
     if failed:
         raise CheckFailed(

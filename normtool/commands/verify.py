@@ -62,8 +62,8 @@ def verify(
         str | None,
         typer.Option(
             "--dtype",
-            help="Run dtype and tolerances: fp32, fp64, fp16, bf16 (default: fp32, or an ONNX "
-            "file's lower export dtype).",
+            help="Run dtype and tolerances: fp64, fp32, fp16, bf16 (default: the lowest "
+            "precision the two models are stored or exported in).",
         ),
     ] = None,
     provider: Annotated[
