@@ -14,6 +14,7 @@ import shutil
 import subprocess
 from pathlib import Path
 
+import onnx
 import pytest
 import torch
 from safetensors import safe_open
@@ -274,3 +275,28 @@ def test_checkpoint_onnx_cli_and_not_an_onnx_file(mlp_path, mlp_pair, tmp_path):
     junk.write_bytes(b"not a protobuf")
     r = verify_cli(mlp_path, junk)
     assert r.returncode == 2 and "junk.onnx" in r.stderr
+
+
+def test_onnx_without_signature_takes_the_checkpoints(mlp_path, tmp_path):
+    """A foreign ONNX file (no normtool.inputs metadata) is fed the checkpoint's signature;
+    two such files have no signature to draw inputs from (exit 2)."""
+    proto = onnx.load(str(export_model(load_model(mlp_path), tmp_path / "m.onnx").path))
+    del proto.metadata_props[:]
+    bare = tmp_path / "bare.onnx"
+    onnx.save(proto, str(bare))
+    assert verify_cli(bare, mlp_path).returncode == 0
+    r = verify_cli(bare, bare)
+    assert r.returncode == 2 and "no normtool.inputs metadata" in r.stderr
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_half_precision_runs(mlp_path, mlp_pair, dtype):
+    """Half-precision runs of the same file agree exactly; the 1e-3 move (4e-4 of the scale)
+    is inside fp16/bf16 rounding, so those tolerances accept it — as they must."""
+    assert verify_cli(mlp_path, mlp_path, "--dtype", dtype).returncode == 0
+    r = verify_cli(*mlp_pair[:2], "--dtype", dtype, "--json")
+    assert (
+        r.returncode == 0
+        and json.loads(r.stdout)["outputs"][0]["dtype"]
+        == {"fp16": "float16", "bf16": "bfloat16"}[dtype]
+    )
