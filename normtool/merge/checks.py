@@ -1,10 +1,8 @@
-"""Refusals before merging: models that do not share one architecture, and non-finite weights."""
+"""Refusals before merging: models that do not share one architecture (NaN/Inf: ``normtool.finite``)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-
-import torch
 
 from normtool.errors import NormtoolError
 from normtool.graph import Graph
@@ -53,13 +51,3 @@ def check_same_architecture(models: Sequence[Model]) -> None:
             (o.kind, o.inputs, o.params, o.attrs) for o in ga.ops
         ]:
             raise NormtoolError("the ops differ from the first model's", where)
-
-
-def check_finite(model: Model, weights: dict[str, torch.Tensor]) -> None:
-    """Weights with NaN or Inf cannot be matched or averaged meaningfully: refuse, naming one."""
-    for name, t in weights.items():
-        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise NormtoolError(
-                f"tensor {_named(model.graph, name)} holds NaN or Inf values",
-                model.checkpoint.path if model.checkpoint else None,
-            )

@@ -7,7 +7,7 @@ permutation group would otherwise silently produce a broken merge.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import combinations
 from pathlib import Path
@@ -17,18 +17,20 @@ import torch
 from safetensors.torch import save_file
 
 from normtool.errors import CheckFailed, NormtoolError
+from normtool.finite import require_finite
 from normtool.graph import Graph
 from normtool.history import entry
 from normtool.inputs import max_seq, random_inputs
 from normtool.io.atomic import atomic_path
+from normtool.io.safetensors_format import DTYPES
 from normtool.merge.bn_repair import has_batchnorm, recompute_batchnorm
-from normtool.merge.checks import check_finite, check_same_architecture
+from normtool.merge.checks import check_same_architecture
 from normtool.merge.data import load_data
 from normtool.merge.groups import permutation_groups
-from normtool.merge.interpolate import interpolate
+from normtool.merge.interpolate import interpolate_tensor
 from normtool.merge.many import ManyResult, match_to_reference, merge_many
 from normtool.merge.matching import SweepWrapper, distinct_tensors
-from normtool.merge.permute import Perms, identity_perms, permute_weights
+from normtool.merge.permute import Perms, identity_perms, permute_tensor
 from normtool.model import Model
 from normtool.runtime.torch_exec import run_graph
 
@@ -63,27 +65,47 @@ class MergeResult:
     params: dict[str, Any] = field(default_factory=dict)
 
 
+class Lazy(Mapping[str, torch.Tensor]):
+    """Tensors computed when looked up, never held: how merge keeps models larger than memory
+    out of it (weight matching, permuting and interpolating read one tensor at a time)."""
+
+    def __init__(self, names: Mapping[str, object], get: Callable[[str], torch.Tensor]) -> None:
+        self._names, self._get = names, get
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self._names:
+            raise KeyError(name)
+        return self._get(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+
 def load_weights(model: Model) -> Weights:
     """All graph tensors of ``model`` in memory, refusing NaN/Inf."""
-    w = {name: model.tensor(name) for name in model.graph.tensors}
-    check_finite(model, w)
-    return w
+    require_finite(model)
+    return {name: model.tensor(name) for name in model.graph.tensors}
 
 
-def as_float32(w: Weights) -> Weights:
-    return {n: t.float() if t.is_floating_point() else t for n, t in w.items()}
+def as_float32(w: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
+    return Lazy(w, lambda n: w[n].float() if w[n].is_floating_point() else w[n])
 
 
 def _pairwise(graph: Graph, models: Sequence[Weights]) -> tuple[float, float]:
     """Mean over model pairs of the inner product and the L2 distance of all distinct tensors."""
-    names = [n for n in distinct_tensors(graph) if models[0][n].is_floating_point()]
+    names = [n for n in distinct_tensors(graph) if DTYPES[graph.tensors[n].dtype].is_floating_point]
     dots, dists = [], []
     for a, b in combinations(models, 2):
         dot = sq = 0.0
         for n in names:
-            ta, tb = a[n].double(), b[n].double()
-            dot += float((ta * tb).sum())
-            sq += float((ta - tb).pow(2).sum())
+            fa, fb, step = a[n].reshape(-1), b[n].reshape(-1), 1 << 22
+            for i in range(0, fa.numel(), step):  # float64 chunks, not float64 copies
+                ta, tb = fa[i : i + step].double(), fb[i : i + step].double()
+                dot += float(ta @ tb)
+                sq += float((ta - tb).pow(2).sum())
         dots.append(dot)
         dists.append(sq**0.5)
     return sum(dots) / len(dots), sum(dists) / len(dists)
@@ -136,24 +158,30 @@ def merge_models(
     graph = models[0].graph
     coeffs = opts.weights or [1.0 / len(models)] * len(models)
     calib = load_data(opts.calib, graph, need_labels=False)[0] if opts.calib else None
-    weights = [load_weights(m) for m in models]
+    for m in models:
+        require_finite(m)
+    weights = [m.weights() for m in models]
     many, skipped, n_groups = match_models(graph, weights, opts, wrap)
     permuted, err = [], 0.0
     for i, (w, p) in enumerate(zip(weights, many.perms, strict=True)):
         if all(torch.equal(v, torch.arange(len(v))) for v in p.values()):
             permuted.append(w)
             continue
-        pw = permute_weights(graph, w, p)
+        pw = Lazy(graph.tensors, lambda n, w=w, p=p: permute_tensor(w[n], graph.tensors[n].axes, p))
         err = max(err, check_permutation(graph, w, pw, opts.seed + i))
         permuted.append(pw)
     objective = _pairwise(graph, weights), _pairwise(graph, permuted)
-    merged = interpolate(graph, permuted, coeffs)
+    merged: dict[str, Any] = {
+        n: (lambda n=n: interpolate_tensor(graph, n, permuted, coeffs)) for n in graph.tensors
+    }  # thunks: the writer computes one merged tensor at a time
     bn = "none"
     if has_batchnorm(graph):
         if sum(c != 0 for c in coeffs) == 1:
             bn = "kept"
         elif calib is not None:
-            merged.update(recompute_batchnorm(graph, merged, calib.float()))
+            merged.update(
+                recompute_batchnorm(graph, Lazy(merged, lambda n: merged[n]()), calib.float())
+            )
             bn = "recomputed"
         else:
             bn = "stale"
