@@ -121,7 +121,7 @@ class Runner(Protocol):
 
 
 class TorchRunner:
-    """A Model run by the torch executor in one dtype; weights are cast once, not per batch.
+    """A Model run by the torch executor in one dtype; weights are read and cast per op.
 
     Outputs carry the public names an ONNX export gives them (``logits``, ``prediction``), so a
     checkpoint and its export are compared output by output.
@@ -134,9 +134,9 @@ class TorchRunner:
         self.inputs = list(model.graph.inputs)
         self._names = output_names(model.graph)
         self.outputs = list(self._names.values())
-        self._weights = {
-            n: t.to(self.dtype) if t.is_floating_point() else t for n, t in model.weights().items()
-        }
+        # lazy: the executor fetches and casts each op's tensors when it runs the op, so a model
+        # larger than memory (or a pass's thunks, recomputed per batch) is never held whole
+        self._weights = model.weights()
 
     def run(self, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         out = run_graph(self.graph, self._weights, feeds, self.dtype)
