@@ -230,21 +230,22 @@ def test_hf_resnet(tmp_path, layer_type):
 
 
 # ---- hand-made graphs: a norm before a conv, before an activation ----------------------------
-def _bn_graph(after: str, padding: int, stats: dict[str, torch.Tensor]) -> Model:
-    """pixels[B,3,8,8] → BatchNorm → (conv3x3 with ``padding`` | relu) → avgpool → linear."""
+def _bn_graph(after: str, padding: int, stats: dict[str, torch.Tensor], groups: int = 1) -> Model:
+    """pixels[B,3,8,8] → BatchNorm → (conv3x3 with ``padding``, ``groups`` | relu) → avgpool →
+    linear. The conv has 4 output channels, or 6 when grouped (2 per group of 1 input)."""
+    c_out = 4 if groups == 1 else 6
     g = torch.Generator().manual_seed(11)
     t = {
         "bn.weight": stats.get("weight", torch.rand(3, generator=g) + 0.5),
         "bn.bias": stats.get("bias", torch.randn(3, generator=g)),
         "bn.running_mean": stats.get("mean", torch.randn(3, generator=g)),
         "bn.running_var": stats.get("var", torch.rand(3, generator=g) + 0.5),
-        "conv.weight": torch.randn(4, 3, 3, 3, generator=g),
-        "head.weight": torch.randn(2, 4 if after == "conv" else 3, generator=g),
+        "conv.weight": torch.randn(c_out, 3 // groups, 3, 3, generator=g),
+        "head.weight": torch.randn(2, c_out if after == "conv" else 3, generator=g),
     }
-    c = 4 if after == "conv" else 3
     spaces = {
         "input": Space("input", 3, "input"),
-        "c": Space("c", 4, "channels"),
+        "c": Space("c", c_out, "channels"),
         "logits": Space("logits", 2, "output"),
     }
     axes = {
@@ -252,11 +253,18 @@ def _bn_graph(after: str, padding: int, stats: dict[str, torch.Tensor]) -> Model
         "bn.bias": ("input",),
         "bn.running_mean": ("input",),
         "bn.running_var": ("input",),
-        "conv.weight": ("c", "input", None, None),
+        "conv.weight": ("c", None if groups > 1 else "input", None, None),
         "head.weight": ("logits", "c" if after == "conv" else "input"),
     }
     bn_p = {r: f"bn.{r}" for r in ("weight", "bias", "running_mean", "running_var")}
-    mid = Op("conv", "conv2d", ("bn",), "mid", {"weight": "conv.weight"}, {"padding": padding})
+    mid = Op(
+        "conv",
+        "conv2d",
+        ("bn",),
+        "mid",
+        {"weight": "conv.weight"},
+        {"padding": padding, "groups": groups},
+    )
     if after != "conv":
         mid = Op("relu", "act", ("bn",), "mid", {}, {"fn": "relu"})
         del t["conv.weight"], axes["conv.weight"]
@@ -270,8 +278,8 @@ def _bn_graph(after: str, padding: int, stats: dict[str, torch.Tensor]) -> Model
     vs = {
         "input": "input",
         "bn": "input",
-        "mid": "c" if c == 4 else "input",
-        "pool": "c" if c == 4 else "input",
+        "mid": "c" if after == "conv" else "input",
+        "pool": "c" if after == "conv" else "input",
         "logits": "logits",
     }
     graph = Graph(
@@ -287,7 +295,7 @@ def _bn_graph(after: str, padding: int, stats: dict[str, torch.Tensor]) -> Model
     return Model(graph, None, t)
 
 
-def _bn_conv_maths(m: Model, padding: int):
+def _bn_conv_maths(m: Model, padding: int, groups: int = 1):
     """The original network's eval maths, written out."""
     t = m.overrides
 
@@ -297,7 +305,7 @@ def _bn_conv_maths(m: Model, padding: int):
             p["bn.running_var"][:, None, None] + 1e-5
         )
         y = y * p["bn.weight"][:, None, None] + p["bn.bias"][:, None, None]
-        y = F.conv2d(y, p["conv.weight"], padding=padding).mean(dim=(2, 3))
+        y = F.conv2d(y, p["conv.weight"], padding=padding, groups=groups).mean(dim=(2, 3))
         return y @ p["head.weight"].T
 
     return run
@@ -308,6 +316,13 @@ def test_norm_before_unpadded_conv_folds_forward():
     r = fold_norms(m)
     assert r.folded[0].how == "forward" and r.folded[0].into == ["conv"]
     _check(r.model, r.exact, _bn_conv_maths(m, 0), _pixels((2, 3, 8, 8), 3), "input")
+
+
+def test_norm_before_grouped_conv_folds_forward():
+    m = _bn_graph("conv", 0, {}, groups=3)
+    r = fold_norms(m)
+    assert r.folded[0].into == ["conv"]
+    _check(r.model, r.exact, _bn_conv_maths(m, 0, groups=3), _pixels((2, 3, 8, 8), 5), "input")
 
 
 def test_norm_before_padded_conv_refused():

@@ -173,11 +173,9 @@ def _walk(
     def rep(v: str) -> Rep:
         return reps.get(v, IDENTITY)
 
-    def absorbed(r: Rep, into: str, how: str) -> None:
+    def absorbed(r: Rep, into: str) -> None:
         for n in r.norms:
             folded[n].into.append(into)
-            if how == "re-based":
-                folded[n].how = how
 
     for op in graph.ops:
         if op.kind in _LAYERS:
@@ -215,7 +213,7 @@ def _walk(
         r = ins[0]
         if op.kind == "linear":
             actions.append(("absorb", op, r))
-            absorbed(r, op.name, "forward")
+            absorbed(r, op.name)
         elif op.kind == "conv2d":
             pad = op.attrs.get("padding", 0)
             if pad not in (0, [0, 0], (0, 0)) and r.shift is not None and bool(r.shift.any()):
@@ -225,7 +223,7 @@ def _walk(
                     f"padding {pad}: inexact at the borders",
                 )
             actions.append(("absorb_conv", op, r))
-            absorbed(r, op.name, "forward")
+            absorbed(r, op.name)
         elif (
             op.kind in ("select", "global_avgpool")
             or op.kind == "maxpool2d"
@@ -234,9 +232,12 @@ def _walk(
         ):
             reps[op.output] = r
         elif op.kind == "add":
+            n_actions = len(actions)
             reps[op.output] = _plan_add(op, ins, writer, consumers, maps, actions, scales)
-            for side in ins:
-                absorbed(side, op.name, "re-based")
+            rescaled = [f"{a[1].name} (rescaled)" for a in actions[n_actions:]]
+            for n in reps[op.output].norms:
+                folded[n].how = "re-based"
+                folded[n].into.extend(rescaled)
         else:
             bad = frozenset().union(*(x.norms for x in ins))
             raise _Blocked(bad, f"its affine map would reach {_describe(op, folding)}")
