@@ -1,0 +1,356 @@
+"""Benchmark ``normtool fold`` with ONNX Runtime: is a folded UN network as fast as no norm at all?
+
+For a ViT-B/16-shaped and a GPT-2-small-shaped network (random weights, Unified Normalization
+with random trained-looking running statistics) four variants of the SAME network are exported
+with normtool's ONNX emitter and timed in interleaved rounds (``normtool.bench.run_bench``):
+
+* ``un-folded``   — ``fold_norms`` output: the norms are gone, their maps live in the linears;
+* ``un-unfolded`` — the original: each UN is a ``Mul`` + ``Add`` with precomputed scale/shift;
+* ``layernorm``   — every UN replaced by a LayerNorm with the same γ, β (what UN replaces);
+* ``no-norm``     — every norm deleted: the ceiling a fold can reach.
+
+Reported per shape and batch: median and p90 latency, the ratios folded / no-norm (target ≤ 1.01)
+and folded / LayerNorm, the ORT output difference folded vs unfolded, and the peak memory of
+each ORT session (resident-set growth of a fresh process while the session is created and run
+three times: weights, arena and activations; CPU provider only — a GPU's memory is not in RSS).
+
+Usage: ``python scripts/bench_fold.py [--quick] [--provider auto|cpu|cuda] [--no-write]``.
+``--quick`` uses tiny shapes and few runs (a smoke test; its numbers mean nothing). Results go
+to the ``bench_fold`` section of BENCHMARKS.md (other sections are left untouched).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime
+import torch
+from safetensors.torch import save_file
+
+from normtool.bench import run_bench
+from normtool.export import export_model
+from normtool.graph import Graph
+from normtool.inputs import random_inputs
+from normtool.load import load_model
+from normtool.model import Model
+from normtool.nn import ReferenceTransformer, UnifiedNorm, transformer_config
+from normtool.nn.save import save_reference
+from normtool.passes.fold import fold_norms
+
+ROOT = Path(__file__).resolve().parent.parent
+START, END = "<!-- bench_fold:start -->", "<!-- bench_fold:end -->"
+
+SHAPES = {
+    # name: (builder kwargs, full, quick)
+    "ViT-B/16": (
+        {
+            "d": 768,
+            "heads": 12,
+            "layers": 12,
+            "d_ff": 3072,
+            "image": 224,
+            "patch": 16,
+            "classes": 1000,
+        },
+        {"d": 64, "heads": 4, "layers": 2, "d_ff": 128, "image": 32, "patch": 8, "classes": 10},
+    ),
+    "GPT-2 small": (
+        {"d": 768, "heads": 12, "layers": 12, "d_ff": 3072, "vocab": 50257, "max_len": 1024},
+        {"d": 64, "heads": 4, "layers": 2, "d_ff": 128, "vocab": 500, "max_len": 64},
+    ),
+}
+
+
+def _un_state(prefix: str, d: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+    """A UnifiedNorm's state dict (reference keys) with trained-looking statistics."""
+    sd = {f"{prefix}.{k}": v.clone() for k, v in UnifiedNorm(d).state_dict().items()}
+    sd[f"{prefix}.weight"] = 1 + 0.3 * torch.randn(d, generator=g)
+    sd[f"{prefix}.bias"] = 0.1 * torch.randn(d, generator=g)
+    sd[f"{prefix}.running_var"] = torch.rand(d, generator=g) * 2 + 0.2
+    return sd
+
+
+def make_vit(
+    out: Path, d: int, heads: int, layers: int, d_ff: int, image: int, patch: int, classes: int
+) -> Model:
+    """A timm-layout ViT state dict with UN norms (random weights, std 0.02)."""
+    g = torch.Generator().manual_seed(0)
+
+    def w(*shape: int) -> torch.Tensor:
+        return 0.02 * torch.randn(*shape, generator=g)
+
+    tokens = (image // patch) ** 2 + 1
+    sd = {
+        "patch_embed.proj.weight": w(d, 3, patch, patch),
+        "patch_embed.proj.bias": w(d),
+        "cls_token": w(1, 1, d),
+        "pos_embed": w(1, tokens, d),
+        "head.weight": w(classes, d),
+        "head.bias": w(classes),
+        **_un_state("norm", d, g),
+    }
+    for i in range(layers):
+        p = f"blocks.{i}"
+        sd |= _un_state(f"{p}.norm1", d, g) | _un_state(f"{p}.norm2", d, g)
+        sd |= {
+            f"{p}.attn.qkv.weight": w(3 * d, d),
+            f"{p}.attn.qkv.bias": w(3 * d),
+            f"{p}.attn.proj.weight": w(d, d),
+            f"{p}.attn.proj.bias": w(d),
+            f"{p}.mlp.fc1.weight": w(d_ff, d),
+            f"{p}.mlp.fc1.bias": w(d_ff),
+            f"{p}.mlp.fc2.weight": w(d, d_ff),
+            f"{p}.mlp.fc2.bias": w(d),
+        }
+    path = out / "vit_un.safetensors"
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+    return load_model(path, heads=heads)
+
+
+def make_gpt(
+    out: Path, d: int, heads: int, layers: int, d_ff: int, vocab: int, max_len: int
+) -> Model:
+    """normtool's reference transformer, GPT-2-shaped (causal LM, gelu), with UN norms."""
+    cfg = transformer_config(
+        vocab_size=vocab,
+        max_len=max_len,
+        d_model=d,
+        heads=heads,
+        layers=layers,
+        d_ff=d_ff,
+        norm="un",
+        causal=True,
+    )
+    torch.manual_seed(0)
+    model = ReferenceTransformer(cfg)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, UnifiedNorm):
+                m.weight.copy_(1 + 0.3 * torch.randn(d, generator=g))
+                m.bias.copy_(0.1 * torch.randn(d, generator=g))
+                m.running_var.copy_(torch.rand(d, generator=g) * 2 + 0.2)
+    path = save_reference(model.eval(), out / "gpt_un.safetensors", force=True)
+    return load_model(path)
+
+
+def _variant(model: Model, kind: str) -> Model:
+    """The same network with every UN replaced by a LayerNorm (same γ, β) or deleted."""
+    g = model.graph.copy()
+    alias: dict[str, str] = {}
+    ops = []
+    for op in g.ops:
+        op.inputs = tuple(alias.get(v, v) for v in op.inputs)
+        if op.kind != "unorm":
+            ops.append(op)
+        elif kind == "no-norm":
+            alias[op.output] = op.inputs[0]
+        else:
+            op.kind = "layernorm"
+            op.params = {"weight": op.params["weight"], "bias": op.params["bias"]}
+            ops.append(op)
+    g.ops = ops
+    used = {t for o in g.ops for t in o.params.values()}
+    g.tensors = {k: v for k, v in g.tensors.items() if k in used}
+    g.validate()
+    return Model(g, model.checkpoint, dict(model.overrides))
+
+
+PROBE = """
+import json, sys
+import numpy as np, onnxruntime as ort
+
+def status(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field):
+            return int(line.split()[1]) / 1024  # kB -> MiB
+
+path, feeds = sys.argv[1], json.loads(sys.argv[2])
+arrays = {n: (np.random.randint(0, v["vocab"], v["shape"]).astype(np.int64) if v["vocab"]
+              else np.random.randn(*v["shape"]).astype(np.float32)) for n, v in feeds.items()}
+with open("/proc/self/clear_refs", "w") as f:  # reset the peak (VmHWM) to the current RSS
+    f.write("5")
+base = status("VmRSS")
+s = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+for _ in range(3):
+    s.run(None, arrays)
+print(status("VmHWM") - base)
+"""
+
+
+def peak_memory_mib(onnx_path: Path, graph: Graph, batch: int, seq: int) -> float:
+    """RSS growth (MiB) of a fresh process creating the CPU session and running it 3 times."""
+    x = random_inputs(graph, batch, seq, seed=0)
+    feeds = {
+        s.name: {"shape": list(x[s.name].shape), "vocab": s.vocab if s.kind == "tokens" else 0}
+        for s in graph.inputs
+    }
+    r = subprocess.run(
+        [sys.executable, "-c", PROBE, str(onnx_path), json.dumps(feeds)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return float(r.stdout.strip())
+
+
+def ort_difference(a: Path, b: Path, graph: Graph, batch: int, seq: int) -> float:
+    """Max |Δ| of the ORT logits of two exports on the same random inputs (CPU, fp32)."""
+    feeds = {
+        k: v.float().numpy() if v.is_floating_point() else v.numpy()
+        for k, v in random_inputs(graph, batch, seq, seed=1).items()
+    }
+    ya, yb = (
+        onnxruntime.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+        for p in (a, b)
+    )
+    return float(np.abs(ya - yb).max())
+
+
+def bench_shape(name: str, model: Model, work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    result = fold_norms(model)
+    variants = {
+        "un-folded": result.model,
+        "un-unfolded": model,
+        "layernorm": _variant(model, "layernorm"),
+        "no-norm": _variant(model, "no-norm"),
+    }
+    paths = {}
+    for label, m in variants.items():
+        paths[label] = work / f"{name.replace('/', '_').replace(' ', '_')}-{label}.onnx"
+        export_model(m, paths[label])
+    seq = args.seq if any(s.kind == "tokens" for s in model.graph.inputs) else 1
+    report = run_bench(
+        list(paths.values()),
+        provider=args.provider,
+        batches=args.batches,
+        seqs=(seq,),
+        warmup=args.warmup,
+        iters=args.iters,
+        threads=args.threads,
+    )
+    labels = list(paths)
+    rows = []
+    for shape in report["results"]:
+        med = {lab: r["median_ms"] for lab, r in zip(labels, shape["models"], strict=True)}
+        p90 = {lab: r["p90_ms"] for lab, r in zip(labels, shape["models"], strict=True)}
+        b = shape["batch"]
+        mem = {lab: peak_memory_mib(p, model.graph, b, seq) for lab, p in paths.items()}
+        rows.append(
+            {
+                "batch": b,
+                "seq": shape["seq"],
+                "median_ms": med,
+                "p90_ms": p90,
+                "peak_mib": mem,
+                "folded_vs_ceiling": med["un-folded"] / med["no-norm"],
+                "folded_vs_layernorm": med["un-folded"] / med["layernorm"],
+                "folded_vs_unfolded": med["un-folded"] / med["un-unfolded"],
+                "ort_max_abs_folded_vs_unfolded": ort_difference(
+                    paths["un-folded"], paths["un-unfolded"], model.graph, b, seq
+                ),
+            }
+        )
+    return {
+        "shape": name,
+        "params": model.param_count(),
+        "fold": result.summary(),
+        "provider": report["provider"],
+        "device": report["device"],
+        "versions": report["versions"],
+        "date": report["date"],
+        "rows": rows,
+    }
+
+
+def to_markdown(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
+    r0 = results[0]
+    lines = [
+        START,
+        "## fold: folded Unified Normalization vs unfolded, LayerNorm and no norm (ONNX Runtime)",
+        "",
+        f"`python scripts/bench_fold.py{' --quick' if args.quick else ''}` — provider "
+        f"**{r0['provider']}** ({r0['device']}), {r0['date']}, onnxruntime "
+        f"{r0['versions'].get('onnxruntime', onnxruntime.__version__)}, fp32, {args.warmup} warm-up "
+        f"and {args.iters} interleaved rounds per shape, median (p90) ms. Same network in every "
+        "column (random weights; UN with random trained-looking statistics); `folded` is the "
+        "output of `normtool fold`. Ratios are of medians measured in the same rounds. Peak "
+        "memory: RSS growth of a fresh process while the CPU session is created and run 3×.",
+        "",
+        "| shape | batch | UN folded | UN unfolded | LayerNorm | no norm (ceiling) | folded / ceiling "
+        "| folded / LN | folded / unfolded | peak MiB folded / unfolded / LN / none | ORT max abs Δ |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for res in results:
+        for r in res["rows"]:
+            cell = {k: f"{r['median_ms'][k]:.2f} ({r['p90_ms'][k]:.2f})" for k in r["median_ms"]}
+            mem = " / ".join(
+                f"{r['peak_mib'][k]:.0f}"
+                for k in ("un-folded", "un-unfolded", "layernorm", "no-norm")
+            )
+            seq = f", seq {r['seq']}" if r["seq"] and r["seq"] > 1 else ""
+            lines.append(
+                f"| {res['shape']}{seq} | {r['batch']} | {cell['un-folded']} | {cell['un-unfolded']} "
+                f"| {cell['layernorm']} | {cell['no-norm']} | {r['folded_vs_ceiling']:.3f} "
+                f"| {r['folded_vs_layernorm']:.3f} | {r['folded_vs_unfolded']:.3f} | {mem} "
+                f"| {r['ort_max_abs_folded_vs_unfolded']:.1e} |"
+            )
+    lines += ["", *[f"- {r['shape']}: {r['params']:,} parameters; {r['fold']}." for r in results]]
+    if args.quick:
+        lines.append("- `--quick`: tiny shapes and few rounds — a smoke run, not a measurement.")
+    lines.append(END)
+    return "\n".join(lines)
+
+
+def write_section(md: str, path: Path) -> None:
+    """Replace this script's section of BENCHMARKS.md (append it if absent), atomically."""
+    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
+    if START in text and END in text:
+        head, rest = text.split(START, 1)
+        text = head + md + rest.split(END, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + md + "\n"
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="tiny shapes, few rounds (smoke test)")
+    ap.add_argument(
+        "--provider", default="auto", help="auto (CUDA if it runs, else CPU), cpu, cuda"
+    )
+    ap.add_argument("--threads", type=int, default=None, help="ORT intra-op threads")
+    ap.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md")
+    ap.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md")
+    ap.add_argument("--json", type=Path, default=None, help="also write the raw results here")
+    args = ap.parse_args()
+    args.batches = (1, 8)
+    args.seq = 16 if args.quick else 128
+    args.warmup, args.iters = (1, 5) if args.quick else (3, 15)
+    results = []
+    with tempfile.TemporaryDirectory(prefix="bench-fold-") as tmp:
+        work = Path(tmp)
+        for name, (full, quick) in SHAPES.items():
+            kw = quick if args.quick else full
+            model = make_vit(work, **kw) if name.startswith("ViT") else make_gpt(work, **kw)
+            print(f"{name}: {model.param_count():,} parameters", file=sys.stderr, flush=True)
+            results.append(bench_shape(name, model, work, args))
+    md = to_markdown(results, args)
+    print(md)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2, default=str), encoding="utf-8")
+    if not args.no_write:
+        write_section(md, args.output)
+
+
+if __name__ == "__main__":
+    main()
