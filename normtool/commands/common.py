@@ -39,6 +39,14 @@ ActOpt = Annotated[
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing output.")]
 OutOpt = Annotated[Path | None, typer.Option("-o", "--output", help="Output path.")]
+MaxShardOpt = Annotated[
+    str,
+    typer.Option(
+        "--max-shard-size",
+        help="Write normtool outputs larger than this as Hugging Face shards + index "
+        "(bytes, or e.g. 500MB, 5GB).",
+    ),
+]
 PathArg = Annotated[Path, typer.Argument(help="Checkpoint file or Hugging Face model folder.")]
 
 

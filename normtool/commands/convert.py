@@ -13,6 +13,7 @@ from normtool.commands.common import (
     ForceOpt,
     HeadsOpt,
     JsonOpt,
+    MaxShardOpt,
     OutOpt,
     PathArg,
     default_output,
@@ -21,7 +22,7 @@ from normtool.commands.common import (
 )
 from normtool.errors import CheckFailed, NormtoolError
 from normtool.io.atomic import check_output_path
-from normtool.io.writer import save_model
+from normtool.io.writer import parse_size, save_model
 from normtool.model import Model
 from normtool.passes.ln_to_rms import Conversion
 from normtool.passes.ln_to_rms import convert_ln_to_rms as convert
@@ -83,9 +84,11 @@ def convert_ln_to_rms(
         bool, typer.Option("--no-verify", help="Skip the fp64/fp32 self-check before writing.")
     ] = False,
     force: ForceOpt = False,
+    max_shard_size: MaxShardOpt = "5GB",
     as_json: JsonOpt = False,
 ) -> None:
     """Rewrite a Pre-LN transformer to Pre-RMSNorm (or Pre-CRMSNorm), computing the same function."""
+    shard = parse_size(max_shard_size)
     model = load(path, arch, heads)
     out = output or default_output(path, ".crms.safetensors" if compressed else ".rms.safetensors")
     check_output_path(out, [path], force)  # fail before the work, not after it
@@ -100,7 +103,7 @@ def convert_ln_to_rms(
             raise CheckFailed("self-verification failed, nothing written: " + "; ".join(bad), path)
     summary = conv.summary()
     entry = history.entry("convert-ln-to-rms", model, {"compressed": compressed}, errors, summary)
-    save_model(conv.model(entry), out, inputs=[Path(path)], force=force)
+    out = save_model(conv.model(entry), out, [Path(path)], force, max_shard_size=shard)
     payload: dict[str, Any] = {
         "input": str(path),
         "output": str(out),

@@ -13,6 +13,7 @@ from normtool.commands.common import (
     ForceOpt,
     HeadsOpt,
     JsonOpt,
+    MaxShardOpt,
     OutOpt,
     PathArg,
     default_output,
@@ -21,7 +22,7 @@ from normtool.commands.common import (
 )
 from normtool.errors import CheckFailed, NormtoolError
 from normtool.io.atomic import check_output_path
-from normtool.io.writer import save_model
+from normtool.io.writer import parse_size, save_model
 from normtool.model import Model
 from normtool.passes.fold import SELECTORS, WS_NOTE, FoldResult, fold_norms
 from normtool.verify import compare_models
@@ -91,6 +92,7 @@ def fold(
         bool, typer.Option("--no-verify", help="Skip the fp64/fp32 self-check before writing.")
     ] = False,
     force: ForceOpt = False,
+    max_shard_size: MaxShardOpt = "5GB",
     as_json: JsonOpt = False,
 ) -> None:
     """Fold UN, PowerNorm and BatchNorm into neighbouring layers, computing the same function.
@@ -100,6 +102,7 @@ def fold(
     skipped, with reasons; self-verifies (fp64 and fp32) before writing.
     """
     kinds = list(SELECTORS) if only is None else [k.strip() for k in only.split(",") if k.strip()]
+    shard = parse_size(max_shard_size)
     model = load(path, arch, heads)
     out = output or default_output(path, ".folded.safetensors")
     check_output_path(out, [path], force)  # fail before the work, not after it
@@ -116,7 +119,7 @@ def fold(
     summary = result.summary()
     params = {"only": kinds, "heads": heads}
     result.model.history.append(history.entry("fold", model, params, errors, summary))
-    save_model(result.model, out, inputs=[Path(path)], force=force)
+    out = save_model(result.model, out, [Path(path)], force, max_shard_size=shard)
     payload: dict[str, Any] = {
         "input": str(path),
         "output": str(out),

@@ -14,12 +14,14 @@ from normtool.commands.common import (
     ForceOpt,
     HeadsOpt,
     JsonOpt,
+    MaxShardOpt,
     OutOpt,
     emit,
     load,
     progress,
 )
 from normtool.io.source_writer import default_output_name, save_like_source
+from normtool.io.writer import parse_size
 from normtool.merge.interpolate import parse_weights
 from normtool.merge.merge import MergeOptions, merge_models, save_perms
 
@@ -68,9 +70,11 @@ def merge(
     heads: HeadsOpt = None,
     act: ActOpt = None,
     force: ForceOpt = False,
+    max_shard_size: MaxShardOpt = "5GB",
     as_json: JsonOpt = False,
 ) -> None:
     """Merge models: permute each into a shared basis (weight matching), then interpolate."""
+    shard = parse_size(max_shard_size)
     loaded = [load(p, arch, heads, act) for p in models]
     opts = MergeOptions(
         method=method,
@@ -83,7 +87,7 @@ def merge(
     r = merge_models(loaded, opts, sweep_bar)
     ck = loaded[0].checkpoint
     out = output or default_output_name(ck, "merged")
-    save_like_source(r.model, out, models, force)
+    out = save_like_source(r.model, out, models, force, shard)
     if save_perms_to is not None:
         save_perms(r.perms, save_perms_to, models, force)
     if r.batchnorm == "stale":

@@ -27,7 +27,7 @@ from normtool.errors import NormtoolError
 from normtool.io.atomic import atomic_path
 from normtool.io.safetensors_format import write_stream
 from normtool.io.store import TORCH_SUFFIXES, WEIGHT_FILES, Checkpoint
-from normtool.io.writer import save_model
+from normtool.io.writer import DEFAULT_MAX_SHARD, save_model
 from normtool.load import GRAPH_KEY, HISTORY_KEY
 from normtool.model import Model, read_view
 
@@ -131,9 +131,14 @@ def _write_safetensors(
 
 
 def save_like_source(
-    model: Model, out: Path, inputs: Sequence[Path] = (), force: bool = False
+    model: Model,
+    out: Path,
+    inputs: Sequence[Path] = (),
+    force: bool = False,
+    max_shard_size: int = DEFAULT_MAX_SHARD,
 ) -> Path:
-    """Write ``model`` to ``out`` in its source checkpoint's format; returns ``out``.
+    """Write ``model`` to ``out`` in its source checkpoint's format; returns the path to open
+    (``out``, or the index of a sharded normtool output: see ``save_model``).
 
     The model's history is stored as JSON under ``normtool.history`` in every safetensors file's
     metadata (a ``.pt`` output cannot carry metadata).
@@ -142,7 +147,7 @@ def save_like_source(
     if ck is None:
         raise ValueError("model has no source checkpoint")
     if is_normtool(ck):
-        return save_model(model, out, inputs, force)
+        return save_model(model, out, inputs, force, max_shard_size=max_shard_size)
     produce = _Assembler(model)
     meta = {k: v for k, v in ck.metadata.items() if k not in (GRAPH_KEY, HISTORY_KEY)}
     meta.update({"format": "pt", HISTORY_KEY: json.dumps(model.history)})
