@@ -164,7 +164,6 @@ def _walk(
 ) -> _Plan:
     """One pass over the ops, following every folded map downstream; raises _Blocked."""
     reps: dict[str, Rep] = {}
-    alias: dict[str, str] = {}  # value of a removed norm → the value that stands for it
     writer: dict[str, Op] = {}  # value → the linear/conv that now writes it
     actions: list[tuple] = []
     folded: dict[str, FoldedNorm] = {}
@@ -206,7 +205,6 @@ def _walk(
             else:
                 actions.append(("remove", op))
                 reps[op.output] = through_norm(ins[0], op.name, s, t)
-                alias[op.output] = alias.get(src, src)
             continue
         if all(r.identity for r in ins):
             continue
@@ -224,12 +222,9 @@ def _walk(
                 )
             actions.append(("absorb_conv", op, r))
             absorbed(r, op.name)
-        elif (
-            op.kind in ("select", "global_avgpool")
-            or op.kind == "maxpool2d"
-            and r.scale is not None
-            and bool((r.scale > 0).all())
-        ):
+        elif op.kind in ("select", "global_avgpool") or (
+            op.kind == "maxpool2d" and (r.scale is None or bool((r.scale > 0).all()))
+        ):  # per-channel maps commute with picking a token, averaging, max of positive scales
             reps[op.output] = r
         elif op.kind == "add":
             n_actions = len(actions)
