@@ -269,7 +269,7 @@ class _Reader:
         if rows is not None and self.by_rows(name):
             key = self.model.graph.tensors[name].source.key
             return self.model.checkpoint.get_rows(key, rows.start, rows.stop)
-        t = self.model.tensor(name)
+        t = self.model.tensor(name).contiguous()  # transposed views (Conv1D) copied once here
         return t if rows is None else t[rows]
 
 

@@ -1,0 +1,380 @@
+"""Benchmark convert-ln-to-rms: ONNX Runtime latency of LayerNorm vs RMSNorm vs CRMSNorm vs no norm,
+and the cost of converting a GPT-2-medium-sized checkpoint.
+
+Latency: a GPT-2-small-shaped LM (12 layers, d=768, 12 heads; batch 1/8 × seq 128/512) and a
+ViT-B/16-shaped classifier (batch 1/8), random weights (speed does not depend on their values).
+Each model is exported by normtool's emitter in four forms — the original (LayerNormalization),
+the RMS conversion, the CRMS conversion (stream width d−1 = 767) and the *ceiling*: the RMS
+network with every norm removed — plus the RMS conversion emitted at opset 22 (the decomposed
+norm ORT fuses into SimplifiedLayerNormalization) to check the emitter's choice of form. All
+forms run interleaved round by round (normtool.timing) so drift hits them alike; medians, p90
+and ratios against the original come from the same run.
+
+Conversion cost: a GPT-2-medium-shaped fp32 checkpoint (24 layers, d=1024, ~1.4 GB; generated
+here, deleted afterwards) converted with ``normtool convert-ln-to-rms --no-verify`` against a
+plain ``safetensors`` load + save of the same file; wall time and peak RSS (``/usr/bin/time -v``)
+of fresh processes, RSS reported above an idle ``python -c "import torch"``.
+
+Writes the raw results as JSON and this script's own section of BENCHMARKS.md (other sections
+are left untouched). ``--quick``: batch 1 × seq 128 only, few rounds, a 6-layer checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import onnxruntime
+import torch
+
+from normtool.graph import Graph
+from normtool.inputs import random_inputs
+from normtool.io.safetensors_format import write_stream
+from normtool.load import load_model
+from normtool.model import Model
+from normtool.passes.ln_to_rms import convert_ln_to_rms
+from normtool.runtime.onnx_emit import EmitOptions, emit_onnx
+from normtool.runtime.ort import create_session
+from normtool.timing import interleaved, summarize
+
+ROOT = Path(__file__).resolve().parents[1]
+START, END = "<!-- bench_ln_to_rms:start -->", "<!-- bench_ln_to_rms:end -->"
+FORMS = ["layernorm", "rms", "crms", "rms@opset22", "no-norm"]
+
+
+# ---- models ---------------------------------------------------------------------------------
+
+
+def gpt2_small(folder: Path) -> Path:
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=12, n_embd=768, n_head=12, n_positions=1024, vocab_size=50257)
+    GPT2LMHeadModel(cfg).eval().save_pretrained(folder)
+    return folder
+
+
+def vit_base(folder: Path) -> Path:
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    cfg = ViTConfig(image_size=224, patch_size=16, num_labels=1000)  # ViT-B/16 defaults otherwise
+    ViTForImageClassification(cfg).eval().save_pretrained(folder)
+    return folder
+
+
+def without_norms(graph: Graph) -> Graph:
+    """The ceiling: the same network with every norm op removed (its readers read its input)."""
+    g = graph.copy()
+    for op in [o for o in g.ops if o.kind in ("layernorm", "rmsnorm", "crmsnorm")]:
+        for c in g.ops:
+            c.inputs = tuple(op.inputs[0] if v == op.output else v for v in c.inputs)
+        g.outputs = [op.inputs[0] if v == op.output else v for v in g.outputs]
+        g.ops.remove(op)
+    used = {t for o in g.ops for t in o.params.values()}
+    g.tensors = {k: v for k, v in g.tensors.items() if k in used}
+    g.validate()
+    return g
+
+
+def forms(model: Model) -> dict[str, tuple[Graph, Any, EmitOptions]]:
+    rms = convert_ln_to_rms(model, compressed=False).model({})
+    crms = convert_ln_to_rms(model, compressed=True).model({})
+    # materialise once: every form's export reads the tensors, the thunks recompute them
+    rms_w = {k: rms.tensor(k) for k in rms.graph.tensors}
+    crms_w = {k: crms.tensor(k) for k in crms.graph.tensors}
+    return {
+        "layernorm": (model.graph, model.weights(), EmitOptions()),
+        "rms": (rms.graph, rms_w, EmitOptions()),
+        "crms": (crms.graph, crms_w, EmitOptions()),
+        "rms@opset22": (rms.graph, rms_w, EmitOptions(opset=22)),
+        "no-norm": (without_norms(rms.graph), rms_w, EmitOptions()),
+    }
+
+
+def bench_model(
+    label: str, folder: Path, shapes: list[tuple[int, int]], args: argparse.Namespace
+) -> list[dict[str, Any]]:
+    model = load_model(folder)
+    sessions, providers, node_types = {}, set(), {}
+    for name, (graph, weights, opts) in forms(model).items():
+        onnx_model = emit_onnx(graph, weights, opts)
+        node_types[name] = sorted(
+            {n.op_type for n in onnx_model.graph.node if "Norm" in n.op_type or n.op_type == "Pow"}
+        )
+        s = create_session(onnx_model.SerializeToString(), args.provider, args.threads)
+        sessions[name] = s
+        providers.add(s.provider)
+        del onnx_model
+    rows = []
+    for batch, seq in shapes:
+        feeds = random_inputs(model.graph, batch, seq, 0)
+        feeds = {k: (v.float() if v.is_floating_point() else v) for k, v in feeds.items()}
+        runners = [lambda s=sessions[f], x=feeds: s.run(x) for f in FORMS]
+        big = batch * seq >= 2048
+        iters = args.iters_big if big else args.iters
+        times = interleaved(runners, warmup=1 if big else 2, iters=iters)
+        stats = {f: summarize(t, batch) for f, t in zip(FORMS, times, strict=True)}
+        base = stats["layernorm"]["median_ms"]
+        rows.append(
+            {
+                "model": label,
+                "batch": batch,
+                "seq": seq,
+                "stats": stats,
+                "ratio_vs_layernorm": {f: stats[f]["median_ms"] / base for f in FORMS},
+                "providers": sorted(providers),
+            }
+        )
+        print(
+            label, batch, seq, {f: round(r, 4) for f, r in rows[-1]["ratio_vs_layernorm"].items()}
+        )
+    for r in rows:
+        r["norm_nodes"] = node_types
+    return rows
+
+
+# ---- conversion cost ------------------------------------------------------------------------
+
+
+def gpt2_medium_checkpoint(folder: Path, layers: int) -> Path:
+    """A GPT-2-medium-shaped HF folder of random fp32 weights, streamed to disk tensor by tensor."""
+    from transformers import GPT2Config
+
+    d, ff, vocab, pos = 1024, 4096, 50257, 1024
+    cfg = GPT2Config(n_layer=layers, n_embd=d, n_head=16, n_positions=pos, vocab_size=vocab)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(
+        json.dumps({**cfg.to_dict(), "architectures": ["GPT2LMHeadModel"]}), encoding="utf-8"
+    )
+    shapes: dict[str, tuple[int, ...]] = {
+        "transformer.wte.weight": (vocab, d),
+        "transformer.wpe.weight": (pos, d),
+    }
+    for i in range(layers):
+        p = f"transformer.h.{i}."
+        shapes.update(
+            {
+                p + "ln_1.weight": (d,),
+                p + "ln_1.bias": (d,),
+                p + "attn.c_attn.weight": (d, 3 * d),
+                p + "attn.c_attn.bias": (3 * d,),
+                p + "attn.c_proj.weight": (d, d),
+                p + "attn.c_proj.bias": (d,),
+                p + "ln_2.weight": (d,),
+                p + "ln_2.bias": (d,),
+                p + "mlp.c_fc.weight": (d, ff),
+                p + "mlp.c_fc.bias": (ff,),
+                p + "mlp.c_proj.weight": (ff, d),
+                p + "mlp.c_proj.bias": (d,),
+            }
+        )
+    shapes.update({"transformer.ln_f.weight": (d,), "transformer.ln_f.bias": (d,)})
+    g = torch.Generator().manual_seed(0)
+
+    def produce(name: str) -> torch.Tensor:
+        t = torch.randn(shapes[name], generator=g) * 0.02
+        return t + 1.0 if name.endswith(("ln_1.weight", "ln_2.weight", "ln_f.weight")) else t
+
+    specs = [(k, torch.float32, s) for k, s in shapes.items()]
+    with (folder / "model.safetensors").open("wb") as f:
+        write_stream(f, specs, produce, {"format": "pt"})
+    return folder
+
+
+_PLAIN = (
+    "import sys; from safetensors.torch import load_file, save_file; "
+    "save_file(load_file(sys.argv[1]), sys.argv[2])"
+)
+
+
+def measured(cmd: list[str]) -> dict[str, float]:
+    """Wall seconds and peak RSS (MB) of a fresh process, via /usr/bin/time -v."""
+    t0 = time.perf_counter()
+    r = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if r.returncode != 0:
+        raise SystemExit(f"failed: {' '.join(cmd)}\n{r.stderr[-2000:]}")
+    rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", r.stderr)[1])
+    return {"wall_s": wall, "peak_rss_mb": rss / 1024}
+
+
+def conversion_cost(work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    layers = 6 if args.quick else 24
+    folder = gpt2_medium_checkpoint(work / "gpt2m", layers)
+    ck = folder / "model.safetensors"
+    size_mb = ck.stat().st_size / 2**20
+    py = sys.executable
+    cmds = {
+        "idle": [py, "-c", "import torch"],
+        "plain": [py, "-c", _PLAIN, str(ck), str(work / "plain.safetensors")],
+        "convert": [
+            py, "-m", "normtool", "--quiet", "convert-ln-to-rms", str(folder),
+            "-o", str(work / "conv.safetensors"), "--no-verify", "--force",
+        ],
+    }  # fmt: skip
+    runs: dict[str, list[dict[str, float]]] = {k: [] for k in cmds}
+    for _ in range(args.cost_repeats):  # interleaved, like the latency rounds
+        for k, cmd in cmds.items():
+            runs[k].append(measured(cmd))
+    med = {
+        k: {m: statistics.median(x[m] for x in v) for m in ("wall_s", "peak_rss_mb")}
+        for k, v in runs.items()
+    }
+    idle = med["idle"]["peak_rss_mb"]
+    return {
+        "layers": layers,
+        "checkpoint_mb": size_mb,
+        "runs": runs,
+        "median": med,
+        "wall_ratio": med["convert"]["wall_s"] / med["plain"]["wall_s"],
+        "convert_rss_above_idle_mb": med["convert"]["peak_rss_mb"] - idle,
+        "plain_rss_above_idle_mb": med["plain"]["peak_rss_mb"] - idle,
+        "convert_rss_ratio": (med["convert"]["peak_rss_mb"] - idle) / size_mb,
+    }
+
+
+# ---- report ---------------------------------------------------------------------------------
+
+
+def to_markdown(rows: list[dict[str, Any]], cost: dict[str, Any] | None, meta: dict) -> str:
+    lines = [
+        START,
+        "## convert-ln-to-rms (`scripts/bench_ln_to_rms.py`)",
+        "",
+        f"{meta['when']}, {meta['machine']}; ONNX Runtime {meta['ort']}, provider(s): "
+        f"{', '.join(sorted({p for r in rows for p in r['providers']})) or '-'}; "
+        f"threads: {meta['threads'] or 'ORT default'}; 1-min load average "
+        f"{meta['load_avg_start']:.1f} → {meta['load_avg_end']:.1f} (other jobs share the "
+        "CPUs when it exceeds the CPU count). Median ms of interleaved rounds "
+        "(p90 in brackets); ratio = median / LayerNorm median in the same run.",
+        "",
+        "| model | batch×seq | LayerNorm | RMS | CRMS | RMS@opset22 | no norm | RMS ratio | "
+        "CRMS ratio | opset22 ratio | ceiling ratio |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        cell = {
+            f: f"{r['stats'][f]['median_ms']:.1f} ({r['stats'][f]['p90_ms']:.1f})" for f in FORMS
+        }
+        q = r["ratio_vs_layernorm"]
+        lines.append(
+            f"| {r['model']} | {r['batch']}×{r['seq']} | {cell['layernorm']} | {cell['rms']} "
+            f"| {cell['crms']} | {cell['rms@opset22']} | {cell['no-norm']} | {q['rms']:.3f} "
+            f"| {q['crms']:.3f} | {q['rms@opset22']:.3f} | {q['no-norm']:.3f} |"
+        )
+    if rows:
+        lines.append("")
+        lines.append(f"- rounds per shape: {meta['iters']} (≥2048 tokens: {meta['iters_big']}).")
+        for label in dict.fromkeys(r["model"] for r in rows):
+            nodes = next(r["norm_nodes"] for r in rows if r["model"] == label)
+            lines.append(
+                f"- {label} norm nodes per form: "
+                + "; ".join(f"{f}: {', '.join(v) or 'none'}" for f, v in nodes.items())
+            )
+    if cost is not None:
+        m = cost["median"]
+        lines += [
+            "",
+            f"Conversion cost, GPT-2-medium-shaped fp32 checkpoint ({cost['layers']} layers, "
+            f"{cost['checkpoint_mb']:.0f} MiB), medians of {len(cost['runs']['idle'])} "
+            "interleaved fresh processes:",
+            "",
+            "| process | wall s | peak RSS MiB | RSS above idle MiB |",
+            "|---|---|---|---|",
+        ]
+        for k, label in (
+            ("idle", "python -c 'import torch'"),
+            ("plain", "safetensors load_file + save_file"),
+            ("convert", "normtool convert-ln-to-rms --no-verify"),
+        ):
+            above = m[k]["peak_rss_mb"] - m["idle"]["peak_rss_mb"]
+            lines.append(
+                f"| {label} | {m[k]['wall_s']:.2f} | {m[k]['peak_rss_mb']:.0f} | {above:.0f} |"
+            )
+        lines += [
+            "",
+            f"- wall time ratio convert / plain: **{cost['wall_ratio']:.2f}** (target ≤ 1.5); "
+            f"convert peak RSS above idle: **{cost['convert_rss_ratio']:.2f}×** the checkpoint "
+            "size (target ≤ 0.5).",
+            "- The self-check (fp64 and fp32 runs of both models) is excluded: it is a model run, "
+            "not conversion, and scales with the verification batches.",
+        ]
+    if meta["quick"]:
+        lines.append("- `--quick`: one shape, few rounds, a 6-layer checkpoint — a smoke run.")
+    lines.append(END)
+    return "\n".join(lines)
+
+
+def write_section(md: str, path: Path) -> None:
+    """Replace this script's section of BENCHMARKS.md (append it if absent), atomically."""
+    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
+    if START in text and END in text:
+        head, rest = text.split(START, 1)
+        text = head + md + rest.split(END, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n" + md + "\n"
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="one shape, few rounds, small checkpoint")
+    ap.add_argument("--provider", default="cpu", help="cpu (default), cuda or auto")
+    ap.add_argument("--threads", type=int, default=None, help="ORT intra-op threads")
+    ap.add_argument("--iters", type=int, default=None, help="rounds per shape")
+    ap.add_argument("--skip-latency", action="store_true")
+    ap.add_argument("--skip-cost", action="store_true")
+    ap.add_argument("--cost-repeats", type=int, default=None)
+    ap.add_argument("--json", type=Path, default=ROOT / "bench" / "ln_to_rms.json")
+    ap.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md")
+    ap.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md")
+    args = ap.parse_args()
+    args.iters = args.iters or (5 if args.quick else 20)
+    args.iters_big = max(3, args.iters // 4)
+    args.cost_repeats = args.cost_repeats or (1 if args.quick else 2)
+    gpt_shapes = [(1, 128)] if args.quick else [(1, 128), (1, 512), (8, 128), (8, 512)]
+    vit_shapes = [(1, 197)] if args.quick else [(1, 197), (8, 197)]
+    meta = {
+        "when": time.strftime("%Y-%m-%d"),
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
+        "ort": onnxruntime.__version__,
+        "threads": args.threads,
+        "iters": args.iters,
+        "iters_big": args.iters_big,
+        "quick": args.quick,
+        "load_avg_start": os.getloadavg()[0],
+    }
+    rows: list[dict[str, Any]] = []
+    cost = None
+    with tempfile.TemporaryDirectory(prefix="bench_ln_to_rms_") as tmp:
+        work = Path(tmp)
+        if not args.skip_latency:
+            rows += bench_model("GPT-2-small", gpt2_small(work / "gpt2s"), gpt_shapes, args)
+            rows += bench_model("ViT-B/16", vit_base(work / "vitb"), vit_shapes, args)
+        if not args.skip_cost:
+            cost = conversion_cost(work, args)
+            print(json.dumps({k: v for k, v in cost.items() if k != "runs"}, indent=1))
+    meta["load_avg_end"] = os.getloadavg()[0]
+    md = to_markdown(rows, cost, meta)
+    print(md)
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    args.json.write_text(json.dumps({"meta": meta, "latency": rows, "cost": cost}, indent=1))
+    if not args.no_write:
+        write_section(md, args.output)
+
+
+if __name__ == "__main__":
+    main()
