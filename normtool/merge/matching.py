@@ -65,6 +65,12 @@ def _axes_of(graph: Graph, names: list[str]) -> dict[str, list[tuple[str, int]]]
     return out
 
 
+def _moves_elsewhere(graph: Graph, name: str, axis: int, perms: Perms) -> bool:
+    """Whether tensor ``name`` has a permuted axis other than ``axis``."""
+    axes = graph.tensors[name].axes
+    return any(s in perms for ax, s in enumerate(axes) if ax != axis and s is not None)
+
+
 def _similarity(
     graph: Graph,
     entries: list[tuple[str, int]],
@@ -122,13 +128,14 @@ def objective(
     wb: Mapping[str, torch.Tensor],
     perms: Perms,
 ) -> float:
-    """``Σ ⟨W_A, P(W_B)⟩`` over the distinct floating-point tensors."""
+    """``Σ ⟨W_A, P(W_B)⟩`` over the distinct floating-point tensors (fp32 dot products, summed
+    in fp64: this is reported, not optimised, so BLAS speed wins over the last digits)."""
     total = 0.0
     for name in distinct_tensors(graph):
         a = wa[name]
         if a.is_floating_point():
             b = permute_tensor(wb[name], graph.tensors[name].axes, perms)
-            total += float((a.double() * b.double()).sum())
+            total += float(torch.dot(a.reshape(-1).float(), b.reshape(-1).float()))
     return total
 
 
@@ -145,6 +152,15 @@ def weight_matching(
     """Permutations of B's groups that make B closest to A (``wa``, ``wb``: float32 tensors)."""
     perms = dict(init) if init is not None else identity_perms(graph, groups)
     entries = _axes_of(graph, [n for n in distinct_tensors(graph) if wa[n].is_floating_point()])
+    # A tensor with no other permuted axis (embeddings, norms, biases, a vocabulary head) adds
+    # the same term to C in every sweep: compute it once. For GPT-2 this is the [V, d] embedding.
+    fixed: dict[str, np.ndarray] = {}
+    for space, ents in list(entries.items()):
+        if space not in perms:
+            continue
+        const = [(n, ax) for n, ax in ents if not _moves_elsewhere(graph, n, ax, perms)]
+        entries[space] = [e for e in ents if e not in const]
+        fixed[space] = _similarity(graph, const, wa, wb, perms, graph.spaces[space].size)
     rng = np.random.default_rng(seed)
     before = objective(graph, wa, wb, perms)
     sweeps = 0
@@ -154,7 +170,7 @@ def weight_matching(
         improved = False
         for g in wrap(order, sweeps) if wrap else order:
             sims = [
-                _similarity(graph, entries.get(s, []), wa, wb, perms, graph.spaces[s].size)
+                fixed[s] + _similarity(graph, entries[s], wa, wb, perms, graph.spaces[s].size)
                 for s in g.spaces
             ]
             old = sum(_score(c, perms[s]) for c, s in zip(sims, g.spaces, strict=True))
