@@ -25,6 +25,7 @@ Post-Norm stream keeps the norms upstream of it too (they would have to pass thr
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field, replace
 
@@ -312,12 +313,57 @@ def plan(
 
 
 # ---- applying the plan ----------------------------------------------------------------------
+#: A rewritten tensor, computed when asked for (float64).
+Thunk = Callable[[], torch.Tensor]
+#: Rows per block when a rewrite of a large tensor is computed (an LM head absorbing norm_f).
+BLOCK_ROWS = 4096
+
+
+def _lazy(
+    fn: Callable[..., tuple[torch.Tensor, torch.Tensor | None]],
+    w: Thunk,
+    b: Thunk | None,
+    vecs: tuple[torch.Tensor | None, ...],
+    per_row: bool | None,
+) -> tuple[Thunk, Thunk]:
+    """Thunks of ``fn(weight, bias, *vecs)``'s (weight, bias) in float64.
+
+    ``per_row`` False: the result's rows depend only on the same rows of ``weight``/``bias``
+    (forward fold: ``vecs`` run along the input axis); True: also on the same rows of ``vecs``
+    (backward fold and rescale: per-output-channel vectors); None: not row-separable (grouped
+    convolutions). Separable rewrites of large tensors are computed in row blocks, so only the
+    result and one block are ever held — not float64 copies of the whole input as well.
+    """
+
+    def value(pick: int) -> torch.Tensor:
+        wt, bt = w(), None if b is None else b()
+        n = wt.shape[0]
+        if per_row is None or n <= BLOCK_ROWS:
+            return fn(wt.to(F64), None if bt is None else bt.to(F64), *vecs)[pick]
+        out = None
+        for i in range(0, n, BLOCK_ROWS):
+            r = slice(i, i + BLOCK_ROWS)
+            vs = [v[r] if per_row and v is not None else v for v in vecs]
+            part = fn(wt[r].to(F64), None if bt is None else bt[r].to(F64), *vs)[pick]
+            if out is None:
+                out = part.new_empty((n, *part.shape[1:]))
+            out[r] = part
+        return out
+
+    return (lambda: value(0)), (lambda: value(1))
+
+
 class _Editor:
-    """Float64 working copies of the tensors being rewritten; unties shared tensors on write."""
+    """Recipes (thunks) of the tensors being rewritten; unties shared tensors on write.
+
+    Why thunks: folding a checkpoint larger than memory must not hold every rewritten tensor.
+    Each action composes the thunks of the tensors it reads; the self-check and the writer
+    evaluate one tensor at a time.
+    """
 
     def __init__(self, model: Model, graph: Graph) -> None:
         self.model, self.graph = model, graph
-        self.work: dict[str, torch.Tensor] = {}
+        self.work: dict[str, Thunk] = {}
         self.untied: list[str] = []
 
     def _users(self, name: str) -> list[tuple[Op, str]]:
@@ -329,15 +375,15 @@ class _Editor:
             name, i = f"{base}.{i}", i + 1
         return name
 
-    def get(self, op: Op, role: str) -> torch.Tensor | None:
+    def get(self, op: Op, role: str) -> Thunk | None:
         name = op.params.get(role)
         if name is None:
             return None
         if name not in self.work:
-            self.work[name] = self.model.tensor(name).to(F64)
+            self.work[name] = lambda: self.model.tensor(name)  # upcast per block by _lazy
         return self.work[name]
 
-    def put(self, op: Op, role: str, value: torch.Tensor) -> None:
+    def put(self, op: Op, role: str, value: Thunk) -> None:
         name = op.params.get(role)
         if name is None:  # a created bias lives in the output space of the weight
             w = self.graph.tensors[op.params["weight"]]
@@ -353,9 +399,25 @@ class _Editor:
         op.params[role] = name
         self.work[name] = value
 
+    def rewrite(
+        self,
+        op: Op,
+        fn: Callable[..., tuple[torch.Tensor, torch.Tensor | None]],
+        vecs: tuple[torch.Tensor | None, ...],
+        per_row: bool | None,
+        shift: torch.Tensor | None,
+    ) -> None:
+        """Replace the op's weight (and bias) by ``fn``'s results; a bias appears when
+        ``shift`` is given."""
+        b = self.get(op, "bias")
+        w2, b2 = _lazy(fn, self.get(op, "weight"), b, vecs, per_row)
+        self.put(op, "weight", w2)
+        if b is not None or shift is not None:
+            self.put(op, "bias", b2)
 
-def _apply(model: Model, p: _Plan) -> tuple[Graph, dict[str, torch.Tensor], list[str]]:
-    """The new graph, the rewritten tensors in float64, and the untie notes."""
+
+def _apply(model: Model, p: _Plan) -> tuple[Graph, dict[str, Thunk], list[str]]:
+    """The new graph, the rewritten tensors (float64 thunks), and the untie notes."""
     g = model.graph.copy()
     ops = {o.name: o for o in g.ops}
     ed = _Editor(model, g)
@@ -365,28 +427,19 @@ def _apply(model: Model, p: _Plan) -> tuple[Graph, dict[str, torch.Tensor], list
         kind, op = action[0], ops[action[1].name]
         if kind == "absorb":
             r: Rep = action[2]
-            w = ed.get(op, "weight")
-            scale = torch.ones(w.shape[1], dtype=F64) if r.scale is None else r.scale
-            w2, b2 = fold_forward(w, ed.get(op, "bias"), scale, r.shift)
-            ed.put(op, "weight", w2)
-            if b2 is not None:
-                ed.put(op, "bias", b2)
+            cols = g.tensors[op.params["weight"]].shape[1]
+            scale = torch.ones(cols, dtype=F64) if r.scale is None else r.scale
+            ed.rewrite(op, fold_forward, (scale, r.shift), False, r.shift)
         elif kind == "absorb_conv":
             r = action[2]
-            w = ed.get(op, "weight")
             groups = int(op.attrs.get("groups", 1))
-            channels = w.shape[1] * groups
+            channels = g.tensors[op.params["weight"]].shape[1] * groups
             scale = torch.ones(channels, dtype=F64) if r.scale is None else r.scale
-            w2, b2 = fold_forward_conv(w, ed.get(op, "bias"), scale, r.shift, groups)
-            ed.put(op, "weight", w2)
-            if b2 is not None:
-                ed.put(op, "bias", b2)
+            conv = functools.partial(fold_forward_conv, groups=groups)
+            ed.rewrite(op, conv, (scale, r.shift), None, r.shift)
         elif kind in ("backward", "rescale"):
             s, t = (action[3], action[4]) if kind == "backward" else (action[2], None)
-            w2, b2 = fold_backward(ed.get(op, "weight"), ed.get(op, "bias"), s, t)
-            ed.put(op, "weight", w2)
-            if b2 is not None:
-                ed.put(op, "bias", b2)
+            ed.rewrite(op, fold_backward, (s, t), True, t)
             if kind == "backward":
                 norm = ops[action[2].name]
                 g.value_spaces.pop(op.output, None)
@@ -411,18 +464,21 @@ def _apply(model: Model, p: _Plan) -> tuple[Graph, dict[str, torch.Tensor], list
     return g, {k: v for k, v in ed.work.items() if k in g.tensors}, ed.untied
 
 
-def _rounded(model: Model, graph: Graph, exact: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The rewritten tensors in their stored dtypes; refuses any that overflow it."""
-    out = {}
+def _rounded(model: Model, graph: Graph, exact: dict[str, Thunk]) -> dict[str, Thunk]:
+    """The rewritten tensors in their stored dtypes (thunks); refuses any that overflow it.
+
+    Each is computed once here, one at a time, so an overflow is refused before the self-check.
+    """
+    out: dict[str, Thunk] = {}
     for name, value in exact.items():
         dtype = DTYPES[graph.tensors[name].dtype]
-        out[name] = value.to(dtype)
-        if not bool(torch.isfinite(out[name]).all()):
+        if not bool(torch.isfinite(value().to(dtype)).all()):
             raise NormtoolError(
                 f"refused: folding makes {name} overflow {dtype} (the re-based scales are too "
                 "extreme for it); a float32 copy of the checkpoint keeps the stream in range",
                 model.checkpoint.path if model.checkpoint else None,
             )
+        out[name] = lambda value=value, dtype=dtype: value().to(dtype)
     return out
 
 
