@@ -317,10 +317,10 @@ def _materialise(r: _Recipe, read: _Reader, exact: bool) -> torch.Tensor:
         return whole[name] if rows is None else whole[name][rows]
 
     n = r.shape[0] if r.shape else 0
-    if exact or not r.row_independent() or n <= BLOCK_ROWS:
+    if not r.row_independent() or n <= BLOCK_ROWS:
         t = _compute(r, read, None)
         return t if exact else t.to(DTYPES[r.dtype])
-    out = torch.empty(r.shape, dtype=DTYPES[r.dtype])
+    out = torch.empty(r.shape, dtype=torch.float64 if exact else DTYPES[r.dtype])
     for i in range(0, n, BLOCK_ROWS):
         out[i : i + BLOCK_ROWS] = _compute(r, read_whole_once, slice(i, i + BLOCK_ROWS))
     return out
