@@ -92,6 +92,7 @@ def export_model(
     force: bool = False,
     attention: str = "decomposed",
     external_limit: int = EXTERNAL_LIMIT,
+    target: str = "ort",
 ) -> ExportResult:
     """Write ``model`` as ONNX to ``out``; ``inputs`` are never overwritten.
 
@@ -99,7 +100,7 @@ def export_model(
     only afterwards (the data file first, so a visible model always finds its weights).
     """
     out = Path(out)
-    opts = EmitOptions(opset or default_opset(), dtype, attention)
+    opts = EmitOptions(opset or default_opset(), dtype, attention, target)
     opts.check()
     check_output_path(out, inputs, force)
     require_finite(model)

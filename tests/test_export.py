@@ -153,10 +153,10 @@ def test_tied_lm_head_is_stored_once(checkpoint, tmp_path):
     ("family", "fused"), [("ref_rmsnorm", "SimplifiedLayerNormalization"), ("gpt2", "FastGelu")]
 )
 def test_low_opset_decompositions_are_fused_by_ort(family, fused, checkpoint, tmp_path):
-    """Below opset 23/20 the RMSNorm and tanh-GELU decompositions must keep the exact patterns
-    ORT rewrites into its fused kernels (else they silently run as ~8 separate nodes)."""
+    """Below opset 23/20 the portable RMSNorm and tanh-GELU decompositions must keep the exact
+    patterns ORT rewrites into its fused kernels (else they silently run as ~8 separate nodes)."""
     model = load_model(checkpoint(family))
-    proto = emit_onnx(model.graph, model.weights(), EmitOptions(opset=17))
+    proto = emit_onnx(model.graph, model.weights(), EmitOptions(opset=17, target="portable"))
     so = onnxruntime.SessionOptions()
     so.optimized_model_filepath = str(tmp_path / "opt.onnx")
     so.log_severity_level = 3
@@ -467,3 +467,38 @@ def test_broken_model_is_bad_input_not_a_device_problem():
     with pytest.raises(NormtoolError) as e:
         create_session(b"not an onnx model", "cuda")
     assert e.value.exit_code == 2
+
+
+# ---- targets: ORT's fused contrib kernels (default) vs standard ops only ----------------------
+@pytest.mark.parametrize(
+    ("family", "kernels"),
+    [
+        ("gpt2", {"Attention": 2, "SkipLayerNormalization": 4, "FastGelu": 2}),
+        ("vit", {"Attention": 2, "SkipLayerNormalization": 4, "BiasGelu": 2}),
+        ("ref_rmsnorm", {"Attention": 2, "SkipSimplifiedLayerNormalization": 4}),
+        ("opt_post", {"Attention": 2, "SkipLayerNormalization": 4}),
+    ],
+)
+def test_ort_target_fuses_and_portable_target_does_not(family, kernels, checkpoint):
+    """Two-layer models: each layer's attention, both residual adds + norms, and the MLP's
+    bias + GELU become one contrib kernel each; the portable form of the same model uses only
+    standard ops and computes the same function (both checked against the executor)."""
+    model = load_model(checkpoint(family), heads=4)
+    for target in ("ort", "portable"):
+        proto = emit_onnx(model.graph, model.weights(), EmitOptions(target=target))
+        ms = [n.op_type for n in proto.graph.node if n.domain == "com.microsoft"]
+        if target == "ort":
+            assert {k: ms.count(k) for k in kernels} == kernels, ms
+        else:
+            assert ms == [] and all(o.domain in ("", "ai.onnx") for o in proto.opset_import)
+        sess = create_session(proto.SerializeToString(), "cpu")
+        for batch, seq in _shapes(model.graph):
+            err, _, _, _ = _max_err(sess, model.graph, model.weights(), batch, seq)
+            assert err <= ATOL_FP32, (family, target, batch, seq, err)
+
+
+def test_cli_export_portable(checkpoint, tmp_path):
+    out = tmp_path / "p.onnx"
+    r = run_cli("export", checkpoint("gpt2"), "-o", out, "--portable")
+    assert r.returncode == 0, r.stderr
+    assert all(n.domain == "" for n in onnx.load(str(out)).graph.node)

@@ -40,13 +40,22 @@ def export(
     heads: HeadsOpt = None,
     act: ActOpt = None,
     force: ForceOpt = False,
+    portable: Annotated[
+        bool,
+        typer.Option(
+            "--portable",
+            help="Standard ONNX ops only (default: ONNX Runtime's fused contrib kernels).",
+        ),
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Export to ONNX (default output: <stem>.onnx beside the input)."""
-    opts = EmitOptions(opset or default_opset(), dtype)
+    target = "portable" if portable else "ort"
+    opts = EmitOptions(opset or default_opset(), dtype, target=target)
     opts.check()  # refuse a bad --opset/--dtype before reading anything
     out = output or default_output(path, ".onnx")
-    res = export_model(load(path, arch, heads, act), out, opts.opset, dtype, [path], force)
+    model = load(path, arch, heads, act)
+    res = export_model(model, out, opts.opset, dtype, [path], force, target=target)
     payload = {
         "output": str(res.path),
         "external_data": str(res.data_path) if res.data_path else None,

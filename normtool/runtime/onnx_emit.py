@@ -16,6 +16,11 @@ Forms (all exact rewrites of the op table's semantics):
   fp64 at export time (what remains of a per-channel affine at inference).
 * attention → ``MatMul → Mul(scale) → [Add causal mask] → Softmax → MatMul`` with Reshape/Transpose
   over heads (``attention="op"``: the opset-23 ``Attention`` node instead).
+* target ``ort`` (the default): groups of ops ONNX Runtime has one kernel for are written as that
+  contrib kernel (``com.microsoft`` Attention with packed q/k/v weights, SkipLayerNormalization /
+  SkipSimplifiedLayerNormalization taking the residual add and a linear's bias, BiasGelu /
+  FastGelu taking a linear's bias); ``normtool.runtime.onnx_fuse`` plans them. Target
+  ``portable`` writes standard ONNX ops only, for any runtime.
 * dynamic axes: Reshape uses 0-copy dims; positions and the causal mask are sliced / built from
   ``Shape`` of the running activation, so batch and sequence length stay free.
 
@@ -39,8 +44,11 @@ from onnx import TensorProto, helper, numpy_helper
 from normtool import __version__
 from normtool.errors import NormtoolError
 from normtool.graph import Graph, InputSpec, Op
+from normtool.runtime.onnx_fuse import FusionPlan, plan_fusions
 
 INPUTS_KEY = "normtool.inputs"
+MS_DOMAIN = "com.microsoft"
+TARGETS = ("ort", "portable")
 MIN_OPSET, MAX_OPSET = 17, 23
 DTYPES = {"fp32": TensorProto.FLOAT, "fp16": TensorProto.FLOAT16}
 _NP = {TensorProto.FLOAT: np.float32, TensorProto.FLOAT16: np.float16}
@@ -49,12 +57,16 @@ _TORCH = {TensorProto.FLOAT: torch.float32, TensorProto.FLOAT16: torch.float16}
 
 @dataclass(frozen=True)
 class EmitOptions:
-    """How to emit. ``attention``: ``decomposed`` (every provider runs it) or ``op`` (the opset-23
-    ``Attention`` node; ORT's CUDA kernel rejects its fp32-softmax precision, so not the default)."""
+    """How to emit. ``target``: ``ort`` (ONNX Runtime's fused contrib kernels where the graph
+    allows; fastest there) or ``portable`` (standard ONNX ops only). ``attention`` (used where
+    attention is not fused): ``decomposed`` (every provider runs it) or ``op`` (the opset-23
+    ``Attention`` node; ORT's CUDA kernel rejects its fp32-softmax precision, so not the default;
+    asking for it also keeps the ``ort`` target from fusing attention)."""
 
     opset: int = MAX_OPSET
     dtype: str = "fp32"
     attention: str = "decomposed"
+    target: str = "ort"
 
     def check(self) -> None:
         if not MIN_OPSET <= self.opset <= MAX_OPSET:
@@ -65,6 +77,8 @@ class EmitOptions:
             raise NormtoolError(f"attention form {self.attention!r}: use decomposed or op")
         if self.attention == "op" and self.opset < 23:
             raise NormtoolError("the Attention op needs opset 23")
+        if self.target not in TARGETS:
+            raise NormtoolError(f"export target {self.target!r}: use {' or '.join(TARGETS)}")
 
 
 class _Emitter:
@@ -83,6 +97,23 @@ class _Emitter:
         self._used: set[str] = set()
         self._scope = "graph"
         self.tied = _tied_heads(graph, weights)
+        ort = opts.target == "ort"
+        self.plan = plan_fusions(graph, opts.attention == "decomposed") if ort else FusionPlan()
+        self.env: dict[str, str] = {}
+        self.pending_bias: dict[str, str] = {}  # value → bias initializer a consumer absorbs
+        self.used_ms = False
+
+    def emit(self, op: Op) -> None:
+        """Write ``op`` (at its own position, or on behalf of the op that fuses it)."""
+        scope, self._scope = self._scope, op.name
+        # a value not written yet is one a fused kernel computes inside (packed q/k/v)
+        xs = [self.env.get(v, "") for v in op.inputs]
+        out = EMITTERS[op.kind](self, op, xs, dict(op.params))
+        if out not in self.rank:
+            ranks = [self.rank[self.env[v]] for v in op.inputs]
+            self.rank[out] = _OUT_RANK.get(op.kind, lambda r: r[0])(ranks)
+        self.env[op.output] = out
+        self._scope = scope
 
     # ---- naming and nodes -------------------------------------------------------------------
     def fresh(self, hint: str) -> str:
@@ -98,6 +129,27 @@ class _Emitter:
         out = self.fresh(hint or op_type)
         self.nodes.append(helper.make_node(op_type, inputs, [out], name=out, **attrs))
         return out
+
+    def contrib(self, op_type: str, inputs: list[str], outputs: int = 1, **attrs: Any) -> list[str]:
+        """A ``com.microsoft`` node; ``outputs``: a count, or which of the outputs to name."""
+        want = [True] * outputs if isinstance(outputs, int) else outputs
+        outs = [self.fresh(f"{op_type}_{i}") if w else "" for i, w in enumerate(want)]
+        while outs and not outs[-1]:
+            outs.pop()
+        self.nodes.append(
+            helper.make_node(op_type, inputs, outs, name=outs[0], domain=MS_DOMAIN, **attrs)
+        )
+        self.used_ms = True
+        return [o for o in outs if o]
+
+    def take_bias(self, x: str) -> str | None:
+        """The bias a producer left for this consumer to absorb (``None`` if there is none)."""
+        return self.pending_bias.pop(x, None)
+
+    def settle(self, x: str) -> str:
+        """``x`` with any pending bias added (for a consumer that does not absorb it)."""
+        bias = self.take_bias(x)
+        return self.node("Add", [x, bias]) if bias else x
 
     # ---- constants and weights --------------------------------------------------------------
     def _init(self, name: str, array: np.ndarray) -> str:
@@ -138,11 +190,22 @@ class _Emitter:
         w = self.weights[tensor].detach()
         if fn is not None:
             w = fn(w.double())
+        return self._store(name, w, tensor, dtype)
+
+    def packed(self, name: str, tensors: list[str], transpose: bool = False) -> str:
+        """One initializer: graph tensors concatenated on axis 0, then optionally transposed
+        (packed q/k/v weights ``[C, dq + dk + dv]`` and biases)."""
+        if name in self.inits:
+            return name
+        w = torch.cat([self.weights[t].detach().double() for t in tensors], 0)
+        return self._store(name, w.t() if transpose else w, name)
+
+    def _store(self, name: str, w: torch.Tensor, what: str, dtype: int | None = None) -> str:
         target = dtype if dtype is not None else self.act
         if w.is_floating_point():
             cast = w.to(_TORCH[target])
             if target == TensorProto.FLOAT16 and bool((cast.isinf() & w.isfinite()).any()):
-                raise NormtoolError(f"tensor {tensor!r} has values beyond the fp16 range")
+                raise NormtoolError(f"tensor {what!r} has values beyond the fp16 range")
             w = cast
         return self._init(name, w.cpu().numpy())
 
@@ -260,7 +323,49 @@ def _linear(em: _Emitter, op: Op, xs: list[str], p: dict[str, str]) -> str:
     else:
         wt = em.weight(w, "T", lambda t: t.t())
     y = em.node("MatMul", [xs[0], wt])
+    if bias and op.name in em.plan.bias_to and em.rank[xs[0]] == 3:
+        em.pending_bias[y] = bias[0]  # absorbed by the skip norm / GELU kernel reading y
+        return y
     return em.node("Add", [y, *bias]) if bias else y
+
+
+def _add(em: _Emitter, op: Op, xs: list[str], p: dict[str, str]) -> str:
+    """A residual add; with the norm reading it (``ort`` target) one Skip*Normalization node."""
+    norm = em.plan.skip_norm.get(op.name)
+    if norm is not None and all(em.rank[x] == 3 for x in xs):
+        return _skip_norm(em, op, norm, xs)
+    y = em.node("Add", [em.settle(x) for x in xs])
+    if norm is not None:  # ranks other than 3: the planned norm follows as its own node
+        em.env[op.output], em.rank[y] = y, max(em.rank[x] for x in xs)
+        em.emit(norm)
+    return y
+
+
+def _skip_norm(em: _Emitter, add: Op, norm: Op, xs: list[str]) -> str:
+    """``norm(a + b [+ linear bias])`` and the sum itself (output 3) where anything reads it."""
+    biased = [x for x in xs if x in em.pending_bias]
+    x = biased[0] if biased else xs[0]
+    skip = xs[1] if x == xs[0] else xs[0]
+    bias = em.take_bias(x) or ""
+    p = dict(norm.params)
+    gamma = em.weight(p["weight"]) if "weight" in p else em.ones(_width(em, norm))
+    readers = [o for o in em.graph.consumers(add.output) if o.name != norm.name]
+    need_sum = bool(readers) or add.output in em.graph.outputs
+    eps = norm.attrs["eps"]
+    if norm.kind == "layernorm":
+        beta = em.weight(p["bias"]) if "bias" in p else ""
+        ins = [x, skip, gamma, beta, bias]
+        kernel = "SkipLayerNormalization"
+    else:
+        ins = [x, skip, gamma, bias]
+        kernel = "SkipSimplifiedLayerNormalization"
+    while not ins[-1]:
+        ins.pop()
+    outs = em.contrib(kernel, ins, [True, False, False, need_sum], epsilon=eps)
+    em.env[norm.output], em.rank[outs[0]] = outs[0], 3
+    # without readers the sum is not materialised; the add's value then names the norm output,
+    # which nothing reads under the add's name
+    return outs[-1]
 
 
 def _width(em: _Emitter, op: Op) -> int:
@@ -363,6 +468,9 @@ def _gelu_tanh(em: _Emitter, x: str) -> str:
 
 def _act(em: _Emitter, op: Op, xs: list[str], p: dict[str, str]) -> str:
     fn, x = op.attrs["fn"], xs[0]
+    bias = em.take_bias(x)
+    if bias is not None:  # planned only for the GELUs (ort target)
+        return em.contrib("FastGelu" if fn == "gelu_tanh" else "BiasGelu", [x, bias])[0]
     if fn in ("gelu", "gelu_tanh") and em.opset >= 20:
         return em.node("Gelu", [x], approximate="tanh" if fn == "gelu_tanh" else "none")
     if fn == "gelu":
@@ -385,6 +493,14 @@ def _attention(em: _Emitter, op: Op, xs: list[str], p: dict[str, str]) -> str:
     dq = em.graph.spaces[gs[op.inputs[0]]].size // heads
     scale = float(op.attrs.get("scale") or 1.0 / math.sqrt(dq))
     causal = bool(op.attrs.get("causal"))
+    lin = em.plan.qkv.get(op.name)
+    if lin is not None:
+        src = em.env[lin[0].inputs[0]]
+        if em.rank[src] == 3:
+            return _packed_attention(em, op, lin, src, heads, scale, causal)
+        for linear in lin:  # not a [B, T, C] stream: the planned linears as their own nodes
+            em.emit(linear)
+        xs = [em.env[v] for v in op.inputs]
     if em.opts.attention == "op":
         extra = {"softmax_precision": TensorProto.FLOAT} if em.low else {}
         return em.node(
@@ -411,6 +527,31 @@ def _attention(em: _Emitter, op: Op, xs: list[str], p: dict[str, str]) -> str:
     w = em.from_stat(em.node("Softmax", [scores], axis=-1))
     y = em.node("Transpose", [em.node("MatMul", [w, v])], perm=[0, 2, 1, 3])
     return em.node("Reshape", [y, em.i64([0, 0, -1])])
+
+
+def _packed_attention(
+    em: _Emitter, op: Op, lin: tuple[Op, ...], src: str, heads: int, scale: float, causal: bool
+) -> str:
+    """``com.microsoft.Attention``: q/k/v weights packed as ``[C, dq + dk + dv]`` (one GEMM),
+    ``unidirectional`` for the causal mask (masked scores get -10000 before the softmax, whose
+    exp underflows to exactly 0 in fp32 and fp16 alike)."""
+    sizes = [em.graph.tensors[o.params["weight"]].shape[0] for o in lin]
+    w = em.packed(f"{op.name}/qkv_weight", [o.params["weight"] for o in lin], transpose=True)
+    if "bias" in lin[0].params:
+        b = em.packed(f"{op.name}/qkv_bias", [o.params["bias"] for o in lin])
+    else:
+        b = em.const(np.zeros(sum(sizes)), _NP[em.act])
+    extra = {"qkv_hidden_sizes": sizes} if sizes[2] != sizes[0] else {}
+    out = em.contrib(
+        "Attention",
+        [src, w, b],
+        num_heads=heads,
+        unidirectional=int(causal),
+        scale=scale,
+        **extra,
+    )[0]
+    em.rank[out] = 3
+    return out
 
 
 def _select(em: _Emitter, op: Op, xs: list[str], p: dict[str, str]) -> str:
@@ -477,7 +618,7 @@ EMITTERS: dict[str, Emit] = {
     "row": _row,
     "patch_embed": _patch_embed,
     "cls_concat": _cls_concat,
-    "add": lambda em, op, xs, p: em.node("Add", xs),
+    "add": _add,
     "linear": _linear,
     "layernorm": _layernorm,
     "rmsnorm": _rmsnorm,
@@ -569,12 +710,11 @@ def emit_onnx(
         env[spec.name] = spec.name
         em.rank[spec.name] = len(dims)
         em._used.add(spec.name)
+    em.env = env
+    deferred = em.plan.deferred
     for op in graph.ops:
-        em._scope = op.name
-        xs = [env[v] for v in op.inputs]
-        out = EMITTERS[op.kind](em, op, xs, dict(op.params))
-        em.rank[out] = _OUT_RANK.get(op.kind, lambda r: r[0])([em.rank[x] for x in xs])
-        env[op.output] = out
+        if op.name not in deferred:
+            em.emit(op)
     produced = {o for n in em.nodes for o in n.output}
     outputs = []
     for v, name in output_names(graph).items():
@@ -592,7 +732,8 @@ def emit_onnx(
         em.nodes, f"normtool_{graph.family}", inputs, outputs, list(em.inits.values())
     )
     opset = [helper.make_opsetid("", opts.opset)]
-    model = helper.make_model(onnx_graph, opset_imports=opset, producer_name="normtool")
+    ms = [helper.make_opsetid(MS_DOMAIN, 1)] if em.used_ms else []
+    model = helper.make_model(onnx_graph, opset_imports=opset + ms, producer_name="normtool")
     model.producer_version = __version__
     model.ir_version = helper.find_min_ir_version_for(opset)
     signature = [{**asdict(s), "shape": list(s.shape)} for s in graph.inputs]
