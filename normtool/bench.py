@@ -104,8 +104,12 @@ def _feeds(sig: list[InputSpec], batch: int, seq: int, seed: int, types: dict) -
     return feeds
 
 
-def _runner(sess: Session, feeds: dict) -> Callable[[], object]:
-    """A no-argument call running one inference; on CUDA with device-resident IO."""
+def _runner(sess: Session, feeds: dict, cuda_graph: bool = False) -> Callable[[], object]:
+    """A no-argument call running one inference; on CUDA with device-resident IO.
+
+    With a CUDA graph, ORT replays a captured graph into fixed addresses: a first, regular run
+    allocates the outputs, and those device buffers are then bound for every later run.
+    """
     s = sess.session
     if sess.provider == "cpu":
         return lambda: s.run(None, feeds)
@@ -114,6 +118,12 @@ def _runner(sess: Session, feeds: dict) -> Callable[[], object]:
         binding.bind_ortvalue_input(name, onnxruntime.OrtValue.ortvalue_from_numpy(arr, "cuda", 0))
     for o in s.get_outputs():
         binding.bind_output(o.name, "cuda")
+    if cuda_graph:
+        s.run_with_iobinding(binding)
+        outputs = binding.get_outputs()
+        binding.clear_binding_outputs()
+        for o, value in zip(s.get_outputs(), outputs, strict=True):
+            binding.bind_ortvalue_output(o.name, value)
     return lambda: s.run_with_iobinding(binding)
 
 
@@ -165,16 +175,30 @@ def run_bench(
     act: str | None = None,
     seed: int = 0,
     on_shape: Callable[[int, int | None], None] | None = None,
+    cuda_graph: bool = False,
 ) -> dict[str, Any]:
-    """Time every model at every (batch, seq) shape; ratios are to the first model's median."""
+    """Time every model at every (batch, seq) shape; ratios are to the first model's median.
+
+    ``cuda_graph``: ORT's CUDA graphs (CUDA provider only; refused for ``--provider cpu``, not
+    used — and said so — where ``auto`` falls back to the CPU). A captured graph fixes every
+    shape, so each (batch, seq) gets fresh sessions.
+    """
     if not paths:
         raise NormtoolError("bench needs at least one model")
+    if cuda_graph and provider not in ("auto", "cuda"):
+        raise NormtoolError(f"--cuda-graph needs the CUDA provider, not --provider {provider}")
+    options = {"enable_cuda_graph": "1"} if cuda_graph else None
     with tempfile.TemporaryDirectory(prefix="normtool-bench-") as work:
         prepared = prepare(paths, Path(work), dtype, arch, heads, act)
-        sessions = [create_session(p.onnx_path, provider, threads, tf32) for p in prepared]
+
+        def open_sessions() -> list[Session]:
+            return [create_session(p.onnx_path, provider, threads, tf32, options) for p in prepared]
+
+        sessions = open_sessions()
         used = {s.provider for s in sessions}
         if len(used) > 1:
             raise NormtoolError(f"models ran on different providers: {sorted(used)}")
+        graphs = cuda_graph and sessions[0].provider == "cuda"
         seq_list: list[int | None] = (
             list(seqs) if any(_uses_seq(p.signature) for p in prepared) else [None]
         )
@@ -183,10 +207,12 @@ def run_bench(
             for seq in seq_list:
                 if on_shape is not None:
                     on_shape(batch, seq)
+                if graphs and results:
+                    sessions = open_sessions()
                 runners = []
                 for p, s in zip(prepared, sessions, strict=True):
                     feeds = _feeds(p.signature, batch, seq or 1, seed, s.input_types)
-                    runners.append(_runner(s, feeds))
+                    runners.append(_runner(s, feeds, graphs))
                 times = interleaved(runners, warmup, iters)
                 rows = [
                     {"model": p.label, **summarize(t, batch)}
@@ -197,10 +223,14 @@ def run_bench(
                     r["ratio"] = r["median_ms"] / base
                 results.append({"batch": batch, "seq": seq, "models": rows})
     first = sessions[0]
+    fallback = first.fallback
+    if cuda_graph and not graphs:
+        fallback = f"{fallback}; CUDA graph not used" if fallback else "CUDA graph not used"
     return {
         "provider": first.provider,
         "requested_provider": provider,
-        "fallback": first.fallback,
+        "fallback": fallback,
+        "cuda_graph": graphs,
         "device": device_name(first.provider),
         "threads": threads,
         "dtype": dtype,

@@ -64,7 +64,7 @@ def test_json_schema_and_ratio_of_identical_models(tiny_lm):
 
 
 def test_auto_falls_back_to_cpu_and_says_so(tiny_lm, monkeypatch):
-    def no_accelerator(model, provider, threads, tf32):
+    def no_accelerator(model, provider, threads, tf32, options=None):
         return None, "simulated: no GPU"
 
     monkeypatch.setattr(ort, "_try_accelerator", no_accelerator)
@@ -103,3 +103,21 @@ def test_timing_helpers():
     assert percentile(list(range(1, 101)), 90) == 90
     s = summarize([0.001, 0.002, 0.003], items_per_call=8)
     assert s["median_ms"] == pytest.approx(2.0) and s["throughput"] == pytest.approx(4000)
+
+
+def test_cuda_graph_refused_on_cpu_and_unused_after_fallback(tiny_lm, monkeypatch):
+    """--cuda-graph with --provider cpu is a bad flag combination (exit 2); with auto on a
+    machine without CUDA it runs on the CPU, reports cuda_graph false and says why."""
+    r = run_cli("bench", tiny_lm, "--provider", "cpu", "--cuda-graph", "--iters", "1")
+    assert r.returncode == 2 and "cuda-graph" in r.stderr
+    asked = []
+
+    def no_accelerator(model, provider, threads, tf32, options=None):
+        asked.append(options)
+        return None, "simulated: no GPU"
+
+    monkeypatch.setattr(ort, "_try_accelerator", no_accelerator)
+    d = bench_mod.run_bench([tiny_lm], "auto", [1], [4], warmup=0, iters=2, cuda_graph=True)
+    assert asked == [{"enable_cuda_graph": "1"}]
+    assert d["provider"] == "cpu" and d["cuda_graph"] is False
+    assert "CUDA graph not used" in d["fallback"]

@@ -42,6 +42,12 @@ def bench(
     tf32: Annotated[
         bool, typer.Option("--tf32", help="Allow TF32 on CUDA (off by default).")
     ] = False,
+    cuda_graph: Annotated[
+        bool,
+        typer.Option(
+            "--cuda-graph", help="Replay ORT CUDA graphs (CUDA only; static shapes, IO binding)."
+        ),
+    ] = False,
     arch: ArchOpt = None,
     heads: HeadsOpt = None,
     act: ActOpt = None,
@@ -71,8 +77,10 @@ def bench(
         heads,
         act,
         on_shape=say,
+        cuda_graph=cuda_graph,
     )
-    lines = [f"provider: {r['provider']} ({r['device']})"]
+    graph = ", CUDA graphs" if r["cuda_graph"] else ""
+    lines = [f"provider: {r['provider']} ({r['device']}{graph})"]
     if r["fallback"]:
         lines.append(f"note: {r['fallback']}")
     lines.append("versions: " + ", ".join(f"{k} {v}" for k, v in r["versions"].items()))

@@ -75,8 +75,8 @@ def available() -> list[str]:
     return [_SHORT[p] for p in onnxruntime.get_available_providers() if p in _SHORT]
 
 
-def _provider_list(provider: str, tf32: bool) -> list[Any]:
-    cuda = ("CUDAExecutionProvider", {"use_tf32": "1" if tf32 else "0"})
+def _provider_list(provider: str, tf32: bool, options: Mapping[str, str] | None) -> list[Any]:
+    cuda = ("CUDAExecutionProvider", {"use_tf32": "1" if tf32 else "0", **(options or {})})
     if provider == "tensorrt":
         return ["TensorrtExecutionProvider", cuda, "CPUExecutionProvider"]
     if provider == "cuda":
@@ -108,7 +108,11 @@ def _cpu_session(model: str | Path | bytes, threads: int | None) -> onnxruntime.
 
 
 def _try_accelerator(
-    model: str | Path | bytes, provider: str, threads: int | None, tf32: bool
+    model: str | Path | bytes,
+    provider: str,
+    threads: int | None,
+    tf32: bool,
+    options: Mapping[str, str] | None = None,
 ) -> tuple[onnxruntime.InferenceSession | None, str]:
     """A session whose first provider is ``provider``, or ``(None, reason it is not)``."""
     name = PROVIDERS[provider]
@@ -120,7 +124,7 @@ def _try_accelerator(
     onnxruntime.set_default_logger_severity(_QUIET_SEVERITY)
     try:
         sess = onnxruntime.InferenceSession(
-            _source(model), _options(threads), providers=_provider_list(provider, tf32)
+            _source(model), _options(threads), providers=_provider_list(provider, tf32, options)
         )
     except Exception as e:  # noqa: BLE001 - reported as the reason; the CPU check follows
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -141,8 +145,12 @@ def create_session(
     provider: str = "auto",
     threads: int | None = None,
     tf32: bool = False,
+    cuda_options: Mapping[str, str] | None = None,
 ) -> Session:
     """Create a session on ``provider`` (auto | cuda | tensorrt | cpu) and check what runs it.
+
+    ``cuda_options``: extra CUDA provider options (e.g. ``enable_cuda_graph``); a CPU session
+    has no use for them and ignores them.
 
     ``auto`` tries CUDA, then the CPU (``Session.fallback`` says why). ``cuda``/``tensorrt``
     raise ``DeviceUnavailable`` when that provider does not actually run the session; a model
@@ -155,7 +163,7 @@ def create_session(
     if provider == "cpu":
         return Session(_cpu_session(model, threads), "cpu", provider)
     sess, reason = _try_accelerator(
-        model, "cuda" if provider == "auto" else provider, threads, tf32
+        model, "cuda" if provider == "auto" else provider, threads, tf32, cuda_options
     )
     if sess is not None:
         return Session(sess, _SHORT[sess.get_providers()[0]], provider)
