@@ -141,8 +141,9 @@ def to_markdown(results: list[dict[str, Any]], quick: bool) -> str:
         "- Target: the GPT-2-small-shaped pair in ≤ 60 s of matching.",
         '- "whole merge": load weights, match, verify that the permuted model computes its '
         "original function (fp64 executor), interpolate; writing excluded.",
-        "- CPU s: process CPU time of both threads (≈ 2 × wall on two idle cores). The machine "
-        "was shared with other jobs while this ran, so wall times are upper bounds.",
+        "- CPU s: process CPU time of both threads; the work never waits on I/O, so it bounds "
+        "the wall time on two idle cores from above. The machine was shared with other jobs "
+        "while this ran, so the wall times shown are inflated.",
     ]
     if quick:
         lines.append("- `--quick`: tiny shapes — a smoke run, not a measurement.")
