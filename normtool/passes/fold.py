@@ -313,8 +313,8 @@ def plan(
 
 
 # ---- applying the plan ----------------------------------------------------------------------
-#: A rewritten tensor, computed when asked for (float64).
-Thunk = Callable[[], torch.Tensor]
+#: A rewritten tensor, computed when asked for: float64 by default, or in a given dtype.
+Thunk = Callable[..., torch.Tensor]
 #: Rows per block when a rewrite of a large tensor is computed (an LM head absorbing norm_f).
 BLOCK_ROWS = 4096
 
@@ -326,31 +326,31 @@ def _lazy(
     vecs: tuple[torch.Tensor | None, ...],
     per_row: bool | None,
 ) -> tuple[Thunk, Thunk]:
-    """Thunks of ``fn(weight, bias, *vecs)``'s (weight, bias) in float64.
+    """Thunks of ``fn(weight, bias, *vecs)``'s (weight, bias): float64, or ``dtype`` if given.
 
     ``per_row`` False: the result's rows depend only on the same rows of ``weight``/``bias``
     (forward fold: ``vecs`` run along the input axis); True: also on the same rows of ``vecs``
     (backward fold and rescale: per-output-channel vectors); None: not row-separable (grouped
-    convolutions). Separable rewrites of large tensors are computed in row blocks, so only the
-    result and one block are ever held — not float64 copies of the whole input as well.
+    convolutions). Separable rewrites of large tensors are computed in row blocks, each rounded
+    into the result, so only the result and one block are held — no whole float64 copies.
     """
 
-    def value(pick: int) -> torch.Tensor:
+    def value(pick: int, dtype: torch.dtype) -> torch.Tensor:
         wt, bt = w(), None if b is None else b()
         n = wt.shape[0]
         if per_row is None or n <= BLOCK_ROWS:
-            return fn(wt.to(F64), None if bt is None else bt.to(F64), *vecs)[pick]
+            return fn(wt.to(F64), None if bt is None else bt.to(F64), *vecs)[pick].to(dtype)
         out = None
         for i in range(0, n, BLOCK_ROWS):
             r = slice(i, i + BLOCK_ROWS)
             vs = [v[r] if per_row and v is not None else v for v in vecs]
             part = fn(wt[r].to(F64), None if bt is None else bt[r].to(F64), *vs)[pick]
             if out is None:
-                out = part.new_empty((n, *part.shape[1:]))
+                out = torch.empty((n, *part.shape[1:]), dtype=dtype)
             out[r] = part
         return out
 
-    return (lambda: value(0)), (lambda: value(1))
+    return (lambda dtype=F64: value(0, dtype)), (lambda dtype=F64: value(1, dtype))
 
 
 class _Editor:
@@ -380,7 +380,8 @@ class _Editor:
         if name is None:
             return None
         if name not in self.work:
-            self.work[name] = lambda: self.model.tensor(name)  # upcast per block by _lazy
+            # as stored (exact in any wider dtype); _lazy upcasts one block at a time
+            self.work[name] = lambda dtype=None: self.model.tensor(name).to(dtype)
         return self.work[name]
 
     def put(self, op: Op, role: str, value: Thunk) -> None:
@@ -472,13 +473,13 @@ def _rounded(model: Model, graph: Graph, exact: dict[str, Thunk]) -> dict[str, T
     out: dict[str, Thunk] = {}
     for name, value in exact.items():
         dtype = DTYPES[graph.tensors[name].dtype]
-        if not bool(torch.isfinite(value().to(dtype)).all()):
+        if not bool(torch.isfinite(value(dtype)).all()):
             raise NormtoolError(
                 f"refused: folding makes {name} overflow {dtype} (the re-based scales are too "
                 "extreme for it); a float32 copy of the checkpoint keeps the stream in range",
                 model.checkpoint.path if model.checkpoint else None,
             )
-        out[name] = lambda value=value, dtype=dtype: value().to(dtype)
+        out[name] = lambda value=value, dtype=dtype: value(dtype)
     return out
 
 
