@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import struct
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -145,15 +146,29 @@ def write_stream(
     raw += b" " * (-len(raw) % 8)  # align the data section to 8 bytes, as safetensors does
     f.write(struct.pack("<Q", len(raw)))
     f.write(raw)
-    for name, dtype, shape in specs:
-        t = produce(name)
-        if t.dtype != dtype or tuple(t.shape) != tuple(shape):
-            raise RuntimeError(
-                f"tensor {name!r} produced as {t.dtype}{tuple(t.shape)}, "
-                f"declared {dtype}{tuple(shape)}"
-            )
-        t = t.detach().contiguous().cpu()
+
+    def put(t: torch.Tensor) -> None:
         if t.numel():
             f.write(t.reshape(-1).view(torch.uint8).numpy().data)
-        if on_tensor is not None:
-            on_tensor(name)
+
+    # One tensor is written by a second thread while the next is produced (file writes release
+    # the GIL): computing and writing overlap, and at most two tensors are held at a time.
+    with ThreadPoolExecutor(1) as writer:
+        pending: tuple[str, Future] | None = None
+        for name, dtype, shape in specs:
+            t = produce(name)
+            if t.dtype != dtype or tuple(t.shape) != tuple(shape):
+                raise RuntimeError(
+                    f"tensor {name!r} produced as {t.dtype}{tuple(t.shape)}, "
+                    f"declared {dtype}{tuple(shape)}"
+                )
+            t = t.detach().contiguous().cpu()
+            if pending is not None:
+                pending[1].result()
+                if on_tensor is not None:
+                    on_tensor(pending[0])
+            pending = (name, writer.submit(put, t))
+        if pending is not None:
+            pending[1].result()
+            if on_tensor is not None:
+                on_tensor(pending[0])

@@ -252,78 +252,134 @@ class _Recipe:
         return self.centre in (None, 1) and self.narrow in (None, 1)
 
 
-class _Reader:
-    """Reads a graph tensor whole, or rows ``a:b`` of it straight from the checkpoint file when
-    the tensor is stored as is (no slice, transpose or reshape view) — so a row-blocked rewrite
-    never holds its input whole."""
+class _Rewriter:
+    """Computes the converted tensors from the source model, one tensor at a time.
+
+    Reads: a graph tensor whole, or rows ``a:b`` straight from the checkpoint file when it is
+    stored as is (no slice, transpose or reshape view), so a row-blocked rewrite never holds
+    its input whole. Precision: the exact tensors (the fp64 self-check) are computed in float64.
+    Stored float32 tensors are computed in float32, at a quarter of float64's memory traffic:
+    the fold ``W·γ`` is one product, whose float32 rounding equals the float64 product's
+    (24+24 bits fit in 53); centring, the CRMS difference and the shift ``W·β`` add a few ulps
+    (~1e-7 relative), the order of the original's own float32 arithmetic and far below the
+    fp32 bar the self-check measures. fp16/bf16/fp64 tensors are computed in float64 and
+    rounded once (centred half-precision writers with ``round_keeping_sums``). The shift is
+    computed in the same pass as its weight and kept for the bias. Every result is checked for
+    NaN/Inf here — one ``aminmax`` on data in hand instead of a separate scan of the checkpoint.
+    """
 
     def __init__(self, model: Model) -> None:
         self.model = model
+        # (reader weight, work dtype) -> {first row of a block: W·β for its rows}
+        self.shifts: dict[tuple[str, torch.dtype], dict[int, torch.Tensor]] = {}
 
     def by_rows(self, name: str) -> bool:
         src = self.model.graph.tensors[name].source
         plain = src.slice is None and not src.transpose and src.reshape is None
         return plain and name not in self.model.overrides and self.model.checkpoint is not None
 
-    def __call__(self, name: str, rows: slice | None) -> torch.Tensor:
+    def read(self, name: str, rows: slice | None) -> torch.Tensor:
         if rows is not None and self.by_rows(name):
             key = self.model.graph.tensors[name].source.key
             return self.model.checkpoint.get_rows(key, rows.start, rows.stop)
-        t = self.model.tensor(name).contiguous()  # transposed views (Conv1D) copied once here
+        t = self.model.tensor(name)
         return t if rows is None else t[rows]
 
+    def unchanged(self, name: str) -> torch.Tensor:
+        return self.finite(name, self.model.tensor(name))
 
-Reader = Callable[[str, slice | None], torch.Tensor]
+    def finite(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        """``t``, or NormtoolError: naming the non-finite input tensor, else the overflow."""
+        if t.is_floating_point() and t.numel():
+            lo, hi = torch.aminmax(t)
+            if not (lo.isfinite() and hi.isfinite()):
+                require_finite(self.model)  # names the first input tensor holding NaN/Inf
+                raise NormtoolError(
+                    f"tensor {name!r} overflows {t.dtype} when converted: refusing to write "
+                    "non-finite weights",
+                    self.model.checkpoint.path if self.model.checkpoint else None,
+                )
+        return t
 
+    def tensor(self, r: _Recipe, name: str, exact: bool) -> torch.Tensor:
+        """The whole tensor ``name``: float64 when ``exact``, else its stored dtype, built in row
+        blocks (each block read, rewritten and rounded once) when the recipe allows it."""
+        dtype = torch.float64 if exact else DTYPES[r.dtype]
+        work = torch.float32 if dtype == torch.float32 else torch.float64
+        n = r.shape[0] if r.shape else 0
+        if r.fold is not None and r.is_bias:
+            t = self.round(r, self.bias(r, work), dtype)
+        elif not r.row_independent() or n <= BLOCK_ROWS:
+            t = self.round(r, self.compute(r, None, work, {}), dtype)
+        else:
+            whole: dict[str, torch.Tensor] = {}  # γ, β and views: read once, not per block
+            t = torch.empty(r.shape, dtype=dtype)
+            for i in range(0, n, BLOCK_ROWS):
+                block = self.compute(r, slice(i, i + BLOCK_ROWS), work, whole)
+                t[i : i + BLOCK_ROWS] = self.round(r, block, dtype)
+        return self.finite(name, t)
 
-def _compute(r: _Recipe, read: Reader, rows: slice | None) -> torch.Tensor:
-    """The float64 value of rows ``rows`` (``None``: all) of the tensor ``r`` describes."""
+    @staticmethod
+    def round(r: _Recipe, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        if r.centre is not None and dtype in (torch.float16, torch.bfloat16):
+            return wm.round_keeping_sums(t, dtype, r.centre)
+        return t.to(dtype)
 
-    def get(name: str, part: bool) -> torch.Tensor:
-        return read(name, rows if part else None).to(torch.float64)
+    def compute(
+        self, r: _Recipe, rows: slice | None, work: torch.dtype, whole: dict[str, torch.Tensor]
+    ) -> torch.Tensor:
+        """Rows ``rows`` (``None``: all) of the tensor ``r`` describes, in ``work`` precision
+        (γ, β and tensors that cannot be read by rows are read once into ``whole``)."""
 
-    if r.fold is not None:
-        w_name, g_name, b_name = r.fold
-        w = get(w_name, True)
-        gamma = get(g_name, False) if g_name else torch.ones(w.shape[1], dtype=torch.float64)
-        beta = get(b_name, False) if b_name else None
-        bias = get(r.base, True) if (r.is_bias and r.base) else None
-        new_w, new_b = wm.fold_forward(w, bias, gamma, beta)
-        t = new_b if r.is_bias else new_w
+        def get(name: str, part: bool) -> torch.Tensor:
+            if part and rows is not None and self.by_rows(name):
+                return self.read(name, rows)
+            if name not in whole:
+                whole[name] = self.read(name, None)
+            return whole[name] if not part or rows is None else whole[name][rows]
+
+        if r.fold is not None:
+            w_name, g_name, b_name = r.fold
+            w = get(w_name, True)
+            parts = self.shifts.setdefault((w_name, work), {})
+            start = rows.start if rows is not None else 0
+            if b_name is not None and start not in parts:  # W·β for the bias, from rows in hand
+                parts[start] = w.to(work) @ get(b_name, False).to(work)
+            t = w.to(work) if w.dtype != work else w.contiguous()
+            if g_name is not None:
+                gamma = get(g_name, False).to(work)
+                t = t * gamma if t is w else t.mul_(gamma)  # never scale the source in place
+        else:
+            assert r.base is not None
+            t = get(r.base, True).to(work)
+        if r.centre is not None:
+            t = wm.centre(t, r.centre, work)
+        if r.crms_in:
+            t = wm.crms_reader(t, work)
+        if r.narrow is not None:
+            t = wm.crms_writer(t, r.narrow)
+        return t
+
+    def bias(self, r: _Recipe, work: torch.dtype) -> torch.Tensor:
+        """A reader's new bias ``b + W·β`` (float64), with ``W·β`` in the precision its weight is
+        computed in — taken from the weight's own pass when that ran (the common case: the
+        writer asks for the weight first), else computed here."""
+        w_name, _, b_name = r.fold
+        t = self.read(r.base, None).to(torch.float64) if r.base else None
+        if b_name is not None:
+            parts = self.shifts.get((w_name, work), {})
+            if sum(len(v) for v in parts.values()) != r.shape[0]:
+                w, beta = self.read(w_name, None), self.read(b_name, None)
+                parts = {0: w.to(work) @ beta.to(work)}
+            shift = torch.cat([parts[k] for k in sorted(parts)]).to(torch.float64)
+            t = shift if t is None else t + shift
         if t is None:  # no shift and no bias: a zero bias (only created when β exists)
-            t = torch.zeros(w.shape[0], dtype=torch.float64)
-    else:
-        assert r.base is not None
-        t = get(r.base, True)
-    if r.centre is not None:
-        t = wm.centre(t, r.centre)
-    if r.crms_in:
-        t = wm.crms_reader(t)
-    if r.narrow is not None:
-        t = wm.crms_writer(t, r.narrow)
-    return t
-
-
-def _materialise(r: _Recipe, read: _Reader, exact: bool) -> torch.Tensor:
-    """The whole tensor: float64 when ``exact``, else its stored dtype, built in row blocks
-    (each block read, upcast, rewritten and rounded once) when the recipe allows it."""
-    whole: dict[str, torch.Tensor] = {}
-
-    def read_whole_once(name: str, rows: slice | None) -> torch.Tensor:
-        if rows is not None and read.by_rows(name):
-            return read(name, rows)
-        if name not in whole:  # γ, β and views: read once, not per block
-            whole[name] = read(name, None)
-        return whole[name] if rows is None else whole[name][rows]
-
-    n = r.shape[0] if r.shape else 0
-    if not r.row_independent() or n <= BLOCK_ROWS:
-        t = _compute(r, read, None)
-        return t if exact else t.to(DTYPES[r.dtype])
-    out = torch.empty(r.shape, dtype=torch.float64 if exact else DTYPES[r.dtype])
-    for i in range(0, n, BLOCK_ROWS):
-        out[i : i + BLOCK_ROWS] = _compute(r, read_whole_once, slice(i, i + BLOCK_ROWS))
-    return out
+            t = torch.zeros(r.shape[0], dtype=torch.float64)
+        if r.centre is not None:
+            t = wm.centre(t, r.centre)
+        if r.narrow is not None:
+            t = wm.crms_writer(t, r.narrow)
+        return t
 
 
 def convert_ln_to_rms(model: Model, compressed: bool = False) -> Conversion:
@@ -339,7 +395,6 @@ def convert_ln_to_rms(model: Model, compressed: bool = False) -> Conversion:
             f" (and {len(reasons) - 1} more; 'normtool inspect' lists all)" if reasons[1:] else ""
         )
         raise NormtoolError(f"cannot convert to RMSNorm: {reasons[0]}{more}")
-    require_finite(model)
     new = g.copy()
     space = stream.space
     d = g.spaces[space].size
@@ -415,14 +470,16 @@ def convert_ln_to_rms(model: Model, compressed: bool = False) -> Conversion:
     new.validate()
 
     untied = _untied(g, recipes)
-    read = _Reader(model)
-    lazy = {n: (lambda r=r: _materialise(r, read, exact=False)) for n, r in recipes.items()}
-    exact = {n: (lambda r=r: _materialise(r, read, exact=True)) for n, r in recipes.items()}
+    rw = _Rewriter(model)
+    # unchanged tensors too go through the rewriter's NaN/Inf check as they are written or run
+    same = {n: (lambda n=n: rw.unchanged(n)) for n in new.tensors if n not in recipes}
+    lazy = {n: (lambda r=r, n=n: rw.tensor(r, n, exact=False)) for n, r in recipes.items()}
+    exact = {n: (lambda r=r, n=n: rw.tensor(r, n, exact=True)) for n, r in recipes.items()}
     return Conversion(
         source=model,
         graph=new,
-        tensors=lazy,
-        exact_tensors=exact,
+        tensors=same | lazy,
+        exact_tensors=same | exact,
         compressed=compressed,
         norms=[n.name for n in stream.norms],
         writers=[w.name for w in stream.writers],
