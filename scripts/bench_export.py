@@ -27,7 +27,6 @@ import argparse
 import collections
 import json
 import platform
-import re
 import sys
 import tempfile
 import time
@@ -36,6 +35,7 @@ from typing import Any
 
 import onnx
 import torch
+from benchmd import write_section  # scripts/ is on sys.path when run as a script
 
 from normtool.bench import run_bench
 from normtool.export import export_model
@@ -262,16 +262,6 @@ def markdown(d: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def update_markdown(section: str) -> None:
-    path = ROOT / "BENCHMARKS.md"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    pat = re.compile(re.escape(START) + ".*?" + re.escape(END), re.S)
-    text = (
-        pat.sub(lambda _: section, text) if pat.search(text) else text.rstrip() + "\n\n" + section
-    )
-    path.write_text(text.rstrip() + "\n")
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true")
@@ -317,7 +307,7 @@ def main() -> None:
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(d, indent=1, default=str))
     if not args.no_markdown:
-        update_markdown(markdown(d))
+        write_section(ROOT / "BENCHMARKS.md", START, END, markdown(d))
     print(markdown(d))
     if run["provider"] != args.provider and args.provider != "auto":
         sys.exit(f"ran on {run['provider']}, not {args.provider}")

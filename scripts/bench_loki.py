@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from benchmd import write_section  # scripts/ is on sys.path when run as a script
 from safetensors.torch import save_file
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -261,18 +262,6 @@ def markdown(sizes: list[dict], digits: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def update_benchmarks(section: str) -> None:
-    """Replace this benchmark's own section of BENCHMARKS.md (append it if absent)."""
-    path = ROOT / "BENCHMARKS.md"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + section.rstrip("\n") + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section
-    path.write_text(text)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="1000,10000,100000")
@@ -296,7 +285,7 @@ def main() -> None:
     digits = digits_example()
     print(json.dumps({k: v for k, v in digits.items() if k != "tree"}), flush=True)
     if not a.no_write:
-        update_benchmarks(markdown(sizes, digits))
+        write_section(ROOT / "BENCHMARKS.md", BEGIN, END, markdown(sizes, digits))
 
 
 if __name__ == "__main__":

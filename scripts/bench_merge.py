@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from benchmd import write_section  # scripts/ is on sys.path when run as a script
 from safetensors.torch import save_file
 
 from normtool.load import load_model
@@ -151,19 +152,6 @@ def to_markdown(results: list[dict[str, Any]], quick: bool) -> str:
     return "\n".join(lines)
 
 
-def write_section(md: str, path: Path) -> None:
-    """Replace this script's section of BENCHMARKS.md (append it if absent), atomically."""
-    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        text = head + md + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + md + "\n"
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="tiny shapes (smoke test)")
@@ -175,7 +163,7 @@ def main() -> None:
     md = to_markdown(results, args.quick)
     print(md)
     if not args.no_write:
-        write_section(md, args.output)
+        write_section(args.output, START, END, md)
 
 
 if __name__ == "__main__":
