@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +22,22 @@ def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
         cwd=cwd,
         env={"CI": "1", "PATH": "/usr/bin:/bin", "HOME": str(Path.home())},
     )
+
+
+def cli(*args: object) -> subprocess.CompletedProcess:
+    """``normtool ARGS`` through the CLI entry point in this process (exit code, stdout and
+    stderr captured): the same code path as ``run_cli`` without a fresh interpreter per call."""
+    from normtool.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    argv = [str(a) for a in args]
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main(argv)
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from tests.conftest import run_cli
+from tests.conftest import cli, run_cli
 
 
 def _sha(p: Path) -> str:
@@ -111,7 +111,7 @@ def test_inspect_bad_input(tmp_path, case):
     make, words = CASES[case]
     p = make(tmp_path)
     before = _sha(p) if p.is_file() else None
-    r = run_cli("inspect", p)
+    r = cli("inspect", p)
     _assert_clean_error(r, p.name, words)
     if before is not None:
         assert _sha(p) == before
@@ -119,7 +119,7 @@ def test_inspect_bad_input(tmp_path, case):
 
 def test_unknown_architecture_lists_known_families(tmp_path):
     p = _safetensors(tmp_path / "w.safetensors", {"encoder.blob": torch.randn(3, 3, 3)})
-    r = run_cli("inspect", p)
+    r = cli("inspect", p)
     assert "mlp" in r.stderr and "Known families" in r.stderr
 
 
@@ -128,11 +128,11 @@ def test_mismatched_shapes_with_arch(tmp_path):
         tmp_path / "chain.safetensors",
         {"0.weight": torch.randn(4, 3), "1.weight": torch.randn(2, 5)},
     )
-    _assert_clean_error(run_cli("inspect", p, "--arch", "mlp"), p.name, "takes 5 inputs")
+    _assert_clean_error(cli("inspect", p, "--arch", "mlp"), p.name, "takes 5 inputs")
 
 
 def test_debug_shows_traceback(tmp_path):
-    r = run_cli("inspect", tmp_path / "nope.safetensors", "--debug")
+    r = cli("inspect", tmp_path / "nope.safetensors", "--debug")
     assert r.returncode == 2 and "Traceback" in r.stderr
 
 

@@ -6,9 +6,7 @@ the plain-torch modules the checkpoints were saved from, differences taken here.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import io
 import json
 import shutil
 import subprocess
@@ -20,30 +18,20 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from normtool.cli import main
 from normtool.export import export_model
 from normtool.inputs import random_inputs
 from normtool.load import load_model
 from normtool.verify import TOLERANCES, Report, compare, compare_models, open_runners
 from tests import factories_hf as fh
 from tests import factories_ref as fr
-from tests.conftest import run_cli
+from tests.conftest import cli, run_cli
 
 DELTA = 1e-3  # the single-weight perturbation verify must catch at default tolerances
 
 
 def verify_cli(*args: object) -> subprocess.CompletedProcess:
-    """``normtool verify ARGS`` run in this process (the CLI entry point, exit code included):
-    as ``run_cli`` but without a fresh interpreter per call, which keeps this file fast."""
-    out, err = io.StringIO(), io.StringIO()
-    argv = ["verify", *map(str, args)]
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            main(argv)
-            code = 0
-        except SystemExit as e:
-            code = int(e.code or 0)
-    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
+    """``normtool verify ARGS`` in this process (keeps this file fast)."""
+    return cli("verify", *args)
 
 
 def _save(net: torch.nn.Module, path: Path) -> Path:
