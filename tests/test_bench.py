@@ -11,7 +11,7 @@ from normtool import bench as bench_mod
 from normtool.errors import DeviceUnavailable
 from normtool.runtime import ort
 from normtool.timing import interleaved, percentile, summarize
-from tests.conftest import run_cli
+from tests.conftest import cli, run_cli
 from tests.factories_ref import make_reference_transformer
 
 
@@ -81,7 +81,7 @@ def test_cuda_requested_without_gpu_is_exit_3(tiny_lm, monkeypatch):
 
 
 def test_cli_exit_3_when_cuda_unusable_here(tiny_lm):
-    r = run_cli("bench", tiny_lm, "--provider", "cuda", "--iters", "2", "--warmup", "0")
+    r = cli("bench", tiny_lm, "--provider", "cuda", "--iters", "2", "--warmup", "0")
     if r.returncode == 0:
         pytest.skip("a working CUDA provider is present on this machine")
     assert r.returncode == 3, r.stderr
@@ -89,9 +89,9 @@ def test_cli_exit_3_when_cuda_unusable_here(tiny_lm):
 
 
 def test_bad_flags_exit_2(tiny_lm):
-    assert run_cli("bench", tiny_lm, "--batch", "x").returncode == 2
-    assert run_cli("bench", tiny_lm, "--dtype", "int8").returncode == 2
-    assert run_cli("bench", tiny_lm.parent / "missing.onnx").returncode == 2
+    assert cli("bench", tiny_lm, "--batch", "x").returncode == 2
+    assert cli("bench", tiny_lm, "--dtype", "int8").returncode == 2
+    assert cli("bench", tiny_lm.parent / "missing.onnx").returncode == 2
 
 
 def test_timing_helpers():
@@ -108,7 +108,7 @@ def test_timing_helpers():
 def test_cuda_graph_refused_on_cpu_and_unused_after_fallback(tiny_lm, monkeypatch):
     """--cuda-graph with --provider cpu is a bad flag combination (exit 2); with auto on a
     machine without CUDA it runs on the CPU, reports cuda_graph false and says why."""
-    r = run_cli("bench", tiny_lm, "--provider", "cpu", "--cuda-graph", "--iters", "1")
+    r = cli("bench", tiny_lm, "--provider", "cpu", "--cuda-graph", "--iters", "1")
     assert r.returncode == 2 and "cuda-graph" in r.stderr
     asked = []
 

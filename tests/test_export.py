@@ -30,7 +30,7 @@ from normtool.runtime.ort import create_session
 from normtool.runtime.torch_exec import run_graph
 from tests import factories_hf as fh
 from tests import factories_ref as fr
-from tests.conftest import run_cli
+from tests.conftest import cli, run_cli
 
 # fp32: the same maths with other kernels and summation orders; the bound is 1e-4 max-abs
 # (observed ≤ 3e-6 on these tiny models, so a wrong op — errors of order 0.1..1 — cannot pass).
@@ -364,18 +364,18 @@ def test_cli_export_default_output_json_and_force(mlp_path, mlp_net, tmp_path):
     assert np.abs(got - mlp_net(x).detach().numpy()).max() <= ATOL_FP32
 
     before = out.read_bytes()
-    r = run_cli("export", src, "--opset", "17")
+    r = cli("export", src, "--opset", "17")
     assert r.returncode == 2 and "exists" in r.stderr and r.stderr.count("\n") == 1
     assert out.read_bytes() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["net.onnx", "net.safetensors"]
 
-    r = run_cli("export", src, "-o", out, "--opset", "17", "--force")
+    r = cli("export", src, "-o", out, "--opset", "17", "--force")
     assert r.returncode == 0, r.stderr
     assert _file_opset(out) == 17
 
 
 def test_cli_export_rejects_bad_opset(mlp_path, tmp_path):
-    r = run_cli("export", mlp_path, "-o", tmp_path / "x.onnx", "--opset", "12")
+    r = cli("export", mlp_path, "-o", tmp_path / "x.onnx", "--opset", "12")
     assert r.returncode == 2 and "17..23" in r.stderr
     assert not (tmp_path / "x.onnx").exists()
 
@@ -499,6 +499,6 @@ def test_ort_target_fuses_and_portable_target_does_not(family, kernels, checkpoi
 
 def test_cli_export_portable(checkpoint, tmp_path):
     out = tmp_path / "p.onnx"
-    r = run_cli("export", checkpoint("gpt2"), "-o", out, "--portable")
+    r = cli("export", checkpoint("gpt2"), "-o", out, "--portable")
     assert r.returncode == 0, r.stderr
     assert all(n.domain == "" for n in onnx.load(str(out)).graph.node)

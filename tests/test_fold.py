@@ -30,7 +30,7 @@ from normtool.nn.save import load_reference, save_reference
 from normtool.nn.transformer import ReferenceTransformer, transformer_config
 from normtool.passes.fold import fold_norms
 from normtool.runtime.torch_exec import run_graph
-from tests.conftest import run_cli
+from tests.conftest import cli, run_cli
 from tests.factories_hf import load_timm_vit, make_timm_vit
 from tests.factories_ref import (
     TINY_TRANSFORMER,
@@ -363,18 +363,18 @@ def test_cli_fold_writes_verified_output(tmp_path):
     want = load_reference(path).eval()(x)
     got = run_graph(folded.graph, folded.weights(), {"input_ids": x})["logits"]
     assert (got - want).abs().max().item() <= FP32_ABS
-    forced = run_cli("fold", path, "--force", "--json")
+    forced = cli("fold", path, "--force", "--json")
     assert forced.returncode == 0 and json.loads(forced.stdout)["verified"] is True
 
 
 def test_cli_reports_skips_and_refusals(tmp_path):
     path = make_reference_transformer(tmp_path, norm="powernorm", placement="post")
-    r = run_cli("fold", path, "--json", "-o", tmp_path / "o.safetensors")
+    r = cli("fold", path, "--json", "-o", tmp_path / "o.safetensors")
     assert r.returncode == 0, r.stderr
     d = json.loads(r.stdout)
     assert [f["name"] for f in d["folded"]] == ["blocks.1.norm2"]
     assert len(d["skipped"]) == 3 and all(s["reason"] for s in d["skipped"])
-    nothing = run_cli("fold", path, "--only", "un,ws")
+    nothing = cli("fold", path, "--only", "un,ws")
     assert nothing.returncode == 2 and "nothing to fold" in nothing.stderr
     assert "not selected by --only" in nothing.stderr
     with pytest.raises(NormtoolError, match="unknown kind"):
@@ -388,7 +388,7 @@ def test_cli_missing_statistics(tmp_path):
     del sd["blocks.1.norm2.running_var"]
     broken = tmp_path / "broken.safetensors"
     save_file(sd, broken, meta)
-    r = run_cli("fold", broken)
+    r = cli("fold", broken)
     assert r.returncode == 2 and "blocks.1.norm2.running_var" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
 
