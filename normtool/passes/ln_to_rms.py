@@ -233,7 +233,7 @@ def check(graph: Graph) -> list[str]:
 
 @dataclass
 class _Recipe:
-    """How one output tensor is computed from the original model's tensors (all in float64).
+    """How one output tensor is computed from the original model's tensors (see ``_Rewriter``).
 
     ``fold``: (weight, γ or None, β or None) of a reader linear; for a bias ``base`` may be None
     (created). ``centre``/``narrow``: the stream axis to centre / cut to ``d−1``.
