@@ -20,6 +20,8 @@ import torch
 from normtool.errors import NormtoolError
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
+#: Tensors above this size are written before the next one is produced (bounded peak memory).
+OVERLAP_MAX_BYTES = 64 * 1024 * 1024
 
 DTYPES: dict[str, torch.dtype] = {
     "F64": torch.float64,
@@ -152,10 +154,20 @@ def write_stream(
             f.write(t.reshape(-1).view(torch.uint8).numpy().data)
 
     # One tensor is written by a second thread while the next is produced (file writes release
-    # the GIL): computing and writing overlap, and at most two tensors are held at a time.
+    # the GIL): computing and writing overlap. A large tensor is not held beside the next one
+    # (its write finishes first), so peak memory stays one large tensor plus small ones.
+    def finish(p: tuple[str, Future, int] | None) -> None:
+        if p is not None:
+            p[1].result()
+            if on_tensor is not None:
+                on_tensor(p[0])
+
     with ThreadPoolExecutor(1) as writer:
-        pending: tuple[str, Future] | None = None
+        pending: tuple[str, Future, int] | None = None
         for name, dtype, shape in specs:
+            if pending is not None and pending[2] > OVERLAP_MAX_BYTES:
+                finish(pending)
+                pending = None
             t = produce(name)
             if t.dtype != dtype or tuple(t.shape) != tuple(shape):
                 raise RuntimeError(
@@ -163,12 +175,7 @@ def write_stream(
                     f"declared {dtype}{tuple(shape)}"
                 )
             t = t.detach().contiguous().cpu()
-            if pending is not None:
-                pending[1].result()
-                if on_tensor is not None:
-                    on_tensor(pending[0])
-            pending = (name, writer.submit(put, t))
-        if pending is not None:
-            pending[1].result()
-            if on_tensor is not None:
-                on_tensor(pending[0])
+            finish(pending)
+            pending = (name, writer.submit(put, t), t.numel() * t.element_size())
+            del t  # the writer holds it until written; not kept while the next is produced
+        finish(pending)
