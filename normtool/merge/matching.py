@@ -22,7 +22,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from scipy.optimize import linear_sum_assignment
 
 from normtool.graph import Graph
 from normtool.merge.groups import Group
@@ -91,6 +90,9 @@ def _similarity(
 
 
 def _assign(c: np.ndarray) -> tuple[np.ndarray, float]:
+    # imported here: scipy costs every other command ~0.35 s of start-up
+    from scipy.optimize import linear_sum_assignment
+
     rows, cols = linear_sum_assignment(c, maximize=True)
     return cols[np.argsort(rows)], float(c[rows, cols].sum())
 
