@@ -48,15 +48,18 @@ NEED_BYTES = 20 * 10**9
 SHARD_BYTES = 10**9
 XL = {"layers": 48, "d_model": 1600, "heads": 25, "vocab": 50257}
 TIME = "/usr/bin/time"
+RESID_WRITERS = ("attn.o.weight", "mlp.fc2.weight", "c_proj.weight")
 FOLD_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 
 
 # ---- checkpoints ---------------------------------------------------------------------------
 def _init(
-    name: str, shape: tuple[int, ...], g: torch.Generator, dtype: torch.dtype = torch.float16
+    name: str, shape: tuple[int, ...], g: torch.Generator, layers: int, dtype: torch.dtype
 ) -> torch.Tensor:
-    """GPT-2-style initial values: N(0, 0.02) weights, small biases, norm gains near 1,
-    positive running variances (UN)."""
+    """GPT-2-style initial values: N(0, 0.02) weights, N(0, 0.02/√(2·layers)) for the layers
+    writing into the residual stream (GPT-2's own scaling: without it a deep random Pre-UN
+    stack, whose norms do not normalise at inference, grows exponentially with depth), small
+    biases, norm gains near 1, positive running variances (UN)."""
     leaf = name.rsplit(".", 1)[-1]
     n = math.prod(shape)
     if leaf == "running_var":
@@ -68,11 +71,14 @@ def _init(
     elif len(shape) == 1:
         t = 0.02 * torch.randn(n, generator=g)
     else:
-        t = 0.02 * torch.randn(n, generator=g)
+        std = 0.02 / math.sqrt(2 * layers) if name.endswith(RESID_WRITERS) else 0.02
+        t = std * torch.randn(n, generator=g)
     return t.reshape(shape).to(dtype)
 
 
-def _write_sharded(folder: Path, shapes: dict[str, tuple[int, ...]], seed: int) -> None:
+def _write_sharded(
+    folder: Path, shapes: dict[str, tuple[int, ...]], layers: int, seed: int
+) -> None:
     """HF layout: shards of at most SHARD_BYTES, an index, tensors generated one at a time."""
     g = torch.Generator().manual_seed(seed)
     names = list(shapes)
@@ -90,7 +96,9 @@ def _write_sharded(folder: Path, shapes: dict[str, tuple[int, ...]], seed: int) 
         fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
         specs = [(k, torch.float16, shapes[k]) for k in keys]
         with (folder / fname).open("wb") as f:
-            write_stream(f, specs, lambda k: _init(k, shapes[k], g), {"format": "pt"})
+            write_stream(
+                f, specs, lambda k: _init(k, shapes[k], g, layers, torch.float16), {"format": "pt"}
+            )
         weight_map.update(dict.fromkeys(keys, fname))
     total = sum(2 * math.prod(s) for s in shapes.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
@@ -117,7 +125,7 @@ def make_gpt2(folder: Path, shape: dict, positions: int, seed: int) -> Path:
         if k != "lm_head.weight" and not k.endswith(".attn.bias")  # tied head; causal mask
     }
     cfg.save_pretrained(folder)
-    _write_sharded(folder, shapes, seed)
+    _write_sharded(folder, shapes, shape["layers"], seed)
     return folder
 
 
@@ -146,7 +154,7 @@ def make_un_transformer(
     specs = [(k, dtypes[k], shapes[k]) for k in shapes]
     with path.open("wb") as f:
         meta = {CONFIG_KEY: json.dumps(cfg)}
-        write_stream(f, specs, lambda k: _init(k, shapes[k], g, dtypes[k]), meta)
+        write_stream(f, specs, lambda k: _init(k, shapes[k], g, shape["layers"], dtypes[k]), meta)
     return path
 
 
@@ -248,6 +256,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workdir", type=Path, default=None, help="where to generate (temp dir)")
     ap.add_argument("--positions", type=int, default=64)
+    ap.add_argument("--only", default="", help="comma-separated: plain,convert,fold,merge")
     ap.add_argument("--fold-dtype", choices=["fp16", "fp32"], default="fp32")
     for k, v in XL.items():  # smaller shapes only to smoke-test this script
         ap.add_argument(f"--{k.replace('_', '-')}", type=int, default=v)
@@ -275,8 +284,10 @@ def main() -> int:
     runs = []
     try:
         t0 = time.time()
-        a = make_gpt2(work / "gpt2xl-a", shape, args.positions, seed=0)
-        b = make_gpt2(work / "gpt2xl-b", shape, args.positions, seed=1)
+        a, b = work / "gpt2xl-a", work / "gpt2xl-b"
+        if not args.only or set(args.only.split(",")) - {"fold"}:
+            make_gpt2(a, shape, args.positions, seed=0)
+            make_gpt2(b, shape, args.positions, seed=1)
         un = make_un_transformer(
             work / "xl-un.safetensors", shape, args.positions, 2, FOLD_DTYPES[args.fold_dtype]
         )
@@ -319,6 +330,8 @@ def main() -> int:
             ),
         ]
         for label, argv in jobs:
+            if args.only and not any(label.startswith(o) for o in args.only.split(",")):
+                continue
             runs.append(measure(label, argv, logs / label.split()[0]))
             for out in ("plain.safetensors", "rms.safetensors", "fold.safetensors", "merged"):
                 _rm(work / out)
