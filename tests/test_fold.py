@@ -407,3 +407,27 @@ def test_trained_fixtures(name):
     else:
         x = _pixels((2, *spec.shape[1:]), 13)
     _check(r.model, r.exact, _module_ref(load_reference(path).eval()), x, spec.name)
+
+
+def test_fp16_checkpoint_folds_under_the_half_precision_bar(tmp_path):
+    """An fp16 checkpoint cannot meet the fp32 bar once its rewritten weights are rounded to fp16;
+    the stored-dtype bar (RMS error ≤ 1.5× the original's own fp16 error against fp64) applies."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    src = make_reference_transformer(tmp_path, name="un16", norm="un", placement="pre")
+    with safe_open(str(src), "pt") as f:
+        meta = f.metadata()
+        tensors = {
+            k: (t.half() if t.is_floating_point() else t)
+            for k in f.keys()  # noqa: SIM118 - safe_open is not a dict
+            for t in [f.get_tensor(k)]
+        }
+    half = tmp_path / "un16_fp16.safetensors"
+    save_file(tensors, str(half), metadata=meta)
+    r = cli("fold", half, "--json")
+    assert r.returncode == 0, r.stderr
+    e = json.loads(r.stdout)["errors"]
+    assert e["fp64_max_rel"] <= 1e-9
+    assert 0 < e["fp16_rms"] <= 1.5 * e["fp16_original_rms"]
+    assert "fp32_max_abs" not in e  # the fp32 bar does not apply to a half checkpoint

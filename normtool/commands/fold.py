@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from normtool import history
+from normtool import history, selfcheck
 from normtool.commands.common import (
     ArchOpt,
     ForceOpt,
@@ -23,36 +23,8 @@ from normtool.commands.common import (
 from normtool.errors import CheckFailed, NormtoolError
 from normtool.io.atomic import check_output_path
 from normtool.io.writer import parse_size, save_model
-from normtool.model import Model
 from normtool.passes.fold import SELECTORS, WS_NOTE, FoldResult, fold_norms
-from normtool.verify import compare_models
-
-#: The self-check's bars (issue 4): float64 error relative to the logit scale — the folds are
-#: exact algebra, so only rounding may remain — and float32 max-abs on the logits as stored.
-FP64_MAX_REL = 1e-9
-FP32_MAX_ABS = 1e-4
-
-
-def self_check(source: Model, result: FoldResult) -> dict[str, float]:
-    """fp64: the unrounded folded tensors (measures the maths); fp32: the tensors as written."""
-    r64 = compare_models(source, result.exact, "fp64")
-    r32 = compare_models(source, result.model, "fp32")
-    return {
-        "fp64_max_rel": r64.max_rel,
-        "fp64_max_abs": r64.max_abs,
-        "fp32_max_abs": r32.max_abs,
-        "fp32_max_rel": r32.max_rel,
-    }
-
-
-def _check(errors: dict[str, float], path: Path) -> None:
-    bad = []
-    if not errors["fp64_max_rel"] <= FP64_MAX_REL:
-        bad.append(f"fp64 relative error {errors['fp64_max_rel']:.3g} > {FP64_MAX_REL:g}")
-    if not errors["fp32_max_abs"] <= FP32_MAX_ABS:
-        bad.append(f"fp32 max-abs error {errors['fp32_max_abs']:.3g} > {FP32_MAX_ABS:g}")
-    if bad:
-        raise CheckFailed("self-verification failed, nothing written: " + "; ".join(bad), path)
+from normtool.selfcheck import self_check
 
 
 def _lines(path: Path, out: Path, r: FoldResult, errors: dict[str, float] | None) -> list[str]:
@@ -70,10 +42,7 @@ def _lines(path: Path, out: Path, r: FoldResult, errors: dict[str, float] | None
     if errors is None:
         lines.append("  not verified (--no-verify)")
     else:
-        lines.append(
-            f"  verified: fp64 max rel error {errors['fp64_max_rel']:.2e}, "
-            f"fp32 max abs error {errors['fp32_max_abs']:.2e}"
-        )
+        lines.append("  verified: " + selfcheck.summary(errors))
     return lines
 
 
@@ -114,8 +83,9 @@ def fold(
         result.notes = [n for n in result.notes if n != WS_NOTE]
     errors = None
     if not no_verify:
-        errors = self_check(model, result)
-        _check(errors, path)
+        errors, bad = self_check(model, result.exact, result.model)
+        if bad:
+            raise CheckFailed("self-verification failed, nothing written: " + "; ".join(bad), path)
     summary = result.summary()
     params = {"only": kinds, "heads": heads}
     result.model.history.append(history.entry("fold", model, params, errors, summary))
