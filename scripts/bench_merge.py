@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import tempfile
 import time
@@ -143,8 +144,8 @@ def to_markdown(results: list[dict[str, Any]], quick: bool) -> str:
         '- "whole merge": load weights, match, verify that the permuted model computes its '
         "original function (fp64 executor), interpolate; writing excluded.",
         "- CPU s: process CPU time of both threads; the work never waits on I/O, so it bounds "
-        "the wall time on two idle cores from above. The machine was shared with other jobs "
-        "while this ran, so the wall times shown are inflated.",
+        "the wall time on two idle cores from above. 1-minute load average when the run "
+        f"ended: {os.getloadavg()[0]:.2f}.",
     ]
     if quick:
         lines.append("- `--quick`: tiny shapes — a smoke run, not a measurement.")
