@@ -39,7 +39,9 @@ def main() -> None:
 
         run()
     total = sum(outcomes.values())
-    print(f"{total} cases: {outcomes['opened']} opened, {outcomes['refused']} refused cleanly, 0 crashed")
+    print(
+        f"{total} cases: {outcomes['opened']} opened, {outcomes['refused']} refused cleanly, 0 crashed"
+    )
 
 
 if __name__ == "__main__":
