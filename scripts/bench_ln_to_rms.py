@@ -36,6 +36,7 @@ from typing import Any
 
 import onnxruntime
 import torch
+from benchmd import write_section  # scripts/ is on sys.path when run as a script
 
 from normtool.graph import Graph
 from normtool.inputs import random_inputs
@@ -316,19 +317,6 @@ def to_markdown(rows: list[dict[str, Any]], cost: dict[str, Any] | None, meta: d
     return "\n".join(lines)
 
 
-def write_section(md: str, path: Path) -> None:
-    """Replace this script's section of BENCHMARKS.md (append it if absent), atomically."""
-    text = path.read_text(encoding="utf-8") if path.exists() else "# Benchmarks\n"
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        text = head + md + rest.split(END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + md + "\n"
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="one shape, few rounds, small checkpoint")
@@ -373,7 +361,7 @@ def main() -> None:
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps({"meta": meta, "latency": rows, "cost": cost}, indent=1))
     if not args.no_write:
-        write_section(md, args.output)
+        write_section(args.output, START, END, md)
 
 
 if __name__ == "__main__":

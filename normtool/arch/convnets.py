@@ -16,10 +16,9 @@ Graph names (checkpoint names live in ``TensorSpec.source``):
 
 from __future__ import annotations
 
-import json
-
 from normtool.arch.builder import GraphBuilder
 from normtool.arch.family import BuildOptions, Family
+from normtool.arch.hf_config import model_config
 from normtool.errors import NormtoolError
 from normtool.graph import ACTIVATIONS, Graph, InputSpec
 from normtool.io.store import Checkpoint
@@ -81,14 +80,8 @@ def _head(b: GraphBuilder, x: str, in_space: str, key: str) -> str:
 
 
 def _cnn_config(ck: Checkpoint) -> dict | None:
-    raw = ck.metadata.get(CONFIG_KEY)
-    if raw is None:
-        return None
-    try:
-        cfg = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise NormtoolError(f"corrupt {CONFIG_KEY} metadata ({e})", ck.path) from e
-    return cfg if isinstance(cfg, dict) and cfg.get("model_type") == "normtool_cnn" else None
+    cfg = model_config(ck)
+    return cfg if cfg is not None and cfg.get("model_type") == "normtool_cnn" else None
 
 
 def detect_cnn(ck: Checkpoint) -> bool:
