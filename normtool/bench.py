@@ -29,7 +29,7 @@ from normtool import __version__
 from normtool.errors import NormtoolError
 from normtool.export import export_model
 from normtool.graph import InputSpec
-from normtool.inputs import input_shape
+from normtool.inputs import random_inputs
 from normtool.io.onnx_guard import check_external_data
 from normtool.load import load_model
 from normtool.runtime.onnx_emit import INPUTS_KEY, input_signature
@@ -92,16 +92,11 @@ def prepare(
 
 
 def _feeds(sig: list[InputSpec], batch: int, seq: int, seed: int, types: dict) -> dict:
-    g = torch.Generator().manual_seed(seed)
-    feeds = {}
-    for spec in sig:
-        shape = input_shape(spec, batch, seq)
-        if spec.kind == "tokens":
-            x = torch.randint(0, max(spec.vocab, 1), shape, generator=g).numpy()
-        else:
-            x = torch.randn(shape, generator=g).numpy()
-        feeds[spec.name] = np.ascontiguousarray(x, dtype=types.get(spec.name) or x.dtype)
-    return feeds
+    """Random inputs for ``sig`` as contiguous numpy arrays of the dtypes the session declares."""
+    return {
+        name: np.ascontiguousarray(x.numpy(), dtype=types.get(name) or x.numpy().dtype)
+        for name, x in random_inputs(sig, batch, seq, seed).items()
+    }
 
 
 def _runner(sess: Session, feeds: dict, cuda_graph: bool = False) -> Callable[[], object]:

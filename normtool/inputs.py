@@ -6,9 +6,18 @@ inputs verify and every self-check use, so "equivalent" is always tested on vali
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from normtool.graph import Graph, InputSpec
+
+#: What the functions here read: a graph, or just its input signature (an ONNX file's, say).
+Signature = Graph | Sequence[InputSpec]
+
+
+def _specs(sig: Signature) -> Sequence[InputSpec]:
+    return sig.inputs if isinstance(sig, Graph) else sig
 
 
 def input_shape(spec: InputSpec, batch: int, seq: int) -> tuple[int, ...]:
@@ -24,10 +33,10 @@ def input_shape(spec: InputSpec, batch: int, seq: int) -> tuple[int, ...]:
     return tuple(dims)
 
 
-def random_inputs(graph: Graph, batch: int, seq: int, seed: int) -> dict[str, torch.Tensor]:
+def random_inputs(sig: Signature, batch: int, seq: int, seed: int) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     out: dict[str, torch.Tensor] = {}
-    for spec in graph.inputs:
+    for spec in _specs(sig):
         shape = input_shape(spec, batch, seq)
         if spec.kind == "tokens":
             out[spec.name] = torch.randint(0, spec.vocab, shape, generator=g, dtype=torch.int64)
@@ -36,7 +45,7 @@ def random_inputs(graph: Graph, batch: int, seq: int, seed: int) -> dict[str, to
     return out
 
 
-def max_seq(graph: Graph, default: int = 16) -> int:
+def max_seq(sig: Signature, default: int = 16) -> int:
     """The longest sequence the graph accepts (its position table), or ``default`` without one."""
-    lens = [s.max_len for s in graph.inputs if s.kind == "tokens" and s.max_len]
+    lens = [s.max_len for s in _specs(sig) if s.kind == "tokens" and s.max_len]
     return min(lens) if lens else default

@@ -54,7 +54,7 @@ import onnx
 import torch
 
 from normtool.errors import NormtoolError
-from normtool.graph import Graph, InputSpec
+from normtool.graph import InputSpec
 from normtool.inputs import max_seq, random_inputs
 from normtool.load import load_model
 from normtool.model import Model
@@ -346,12 +346,11 @@ def compare(
         "b": [o for o in b.outputs if o not in common],
     }
     not_compared = {k: v for k, v in only.items() if v}
-    signature = Graph("signature", specs, [], [], {}, {}, {})  # all that inputs.py reads
     has_seq = any("seq" in s.shape for s in specs)
-    plan = batch_plan(samples, max_seq(signature) if has_seq else None, seed)
+    plan = batch_plan(samples, max_seq(specs) if has_seq else None, seed)
     acc: dict[str, _Acc] = {}
     for k, (batch, seq) in enumerate(each(plan)):
-        feeds = random_inputs(signature, batch, seq or 1, seed + k)
+        feeds = random_inputs(specs, batch, seq or 1, seed + k)
         ya, yb = a.run(feeds), b.run(feeds)
         for o in common:
             if tuple(ya[o].shape) != tuple(yb[o].shape):
