@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from normtool.errors import NormtoolError
-from normtool.io.safetensors_format import DTYPES, read_header
+from normtool.io.safetensors_format import DTYPE_NAMES, DTYPES, read_header
 
 TORCH_SUFFIXES = {".pt", ".pth", ".bin"}
 WEIGHT_FILES = (
@@ -133,7 +133,7 @@ class Checkpoint:
         for k, t in sd.items():
             if k in self._entries:
                 raise NormtoolError(f"tensor {k!r} appears in more than one shard", f)
-            name = {v: n for n, v in DTYPES.items()}.get(t.dtype)
+            name = DTYPE_NAMES.get(t.dtype)
             if name is None:
                 raise NormtoolError(f"tensor {k!r} has unsupported dtype {t.dtype}", f)
             self._entries[k] = (name, tuple(t.shape))
