@@ -9,7 +9,6 @@ data file ``<name>.data`` beside it once the protobuf 2 GB limit is passed), mus
 from __future__ import annotations
 
 import functools
-import json
 import os
 import shutil
 import tempfile
@@ -21,6 +20,7 @@ import onnx
 import onnxruntime
 from onnx import TensorProto, helper
 
+from normtool import history
 from normtool.errors import CheckFailed
 from normtool.finite import require_finite
 from normtool.io.atomic import check_output_path
@@ -109,7 +109,7 @@ def export_model(
         proto,
         {
             **{p.key: p.value for p in proto.metadata_props},
-            HISTORY_KEY: json.dumps(model.history),
+            HISTORY_KEY: history.dumps(model.history),
         },
     )
     weight_bytes = sum(len(t.raw_data) for t in proto.graph.initializer)

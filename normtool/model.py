@@ -7,7 +7,7 @@ only what one step needs.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -37,10 +37,26 @@ def read_view(
     return t
 
 
+@dataclass(frozen=True)
+class RowBlocks:
+    """A computed tensor that can also be produced in consecutive blocks of rows (first axis).
+
+    Why: an embedding or LM head rewritten row by row need never exist whole — the writer
+    streams each block to disk as it is made, so converting a checkpoint holds one block of
+    its largest tensor, not the tensor. Calling it gives the whole tensor (executor, checks).
+    """
+
+    whole: Callable[[], torch.Tensor]
+    blocks: Callable[[], Iterable[torch.Tensor]]
+
+    def __call__(self) -> torch.Tensor:
+        return self.whole()
+
+
 #: A tensor computed by a pass: the value itself, or a thunk that computes it when asked.
 #: Thunks let a pass over a large checkpoint describe its result without holding it: the writer
 #: and the executor pull one tensor at a time.
-Override = torch.Tensor | Callable[[], torch.Tensor]
+Override = torch.Tensor | Callable[[], torch.Tensor] | RowBlocks
 
 
 @dataclass
@@ -49,6 +65,9 @@ class Model:
     checkpoint: Checkpoint | None = None
     overrides: dict[str, Override] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
+    #: The last stored tensor read for a sliced view, kept for its sibling views: fused
+    #: weights (GPT-2's ``c_attn`` holds q, k and v) are then read once, not once per view.
+    _fused: dict[str, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
 
     def tensor(self, name: str) -> torch.Tensor:
         if name in self.overrides:
@@ -56,7 +75,17 @@ class Model:
             return t() if callable(t) else t
         if self.checkpoint is None:
             raise KeyError(name)
-        return read_view(self.checkpoint, self.graph.tensors[name].source)
+        src = self.graph.tensors[name].source
+        if src.slice is None:
+            return read_view(self.checkpoint, src)
+        if src.key not in self._fused:
+            self._fused.clear()
+        return read_view(self.checkpoint, src, self._fused)
+
+    def row_blocks(self, name: str) -> Iterable[torch.Tensor]:
+        """Tensor ``name`` as consecutive row blocks: a pass's ``RowBlocks``, else whole."""
+        t = self.overrides.get(name)
+        return t.blocks() if isinstance(t, RowBlocks) else (self.tensor(name),)
 
     def weights(self) -> Mapping[str, torch.Tensor]:
         """All graph tensors as a lazy mapping (each read when looked up)."""

@@ -121,14 +121,18 @@ def read_header(path: Path) -> tuple[dict[str, dict], dict[str, str]]:
 def write_stream(
     f,
     specs: Iterable[tuple[str, torch.dtype, tuple[int, ...]]],
-    produce: Callable[[str], torch.Tensor],
+    produce: Callable[[str], torch.Tensor | Iterable[torch.Tensor]],
     metadata: dict[str, str],
     on_tensor: Callable[[str], None] | None = None,
+    late: Callable[[], dict[str, str]] | None = None,
 ) -> None:
     """Write a safetensors file to the open binary file ``f``, one tensor at a time.
 
     ``specs`` fixes names, dtypes and shapes up front (the header precedes the data);
-    ``produce(name)`` must then return a tensor of exactly that dtype and shape.
+    ``produce(name)`` must then return a tensor of exactly that dtype and shape, or an iterable
+    of consecutive row blocks (first axis) that together make it. ``late()``, called once the
+    data are written, maps stand-ins in the metadata to their final values of the same length
+    (a digest computed meanwhile), which are then written over the stand-ins in place.
     """
     specs = list(specs)
     header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
@@ -153,29 +157,53 @@ def write_stream(
         if t.numel():
             f.write(t.reshape(-1).view(torch.uint8).numpy().data)
 
-    # One tensor is written by a second thread while the next is produced (file writes release
-    # the GIL): computing and writing overlap. A large tensor is not held beside the next one
-    # (its write finishes first), so peak memory stays one large tensor plus small ones.
-    def finish(p: tuple[str, Future, int] | None) -> None:
-        if p is not None:
-            p[1].result()
-            if on_tensor is not None:
-                on_tensor(p[0])
+    # One tensor (or block) is written by a second thread while the next is produced (file
+    # writes release the GIL): computing and writing overlap. A large one is written before
+    # the next is produced, so peak memory stays one large tensor (or block) plus small ones.
+    pending: tuple[Future, int] | None = None
+
+    def settle() -> None:
+        nonlocal pending
+        if pending is not None:
+            pending[0].result()
+            pending = None
 
     with ThreadPoolExecutor(1) as writer:
-        pending: tuple[str, Future, int] | None = None
         for name, dtype, shape in specs:
-            if pending is not None and pending[2] > OVERLAP_MAX_BYTES:
-                finish(pending)
-                pending = None
-            t = produce(name)
-            if t.dtype != dtype or tuple(t.shape) != tuple(shape):
-                raise RuntimeError(
-                    f"tensor {name!r} produced as {t.dtype}{tuple(t.shape)}, "
-                    f"declared {dtype}{tuple(shape)}"
-                )
-            t = t.detach().contiguous().cpu()
-            finish(pending)
-            pending = (name, writer.submit(put, t), t.numel() * t.element_size())
-            del t  # the writer holds it until written; not kept while the next is produced
-        finish(pending)
+            made = produce(name)
+            whole = isinstance(made, torch.Tensor)
+            blocks = iter((made,) if whole else made)
+            rows = 0
+            while True:
+                if pending is not None and pending[1] > OVERLAP_MAX_BYTES:
+                    settle()
+                t = next(blocks, None)
+                if t is None:
+                    break
+                fits = bool(shape) and t.dim() > 0 and tuple(shape[1:]) == tuple(t.shape[1:])
+                if t.dtype != dtype or not (tuple(t.shape) == tuple(shape) if whole else fits):
+                    raise RuntimeError(
+                        f"tensor {name!r} produced as {t.dtype}{tuple(t.shape)}, "
+                        f"declared {dtype}{tuple(shape)}"
+                    )
+                rows += t.shape[0] if t.dim() else 1
+                t = t.detach().contiguous().cpu()
+                settle()
+                pending = (writer.submit(put, t), t.numel() * t.element_size())
+                del t  # the writer holds it until written; not kept while the next is made
+            if not whole and rows != shape[0]:
+                raise RuntimeError(f"tensor {name!r}: blocks of {rows} rows, declared {shape}")
+            if on_tensor is not None:
+                on_tensor(name)
+        settle()
+    for token, value in (late() if late is not None else {}).items():
+        old, new = token.encode(), value.encode()
+        if len(old) != len(new) or old not in raw:
+            raise RuntimeError(f"metadata stand-in {token!r} missing or of another length")
+        end = f.tell()
+        at = raw.find(old)
+        while at >= 0:
+            f.seek(8 + at)
+            f.write(new)
+            at = raw.find(old, at + 1)
+        f.seek(end)

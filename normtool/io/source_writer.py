@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from normtool import history
 from normtool.errors import NormtoolError
 from normtool.io.atomic import atomic_path
 from normtool.io.safetensors_format import write_stream
@@ -150,7 +151,7 @@ def save_like_source(
         return save_model(model, out, inputs, force, max_shard_size=max_shard_size)
     produce = _Assembler(model)
     meta = {k: v for k, v in ck.metadata.items() if k not in (GRAPH_KEY, HISTORY_KEY)}
-    meta.update({"format": "pt", HISTORY_KEY: json.dumps(model.history)})
+    meta.update({"format": "pt", HISTORY_KEY: history.dumps(model.history)})
     with atomic_path(out, inputs, force) as tmp:
         if ck.format == "torch":
             torch.save({k: produce(k) for k in ck.keys()}, tmp)  # noqa: SIM118

@@ -16,7 +16,9 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
+import threading
 import zipfile
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,6 +49,7 @@ class Checkpoint:
     _entries: dict[str, tuple[str, tuple[int, ...]]] = field(default_factory=dict, repr=False)
     _spans: dict[str, tuple[int, int]] = field(default_factory=dict, repr=False)
     _eager: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    _digest: Future[str] | None = field(default=None, repr=False)
 
     def keys(self) -> list[str]:
         return list(self._entries)
@@ -106,12 +109,30 @@ class Checkpoint:
 
     def sha256(self) -> str:
         """Digest of the weight files (in order), recorded in every output's history."""
-        h = hashlib.sha256()
-        for f in self.files:
-            with f.open("rb") as fh:
-                for block in iter(lambda: fh.read(1 << 22), b""):
-                    h.update(block)
-        return h.hexdigest()
+        return self.sha256_async().result()
+
+    def sha256_async(self) -> Future[str]:
+        """The digest, computed once in a background thread (hashlib releases the GIL).
+
+        Why: hashing a multi-GB checkpoint costs as long as reading it; started when a
+        transform begins, it runs beside the rewrite and the write instead of before them.
+        A daemon thread: an error exit does not wait for the hash of a file it no longer needs.
+        """
+        if self._digest is None:
+            self._digest = Future()
+            threading.Thread(target=self._hash, args=(self._digest,), daemon=True).start()
+        return self._digest
+
+    def _hash(self, done: Future[str]) -> None:
+        try:
+            h = hashlib.sha256()
+            for f in self.files:
+                with f.open("rb") as fh:
+                    for block in iter(lambda fh=fh: fh.read(1 << 22), b""):
+                        h.update(block)
+            done.set_result(h.hexdigest())
+        except OSError as e:
+            done.set_exception(NormtoolError(f"cannot read: {e.strerror or e}", self.path))
 
     # ---- construction ----------------------------------------------------------------------
     def _add_safetensors(self, f: Path, only: set[str] | None = None) -> dict[str, str]:

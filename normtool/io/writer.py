@@ -20,13 +20,13 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from normtool import __version__
+from normtool import __version__, history
 from normtool.errors import NormtoolError
 from normtool.graph import Source
 from normtool.io.atomic import atomic_path, check_output_path
@@ -97,36 +97,58 @@ def save_model(
     """
     out = Path(out)
     graph = model.graph.copy()
+    flipped = set()
     for name, spec in graph.tensors.items():
-        graph.tensors[name] = replace(spec, source=Source(name))
+        src = spec.source
+        # A matrix stored transposed (GPT-2's Conv1D keeps [in, out]) stays so: a pass's
+        # elementwise rewrite of the view keeps its memory layout, and writing it back in the
+        # graph's orientation would cost a transposing copy of every such weight.
+        keep = src.transpose and src.reshape is None and len(spec.shape) == 2
+        graph.tensors[name] = replace(spec, source=Source(name, transpose=keep))
+        if keep:
+            flipped.add(name)
     meta = {
         GRAPH_KEY: graph.to_json(),
         HISTORY_KEY: json.dumps(model.history),
         "normtool.version": __version__,
         "format": "pt",
     }
-    specs = [(n, DTYPES[s.dtype], s.shape) for n, s in graph.tensors.items()]
+    specs = [
+        (n, DTYPES[s.dtype], s.shape[::-1] if n in flipped else s.shape)
+        for n, s in graph.tensors.items()
+    ]
     dtype_of = {n: d for n, d, _ in specs}
 
-    def produce(name: str) -> torch.Tensor:
-        return model.tensor(name).to(dtype_of[name])
+    def produce(name: str) -> torch.Tensor | Iterable[torch.Tensor]:
+        if name in flipped:
+            return model.tensor(name).to(dtype_of[name]).t()
+        return (b.to(dtype_of[name]) for b in model.row_blocks(name))
+
+    pending = history.pending_digests(model.history)
+
+    def digests() -> dict[str, str]:
+        return {str(p): p.future.result() for p in pending}
 
     shards = plan_shards(specs, max_shard_size)
     if len(shards) == 1:
         with atomic_path(out, inputs, force) as tmp, tmp.open("wb") as f:
-            write_stream(f, specs, produce, meta, on_tensor)
-        return out
-    return _save_sharded(out, shards, produce, meta, inputs, force, on_tensor)
+            write_stream(f, specs, produce, meta, on_tensor, digests)
+        path = out
+    else:
+        path = _save_sharded(out, shards, produce, meta, inputs, force, on_tensor, digests)
+    history.resolve_digests(model.history)
+    return path
 
 
 def _save_sharded(
     out: Path,
     shards: list[list[Spec]],
-    produce: Callable[[str], torch.Tensor],
+    produce: Callable[[str], torch.Tensor | Iterable[torch.Tensor]],
     meta: dict[str, str],
     inputs: Sequence[Path],
     force: bool,
     on_tensor: Callable[[str], None] | None,
+    digests: Callable[[], dict[str, str]],
 ) -> Path:
     index, paths = shard_paths(out, len(shards))
     for p in (index, *paths):
@@ -138,11 +160,14 @@ def _save_sharded(
         weight_map: dict[str, str] = {}
         for shard, path in zip(shards, paths, strict=True):
             with (tmpdir / path.name).open("wb") as f:
-                write_stream(f, shard, produce, meta, on_tensor)
+                write_stream(f, shard, produce, meta, on_tensor, digests)
             weight_map.update(dict.fromkeys((name for name, _, _ in shard), path.name))
         total = sum(_nbytes(s) for shard in shards for s in shard)
         doc = {"metadata": {"total_size": total, **meta}, "weight_map": weight_map}
-        (tmpdir / index.name).write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+        text = json.dumps(doc, indent=2) + "\n"
+        for token, digest in digests().items():
+            text = text.replace(token, digest)
+        (tmpdir / index.name).write_text(text, encoding="utf-8")
         for p in (*paths, index):  # the index last: it appears only with all its shards
             os.replace(tmpdir / p.name, p)
             moved.append(p)
