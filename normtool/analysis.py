@@ -10,8 +10,8 @@ def norm_placement(graph: Graph, op: Op) -> str:
     (no residual add after it), ``after-conv``/``after-linear`` (normalises a layer's output,
     e.g. Conv-BN), or ``pre`` (normalises the stream for a branch)."""
     prod = graph.producer(op.inputs[0])
-    if prod is not None and prod.kind in ("conv2d", "linear"):
-        return f"after-{prod.kind.removesuffix('2d')}"
+    if prod is not None and prod.kind in ("conv2d", "ws_conv2d", "linear"):
+        return "after-linear" if prod.kind == "linear" else "after-conv"
     if any(c.kind == "add" for c in graph.consumers(op.output)):
         return "post"
     idx = graph.ops.index(op)

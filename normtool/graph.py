@@ -43,6 +43,8 @@ act                —                            fn ∈ relu|gelu|gelu_tanh|tan
 attention          —                            (q,k,v)[B,T,H·D] → softmax(q kᵀ·scale [+causal]) v
 select             —                            x[B,T,C] → x[:, index]  ([B,C])
 conv2d             weight, bias?                stride, padding, groups, dilation
+ws_conv2d          weight, bias?                conv2d with the standardised weight Ŵ (per output
+                                                row; attrs eps, variant var|std: normtool.nn.ws_conv)
 maxpool2d          —                            kernel, stride, padding
 global_avgpool     —                            [B,C,H,W] → [B,C]
 loki               d2[K,N]                      logits[B,K] → argmin_y Σ p_i d²(y,i)  (int64 [B])
@@ -84,6 +86,7 @@ OP_KINDS: dict[str, tuple[tuple[str, ...], tuple[str, ...], int]] = {
     "attention": ((), (), 3),
     "select": ((), (), 1),
     "conv2d": (("weight",), ("bias",), 1),
+    "ws_conv2d": (("weight",), ("bias",), 1),
     "maxpool2d": ((), (), 1),
     "global_avgpool": ((), (), 1),
     "loki": (("d2",), (), 1),

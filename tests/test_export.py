@@ -48,6 +48,7 @@ FAMILIES = {
     "bert": lambda d: fh.make_bert(d / "bert"),
     "timm_vit": lambda d: fh.make_timm_vit(d / "timm"),
     "cnn": lambda d: fr.make_cnn(d),
+    "cnn_ws": lambda d: fr.make_cnn(d, name="cnn_ws", weight_standardization="std"),
     "resnet": lambda d: fr.make_resnet(d),
     "ref_post_par": lambda d: fr.make_reference_transformer(d, placement="post", parallel=True),
     **{

@@ -8,7 +8,8 @@ convolution of every layer share the stage's residual space — merge then permu
 Graph names (checkpoint names live in ``TensorSpec.source``):
 
 * CNN: ``blocks.{i}.conv``, ``blocks.{i}.bn``, ``blocks.{i}.act``, ``pool``, op ``logits`` with
-  tensors ``head.*`` (its checkpoint names are already these).
+  tensors ``head.*`` (its checkpoint names are already these). Its convs are ``ws_conv2d`` (attrs
+  ``variant``, ``eps``) when the config's ``weight_standardization`` is set.
 * ResNet: ``embedder.conv``/``bn``/``act``, ``embedder.pool``; per layer
   ``stages.{s}.layers.{l}.conv{j}``/``bn{j}``/``act{j}``, ``…shortcut.conv``/``bn``,
   ``…add``, ``…act``; ``pool``; op ``logits`` with tensors ``head.*`` (``classifier.1.*``).
@@ -22,6 +23,7 @@ from normtool.arch.hf_config import model_config
 from normtool.errors import NormtoolError
 from normtool.graph import ACTIVATIONS, Graph, InputSpec
 from normtool.io.store import Checkpoint
+from normtool.nn.ws_conv import ws_problem
 
 CONFIG_KEY = "normtool.config"
 BN_ROLES = ("weight", "bias", "running_mean", "running_var")
@@ -41,12 +43,14 @@ def conv_bn(
     stride: int,
     eps: float,
     conv_bias: str | None = None,
+    ws: dict | None = None,
 ) -> str:
     """Add ``conv2d`` (same padding, ``stride``) then ``batchnorm``; returns the BN's output.
 
     ``names`` are the graph names of the conv and BN ops (their tensors are ``<name>.<role>``);
     ``keys`` are the checkpoint prefixes of the conv weight and the BN tensors; ``conv_bias`` the
-    checkpoint key of a conv bias, if any. The out space is created from the conv weight's shape.
+    checkpoint key of a conv bias, if any; ``ws`` (``variant``, ``eps``) makes the conv a
+    ``ws_conv2d``. The out space is created from the conv weight's shape.
     """
     conv, bn = names
     wkey = f"{keys[0]}.weight"
@@ -61,7 +65,13 @@ def conv_bn(
     params = {"weight": b.tensor(f"{conv}.weight", wkey, (out_space, in_space, None, None))}
     if conv_bias is not None:
         params["bias"] = b.tensor(f"{conv}.bias", conv_bias, (out_space,))
-    x = b.op("conv2d", conv, [x], out_space, params, stride=stride, padding=shape[2] // 2)
+    attrs: dict = {"stride": stride, "padding": shape[2] // 2}
+    if ws is not None:
+        problem = ws_problem(ws["variant"], ws["eps"], shape[1] * shape[2] * shape[3])
+        if problem:
+            raise NormtoolError(f"{conv}: {problem}", b.ck.path)
+        attrs.update(variant=ws["variant"], eps=float(ws["eps"]))
+    x = b.op("ws_conv2d" if ws else "conv2d", conv, [x], out_space, params, **attrs)
     bn_params = {r: b.tensor(f"{bn}.{r}", f"{keys[1]}.{r}", (out_space,)) for r in BN_ROLES}
     return b.op("batchnorm", bn, [x], out_space, bn_params, eps=eps)
 
@@ -84,6 +94,16 @@ def _cnn_config(ck: Checkpoint) -> dict | None:
     return cfg if cfg is not None and cfg.get("model_type") == "normtool_cnn" else None
 
 
+def _ws_config(ws: object) -> dict | None:
+    """The config's ``weight_standardization`` (``None``: plain convs, also for configs saved
+    before the key existed); ValueError when it is not ``{"variant": …, "eps": …}``."""
+    if ws is None:
+        return None
+    if not isinstance(ws, dict) or set(ws) != {"variant", "eps"}:
+        raise ValueError(f"weight_standardization {ws!r}: expected null or variant and eps")
+    return ws
+
+
 def detect_cnn(ck: Checkpoint) -> bool:
     return _cnn_config(ck) is not None
 
@@ -96,6 +116,7 @@ def build_cnn(ck: Checkpoint, opts: BuildOptions) -> Graph:
         c_in, size = int(cfg["in_channels"]), int(cfg["image_size"])
         strides = [int(s) for s in cfg["strides"]]
         eps = float(cfg["bn_eps"])
+        ws = _ws_config(cfg.get("weight_standardization"))
     except (KeyError, TypeError, ValueError) as e:
         raise NormtoolError(f"normtool_cnn config is incomplete or invalid ({e!r})", ck.path) from e
     b = GraphBuilder("normtool_cnn", ck)
@@ -106,9 +127,8 @@ def build_cnn(ck: Checkpoint, opts: BuildOptions) -> Graph:
         p = f"blocks.{i}"
         bias = f"{p}.conv.bias" if b.has(f"{p}.conv.bias") else None
         out = f"{p}.conv"
-        x = conv_bn(
-            b, x, space, out, (f"{p}.conv", f"{p}.bn"), (f"{p}.conv", f"{p}.bn"), stride, eps, bias
-        )
+        names = (f"{p}.conv", f"{p}.bn")
+        x = conv_bn(b, x, space, out, names, names, stride, eps, bias, ws)
         x = b.op("act", f"{p}.act", [x], out, fn="relu")
         space = out
     x = b.op("global_avgpool", "pool", [x], space)

@@ -1,4 +1,5 @@
-"""``normtool fold``: fold UN / PowerNorm / BatchNorm into adjacent layers, self-verified."""
+"""``normtool fold``: fold UN / PowerNorm / BatchNorm into adjacent layers and bake Weight
+Standardization, self-verified."""
 
 from __future__ import annotations
 
@@ -29,6 +30,11 @@ from normtool.selfcheck import self_check
 
 def _lines(path: Path, out: Path, r: FoldResult, errors: dict[str, float] | None) -> list[str]:
     lines = [f"{path} -> {out}", f"  {r.summary()}"]
+    lines += [
+        f"  baked {b.name} (ws_conv2d, variant {b.variant}, eps {b.eps:g}): standardised weight "
+        "stored, now conv2d"
+        for b in r.baked
+    ]
     for f in r.folded:
         kept = f", kept {f.kept}" if f.kept else ""
         into = ", ".join(f.into[:6]) + (f" (+{len(f.into) - 6})" if len(f.into) > 6 else "")
@@ -66,9 +72,10 @@ def fold(
 ) -> None:
     """Fold UN, PowerNorm and BatchNorm into neighbouring layers, computing the same function.
 
-    Pre-Norm: into the readers; Conv/Linear→BN: backward into the layer; Post-Norm: the
-    residual stream is re-based so every norm disappears. Prints what was folded and what was
-    skipped, with reasons; self-verifies (fp64 and fp32) before writing.
+    Weight-standardised convs are baked first (their standardised weight stored). Pre-Norm:
+    into the readers; Conv/Linear→BN: backward into the layer; Post-Norm: the residual stream
+    is re-based so every norm disappears. Prints what was baked, folded and skipped, with
+    reasons; self-verifies (fp64 and fp32) before writing.
     """
     kinds = list(SELECTORS) if only is None else [k.strip() for k in only.split(",") if k.strip()]
     shard = parse_size(max_shard_size)
@@ -93,6 +100,7 @@ def fold(
     payload: dict[str, Any] = {
         "input": str(path),
         "output": str(out),
+        "baked": [vars(b) for b in result.baked],
         "folded": [vars(f) for f in result.folded],
         "skipped": [vars(s) for s in result.skipped],
         "untied": result.untied,

@@ -44,7 +44,7 @@ def _pinned_spaces(graph: Graph) -> dict[str, str]:
                 f"{op.name} normalises {op.attrs['groups']} channel groups separately; "
                 "a permutation would mix them"
             )
-        if op.kind == "conv2d" and op.attrs.get("groups", 1) > 1:
+        if op.kind in ("conv2d", "ws_conv2d") and op.attrs.get("groups", 1) > 1:
             s_in, s_out = graph.value_spaces[op.inputs[0]], graph.value_spaces[op.output]
             if s_in != s_out:
                 reason = f"{op.name} is a grouped convolution from {s_in} to {s_out}"

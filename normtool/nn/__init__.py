@@ -5,6 +5,7 @@ from normtool.nn.powernorm import PowerNorm, group_scale
 from normtool.nn.rmsnorm import CRMSNorm, RMSNorm
 from normtool.nn.transformer import ReferenceTransformer, transformer_config
 from normtool.nn.unified_norm import UnifiedNorm
+from normtool.nn.ws_conv import WSConv2d
 
 __all__ = [
     "CRMSNorm",
@@ -13,6 +14,7 @@ __all__ = [
     "ReferenceTransformer",
     "SmallCNN",
     "UnifiedNorm",
+    "WSConv2d",
     "cnn_config",
     "group_scale",
     "transformer_config",

@@ -7,6 +7,14 @@ Inference maps (``y = s ⊙ x + t`` per channel; ``x`` first group-RMS-scaled fo
   not affine and stays as a weightless ``group_rmsnorm`` (``rmsnorm`` with one group);
 * BatchNorm (``batchnorm``): ``s = γ/√(running_var + eps)``, ``t = β − running_mean ⊙ s``.
 
+Weight Standardization (``ws_conv2d``, selector ``ws``) is baked first: the conv's standardised
+weight ``Ŵ`` (its variant's eps placement, ``normtool.nn.ws_conv``) is computed in float64 from
+the stored weight and the op becomes a plain ``conv2d``, so a BatchNorm after it then folds
+backward like any Conv-BN — ``Ŵ`` and ``diag(s)`` compose in float64 and the result is rounded
+once. Without ``ws`` selected, a BatchNorm right after a WS conv is skipped with that reason:
+``--only`` names what may change, and its map cannot go into a weight that is re-standardised
+(a per-channel scale of ``W`` is divided out again).
+
 How a norm leaves the graph, tried in this order:
 
 1. backward — its input is written by a linear/conv layer that nothing else reads: the layer
@@ -26,6 +34,7 @@ Post-Norm stream keeps the norms upstream of it too (they would have to pass thr
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field, replace
 
@@ -38,6 +47,7 @@ from normtool.graph import NORM_KINDS, Graph, Op, Source, TensorSpec
 from normtool.inputs import max_seq, random_inputs
 from normtool.io.safetensors_format import DTYPES
 from normtool.model import Model
+from normtool.nn.ws_conv import standardize_weight, ws_problem
 from normtool.passes.rebase import (
     F64,
     IDENTITY,
@@ -50,17 +60,18 @@ from normtool.passes.rebase import (
 from normtool.passes.weight_math import fold_forward
 from normtool.runtime.torch_exec import run_graph
 
-#: ``--only`` selector → graph op kind (``ws`` has no op kind: see ``WS_NOTE``).
-SELECTORS: dict[str, str | None] = {
+#: ``--only`` selector → graph op kind.
+SELECTORS: dict[str, str] = {
     "un": "unorm",
     "powernorm": "powernorm",
     "batchnorm": "batchnorm",
-    "ws": None,
+    "ws": "ws_conv2d",
 }
-FOLDABLE = frozenset(k for k in SELECTORS.values() if k)
+#: The norms folded; ``ws_conv2d`` is a conv, baked (not a norm that leaves the graph).
+FOLDABLE = frozenset({"unorm", "powernorm", "batchnorm"})
 WS_NOTE = (
-    "ws: nothing to bake — no weight-standardised convolution in this graph (none of normtool's "
-    "families has one; their convolutions store plain weights)"
+    "ws: nothing to bake — no weight-standardised convolution (ws_conv2d) in this graph; "
+    "its convolutions store plain weights"
 )
 FP16_MAX = float(torch.finfo(torch.float16).max)
 #: Headroom asked of a re-based fp16 stream: the check sees seeded random inputs, not every
@@ -87,6 +98,13 @@ class SkippedNorm:
 
 
 @dataclass
+class BakedConv:
+    name: str
+    variant: str  # "var" | "std": where eps sits (normtool.nn.ws_conv)
+    eps: float
+
+
+@dataclass
 class FoldResult:
     model: Model  # rewritten tensors rounded to their stored dtypes: what gets written
     exact: Model  # the same graph with the rewritten tensors in float64: the maths, unrounded
@@ -95,9 +113,11 @@ class FoldResult:
     untied: list[str] = field(default_factory=list)
     scale_range: tuple[float, float] | None = None  # min/max |D| of re-based streams
     notes: list[str] = field(default_factory=list)
+    baked: list[BakedConv] = field(default_factory=list)
 
     def summary(self) -> str:
-        return f"folded {len(self.folded)} norms, skipped {len(self.skipped)}"
+        ws = f"baked {len(self.baked)} weight-standardised convs, " if self.baked else ""
+        return f"{ws}folded {len(self.folded)} norms, skipped {len(self.skipped)}"
 
 
 class _Blocked(Exception):
@@ -154,6 +174,8 @@ def _describe(op: Op, folding: set[str]) -> str:
         return f"the kept norm {op.name} ({op.kind}), which must see the exact values"
     if op.kind == "act":
         return f"{op.name} (activation {op.attrs.get('fn')}), which is not linear"
+    if op.kind == "ws_conv2d":
+        return f"{op.name} (ws_conv2d), which re-standardises its weight (select ws to bake it)"
     return f"{op.name} ({op.kind}), which is not a linear layer"
 
 
@@ -465,6 +487,36 @@ def _apply(model: Model, p: _Plan) -> tuple[Graph, dict[str, Thunk], list[str]]:
     return g, {k: v for k, v in ed.work.items() if k in g.tensors}, ed.untied
 
 
+def _standardized(w: Thunk, variant: str, eps: float) -> Thunk:
+    """Thunk of ``Ŵ`` from the thunk of ``W``: float64 by default, or rounded once to ``dtype``."""
+    return lambda dtype=F64: standardize_weight(w().to(F64), variant, eps).to(dtype)
+
+
+def bake_ws(model: Model) -> tuple[Model, list[BakedConv], dict[str, Thunk], list[str]]:
+    """Every ``ws_conv2d`` as a plain ``conv2d`` holding its standardised weight.
+
+    Returns the baked model (``Ŵ`` as float64 thunks, so later folds compose with it unrounded),
+    what was baked, the thunks of the baked weights, and untie notes (a weight shared with
+    another op gets its own copy). NormtoolError for attrs that define no ``Ŵ``.
+    """
+    g = model.graph.copy()
+    ed = _Editor(model, g)
+    baked: list[BakedConv] = []
+    work: dict[str, Thunk] = {}
+    for op in list(g.ops_of("ws_conv2d")):
+        variant, eps = op.attrs.pop("variant"), op.attrs.pop("eps")
+        fan_in = math.prod(g.tensors[op.params["weight"]].shape[1:])
+        problem = ws_problem(variant, eps, fan_in)
+        if problem:
+            where = model.checkpoint.path if model.checkpoint else None
+            raise NormtoolError(f"{op.name}: {problem}", where)
+        ed.put(op, "weight", _standardized(ed.get(op, "weight"), variant, float(eps)))
+        op.kind = "conv2d"
+        work[op.params["weight"]] = ed.work[op.params["weight"]]  # its own copy if it was shared
+        baked.append(BakedConv(op.name, variant, float(eps)))
+    return Model(g, model.checkpoint, {**model.overrides, **work}), baked, work, ed.untied
+
+
 def _rounded(model: Model, graph: Graph, exact: dict[str, Thunk]) -> dict[str, Thunk]:
     """The rewritten tensors in their stored dtypes (thunks); refuses any that overflow it.
 
@@ -496,18 +548,35 @@ def _selected(only: Collection[str]) -> set[str]:
     bad = sorted(set(only) - set(SELECTORS))
     if bad:
         raise NormtoolError(f"--only: unknown kind(s) {bad}; choose from {', '.join(SELECTORS)}")
-    return {SELECTORS[k] for k in only if SELECTORS[k]}
+    return {SELECTORS[k] for k in only}
+
+
+def _after_ws(graph: Graph, op: Op) -> str | None:
+    """Why a BatchNorm right after an unbaked WS conv stays (None: it does not follow one)."""
+    prod = graph.producer(op.inputs[0])
+    if prod is None or prod.kind != "ws_conv2d":
+        return None
+    return (
+        f"follows {prod.name}, a weight-standardised conv left unbaked by --only: it re-"
+        "standardises its weight, so the BatchNorm cannot fold into it (add ws to --only)"
+    )
 
 
 def fold_norms(model: Model, only: Collection[str] = tuple(SELECTORS)) -> FoldResult:
-    """Fold every selected UN / PowerNorm / BatchNorm that can be folded exactly.
+    """Bake every selected WS conv, then fold every selected UN / PowerNorm / BatchNorm that can
+    be folded exactly.
 
-    Returns the new model (no history entry yet: the caller verifies first) and what was folded
-    or skipped, with reasons. NormtoolError when nothing can be folded.
+    Returns the new model (no history entry yet: the caller verifies first) and what was baked,
+    folded or skipped, with reasons. NormtoolError when nothing can be baked or folded.
     """
-    g = model.graph
     where = model.checkpoint.path if model.checkpoint else None
     kinds = _selected(only)
+    has_ws = any(model.graph.ops_of("ws_conv2d"))
+    baked, baked_work, untied_ws = [], {}, []
+    source = model
+    if "ws_conv2d" in kinds and has_ws:
+        source, baked, baked_work, untied_ws = bake_ws(model)
+    g = source.graph
     maps: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     skipped: dict[str, str] = {}
     for op in g.ops:
@@ -517,6 +586,8 @@ def fold_norms(model: Model, only: Collection[str] = tuple(SELECTORS)) -> FoldRe
             skipped[op.name] = _not_foldable_reason(op)
         elif op.kind not in kinds:
             skipped[op.name] = "not selected by --only"
+        elif reason := _after_ws(g, op):
+            skipped[op.name] = reason
         else:
             try:
                 maps[op.name] = inference_map(op, model.tensor)
@@ -527,12 +598,14 @@ def fold_norms(model: Model, only: Collection[str] = tuple(SELECTORS)) -> FoldRe
     skipped.update(kept)
     kind_of = {o.name: o.kind for o in g.ops}
     skips = [SkippedNorm(o.name, o.kind, skipped[o.name]) for o in g.ops if o.name in skipped]
-    notes = [WS_NOTE] if "ws" in only else []
-    if not p.folded:
+    notes = [WS_NOTE] if "ws" in only and not has_ws else []
+    if not p.folded and not baked:
         detail = "; ".join(f"{s.name}: {s.reason}" for s in skips[:6]) or "the graph has no norms"
         more = f" (and {len(skips) - 6} more)" if len(skips) > 6 else ""
-        raise NormtoolError(f"nothing to fold: {detail}{more}", where)
-    graph, exact, untied = _apply(model, p)
+        raise NormtoolError(f"nothing to fold: {'; '.join([detail + more, *notes])}", where)
+    graph, exact, untied = _apply(source, p)
+    # baked weights no norm folded into are written as Ŵ; the others are in ``exact`` already
+    exact = {**{k: v for k, v in baked_work.items() if k in graph.tensors}, **exact}
     kept_overrides = {k: v for k, v in model.overrides.items() if k in graph.tensors}
     new = Model(graph, model.checkpoint, {**kept_overrides, **_rounded(model, graph, exact)})
     new.history = list(model.history)
@@ -543,7 +616,7 @@ def fold_norms(model: Model, only: Collection[str] = tuple(SELECTORS)) -> FoldRe
         scale_range = (float(all_d.min()), float(all_d.max()))
     if any(s.dtype == "F16" for s in graph.tensors.values()) and scale_range is not None:
         x = random_inputs(graph, 2, max_seq(graph), seed=0)
-        before = peak_activation(g, model.weights(), x)
+        before = peak_activation(model.graph, model.weights(), x)
         after = peak_activation(graph, new.weights(), x)
         if after * FP16_HEADROOM > FP16_MAX and after > before:
             raise NormtoolError(
@@ -554,17 +627,21 @@ def fold_norms(model: Model, only: Collection[str] = tuple(SELECTORS)) -> FoldRe
                 where,
             )
     folded = [p.folded[n] for n in kind_of if n in p.folded]
-    return FoldResult(new, exact_model, folded, skips, untied, scale_range, notes)
+    return FoldResult(
+        new, exact_model, folded, skips, untied_ws + untied, scale_range, notes, baked
+    )
 
 
 def applicability(graph: Graph) -> list[str]:
-    """Why ``fold`` does not apply (empty: at least one norm folds), from the structure alone."""
+    """Why ``fold`` does not apply (empty: a WS conv bakes or a norm folds), from the structure."""
+    if any(graph.ops_of("ws_conv2d")):
+        return []
     maps = {}
     for op in graph.ops:
         if op.kind in FOLDABLE:
             c = graph.tensors[op.params["weight"]].shape[0]
             maps[op.name] = (torch.ones(c, dtype=F64), torch.ones(c, dtype=F64))
     if not maps:
-        return ["no UN, PowerNorm or BatchNorm in the graph"]
+        return ["no UN, PowerNorm, BatchNorm or weight-standardised conv in the graph"]
     p, kept = plan(graph, maps, set(maps))
     return [] if p.folded else [f"{n}: {r}" for n, r in kept.items()]

@@ -14,6 +14,9 @@ Forms (all exact rewrites of the op table's semantics):
   in the grouped shape, Reshape back.
 * unorm / batchnorm / affine → one ``Mul`` and one ``Add`` with the scale and shift precomputed in
   fp64 at export time (what remains of a per-channel affine at inference).
+* ws_conv2d → ``Conv`` with the standardised weight precomputed in fp64 at export time (a constant
+  at inference: a ReduceMean/Sub/Div subgraph on the initializer would only be constant-folded
+  by ORT, in the export dtype rather than fp64).
 * attention → ``MatMul → Mul(scale) → [Add causal mask] → Softmax → MatMul`` with Reshape/Transpose
   over heads (``attention="op"``: the opset-23 ``Attention`` node instead).
 * target ``ort`` (the default): groups of ops ONNX Runtime has one kernel for are written as that
@@ -44,6 +47,7 @@ from onnx import TensorProto, helper, numpy_helper
 from normtool import __version__
 from normtool.errors import NormtoolError
 from normtool.graph import Graph, InputSpec, Op
+from normtool.nn.ws_conv import standardize_weight
 from normtool.runtime.onnx_fuse import FusionPlan, plan_fusions
 
 INPUTS_KEY = "normtool.inputs"
@@ -573,19 +577,28 @@ def _pads(padding: Any, kernel: list[int], dilation: list[int]) -> list[int]:
     return [ph, pw, ph, pw]
 
 
-def _conv2d(em: _Emitter, op: Op, xs: list[str], p: dict[str, str]) -> str:
+def _conv2d(
+    em: _Emitter, op: Op, xs: list[str], p: dict[str, str], weight: str | None = None
+) -> str:
     kernel = list(em.graph.tensors[p["weight"]].shape[2:])
     dilation = _pair(op.attrs.get("dilation", 1))
     bias = [em.weight(p["bias"])] if "bias" in p else []
     return em.node(
         "Conv",
-        [xs[0], em.weight(p["weight"]), *bias],
+        [xs[0], weight or em.weight(p["weight"]), *bias],
         kernel_shape=kernel,
         strides=_pair(op.attrs.get("stride", 1)),
         pads=_pads(op.attrs.get("padding", 0), kernel, dilation),
         dilations=dilation,
         group=int(op.attrs.get("groups", 1)),
     )
+
+
+def _ws_conv2d(em: _Emitter, op: Op, xs: list[str], p: dict[str, str]) -> str:
+    variant, eps = op.attrs["variant"], op.attrs["eps"]
+    form = f"ws_{variant}_{eps:g}"
+    w = em.weight(p["weight"], form, lambda w: standardize_weight(w, variant, eps))
+    return _conv2d(em, op, xs, p, w)
 
 
 def _maxpool2d(em: _Emitter, op: Op, xs: list[str], p: dict[str, str]) -> str:
@@ -632,6 +645,7 @@ EMITTERS: dict[str, Emit] = {
     "attention": _attention,
     "select": _select,
     "conv2d": _conv2d,
+    "ws_conv2d": _ws_conv2d,
     "maxpool2d": _maxpool2d,
     "global_avgpool": _global_avgpool,
     "loki": _loki,

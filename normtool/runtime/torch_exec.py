@@ -4,7 +4,9 @@ Why an interpreter rather than generated modules: one small function per op kind
 executable form of the op table in ``normtool.graph``, so the semantics live in one place that
 verify, the transforms' self-checks and the tests all share. Precision policy: every op computes
 in the run dtype, except softmax and norm statistics in fp16/bf16, which are computed in fp32
-(the numerically safe choice the reference implementations make too).
+(the numerically safe choice the reference implementations make too). A weight-standardised
+conv's ``Ŵ`` depends on the weight alone, so it is computed in float64 (cheap) and cast to the
+run dtype: the value the ONNX export stores and ``fold`` bakes.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from normtool.graph import Graph, Op
+from normtool.nn.ws_conv import standardize_weight
 
 Fn = Callable[[Op, list[torch.Tensor], dict[str, torch.Tensor]], torch.Tensor]
 
@@ -113,6 +116,24 @@ def _affine(op: Op, xs, p):
     return _scale_shift(xs[0], p["scale"], p.get("shift"))
 
 
+def _conv2d(op: Op, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    return F.conv2d(
+        x,
+        w,
+        b,
+        stride=op.attrs.get("stride", 1),
+        padding=op.attrs.get("padding", 0),
+        dilation=op.attrs.get("dilation", 1),
+        groups=op.attrs.get("groups", 1),
+    )
+
+
+def _ws_conv2d(op: Op, xs, p):
+    w = p["weight"]
+    ws = standardize_weight(w.double(), op.attrs["variant"], op.attrs["eps"]).to(w.dtype)
+    return _conv2d(op, xs[0], ws, p.get("bias"))
+
+
 ACT_FNS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "relu": F.relu,
     "gelu": F.gelu,
@@ -172,15 +193,8 @@ OPS: dict[str, Fn] = {
     "act": lambda op, xs, p: ACT_FNS[op.attrs["fn"]](xs[0]),
     "attention": _attention,
     "select": lambda op, xs, p: xs[0][:, op.attrs.get("index", 0)],
-    "conv2d": lambda op, xs, p: F.conv2d(
-        xs[0],
-        p["weight"],
-        p.get("bias"),
-        stride=op.attrs.get("stride", 1),
-        padding=op.attrs.get("padding", 0),
-        dilation=op.attrs.get("dilation", 1),
-        groups=op.attrs.get("groups", 1),
-    ),
+    "conv2d": lambda op, xs, p: _conv2d(op, xs[0], p["weight"], p.get("bias")),
+    "ws_conv2d": _ws_conv2d,
     "maxpool2d": lambda op, xs, p: F.max_pool2d(
         xs[0], op.attrs["kernel"], op.attrs.get("stride"), op.attrs.get("padding", 0)
     ),
