@@ -8,7 +8,9 @@ thread, in well under a minute in total:
 
 * ``ref_{powernorm,un}_{pre,post}.safetensors``: ReferenceTransformer language models on
   sequences ``x[t+1] = (x[t] + k) mod V`` with a per-sequence step ``k`` (found by attention);
-* ``cnn_bn.safetensors``: SmallCNN with BatchNorm classifying noisy class templates.
+* ``cnn_bn.safetensors``: SmallCNN with BatchNorm classifying noisy class templates;
+* ``cnn_ws_bn.safetensors``: the same with Weight Standardization (``WSConv2d``, variant
+  ``var``) before every BatchNorm (the paper's WS+BN).
 
 Run: ``python scripts/make_fixtures.py [--out fixtures] [--steps 300]``.
 """
@@ -60,9 +62,11 @@ def train_lm(norm: str, placement: str, steps: int, seed: int) -> tuple[nn.Modul
     return model.eval(), loss.item()
 
 
-def train_cnn(steps: int, seed: int) -> tuple[nn.Module, float]:
+def train_cnn(steps: int, seed: int, ws: str | None = None) -> tuple[nn.Module, float]:
     torch.manual_seed(seed)
-    cfg = cnn_config(channels=[8, 16, 16], strides=[1, 2, 2], num_classes=6)
+    cfg = cnn_config(
+        channels=[8, 16, 16], strides=[1, 2, 2], num_classes=6, weight_standardization=ws
+    )
     model = SmallCNN(cfg).train()
     g = torch.Generator().manual_seed(seed)
     size, n_cls = cfg["image_size"], cfg["num_classes"]
@@ -93,6 +97,7 @@ def main() -> None:
         )
     ]
     jobs.append(("cnn_bn", lambda: train_cnn(args.steps, 10)))
+    jobs.append(("cnn_ws_bn", lambda: train_cnn(args.steps, 11, "var")))
     for name, train in jobs:
         t0 = time.perf_counter()
         model, loss = train()

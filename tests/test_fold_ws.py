@@ -226,6 +226,14 @@ def test_constant_rows_bake_to_exact_zeros(tmp_path, variant):
     _check_fold(path, fold_norms(load_model(path)))
 
 
+def test_trained_fixture():
+    """WS+BN trained 300 steps (scripts/make_fixtures.py): realistic weights and statistics."""
+    path = Path(__file__).resolve().parent.parent / "fixtures" / "cnn_ws_bn.safetensors"
+    r = fold_norms(load_model(path))
+    assert len(r.baked) == 3 and [f.how for f in r.folded] == ["backward"] * 3
+    _check_fold(path, r)
+
+
 # ---- the CLI --------------------------------------------------------------------------------
 def test_cli_end_to_end(tmp_path):
     path = make_ws_cnn(tmp_path, "var", conv_bias=True)
