@@ -325,11 +325,13 @@ def compare(
     atol: float | None = None,
     rtol: float | None = None,
     each: Callable[[list[tuple[int, int | None]]], Iterable[tuple[int, int | None]]] = iter,
+    plan: list[tuple[int, int | None]] | None = None,
 ) -> Report:
     """Run ``a`` (the reference) and ``b`` on the same random inputs and measure the difference.
 
     ``dtype`` selects the default tolerances (and is recorded); the runners already run in
     their own dtype. ``each`` wraps the loop over input batches (the CLI's progress bar).
+    ``plan``: the (batch, seq) shapes to run instead of ``batch_plan``'s ``samples``.
     Raises NormtoolError when the inputs, the outputs or their shapes differ.
     """
     name = dtype_name(dtype)
@@ -347,7 +349,8 @@ def compare(
     }
     not_compared = {k: v for k, v in only.items() if v}
     has_seq = any("seq" in s.shape for s in specs)
-    plan = batch_plan(samples, max_seq(specs) if has_seq else None, seed)
+    if plan is None:
+        plan = batch_plan(samples, max_seq(specs) if has_seq else None, seed)
     acc: dict[str, _Acc] = {}
     for k, (batch, seq) in enumerate(each(plan)):
         feeds = random_inputs(specs, batch, seq or 1, seed + k)
@@ -376,6 +379,7 @@ def compare_models(
     seed: int = 0,
     atol: float | None = None,
     rtol: float | None = None,
+    plan: list[tuple[int, int | None]] | None = None,
 ) -> Report:
     """Compare two Models, both run by the torch executor in ``dtype``.
 
@@ -383,7 +387,14 @@ def compare_models(
     and ``compare_models(orig, new, "fp32").max_abs``; ``.ok`` applies the dtype's defaults.
     """
     return compare(
-        TorchRunner(a, dtype, "a"), TorchRunner(b, dtype, "b"), dtype, samples, seed, atol, rtol
+        TorchRunner(a, dtype, "a"),
+        TorchRunner(b, dtype, "b"),
+        dtype,
+        samples,
+        seed,
+        atol,
+        rtol,
+        plan=plan,
     )
 
 
