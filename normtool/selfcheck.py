@@ -76,14 +76,14 @@ def self_check(source: Model, exact: Model, stored: Model) -> tuple[dict[str, fl
     """Errors of the rewrite against ``source`` on seeded random inputs, and the failed bars
     (empty: passed). ``exact``: the unrounded rewritten tensors; ``stored``: as written."""
     plan = check_plan(source.graph)
-    r64 = compare_models(source, exact, "fp64", plan=plan)
+    r64 = compare_models(source, exact, "fp64", plan=plan, together=True)
     errors = {"fp64_max_rel": r64.max_rel, "fp64_max_abs": r64.max_abs}
     bad = []
     if not r64.max_rel <= FP64_MAX_REL:
         bad.append(f"fp64 relative error {r64.max_rel:.3g} > {FP64_MAX_REL:g}")
     half = sorted({_HALF[s.dtype] for s in source.graph.tensors.values() if s.dtype in _HALF})
     if not half:
-        r32 = compare_models(source, stored, "fp32", plan=plan)
+        r32 = compare_models(source, stored, "fp32", plan=plan, together=True)
         errors.update(fp32_max_abs=r32.max_abs, fp32_max_rel=r32.max_rel)
         if not r32.max_abs <= FP32_MAX_ABS:
             bad.append(f"fp32 max-abs error {r32.max_abs:.3g} > {FP32_MAX_ABS:g}")

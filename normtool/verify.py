@@ -60,7 +60,7 @@ from normtool.load import load_model
 from normtool.model import Model
 from normtool.runtime.onnx_emit import INPUTS_KEY, input_signature, output_names
 from normtool.runtime.ort import create_session
-from normtool.runtime.torch_exec import run_graph
+from normtool.runtime.torch_exec import run_graph_batches
 
 DTYPES: dict[str, torch.dtype] = {
     "fp64": torch.float64,
@@ -139,8 +139,12 @@ class TorchRunner:
         self._weights = model.weights()
 
     def run(self, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        out = run_graph(self.graph, self._weights, feeds, self.dtype)
-        return {self._names[k]: v for k, v in out.items()}
+        return self.run_all([feeds])[0]
+
+    def run_all(self, batches: list[Mapping[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+        """Several batches in one pass over the ops (each weight fetched once)."""
+        outs = run_graph_batches(self.graph, self._weights, batches, self.dtype)
+        return [{self._names[k]: v for k, v in out.items()} for out in outs]
 
 
 class OnnxRunner:
@@ -287,13 +291,14 @@ class _Acc:
     def add(self, ya: torch.Tensor, yb: torch.Tensor, logits: bool) -> None:
         a, b = ya.double(), yb.double()
         if a.numel():
-            diff = torch.where(a == b, 0.0, (a - b).abs())  # equal infinities count as equal
+            # in place on two temporaries: a language model's logits run to 10^8 values
+            diff = (a - b).abs_().masked_fill_(a == b, 0.0)  # equal infinities count as equal
             m = float(diff.max())
             if math.isnan(m) or m > self.max_abs:  # a NaN sticks (max() would drop it) and fails
                 self.max_abs = m
-            finite = a[a.isfinite()].abs()
-            if finite.numel():
-                self.scale = max(self.scale, float(finite.max()))
+            del diff
+            mag = a.abs()
+            self.scale = max(self.scale, float(mag.masked_fill_(~mag.isfinite(), 0.0).max()))
         if not self.dtype.is_floating_point:
             self.agree += int((ya == yb).sum())
             self.rows += ya.numel()
@@ -326,12 +331,14 @@ def compare(
     rtol: float | None = None,
     each: Callable[[list[tuple[int, int | None]]], Iterable[tuple[int, int | None]]] = iter,
     plan: list[tuple[int, int | None]] | None = None,
+    together: bool = False,
 ) -> Report:
     """Run ``a`` (the reference) and ``b`` on the same random inputs and measure the difference.
 
     ``dtype`` selects the default tolerances (and is recorded); the runners already run in
     their own dtype. ``each`` wraps the loop over input batches (the CLI's progress bar).
     ``plan``: the (batch, seq) shapes to run instead of ``batch_plan``'s ``samples``.
+    ``together``: run all batches in one pass of each executor model (``TorchRunner.run_all``).
     Raises NormtoolError when the inputs, the outputs or their shapes differ.
     """
     name = dtype_name(dtype)
@@ -352,9 +359,14 @@ def compare(
     if plan is None:
         plan = batch_plan(samples, max_seq(specs) if has_seq else None, seed)
     acc: dict[str, _Acc] = {}
-    for k, (batch, seq) in enumerate(each(plan)):
-        feeds = random_inputs(specs, batch, seq or 1, seed + k)
-        ya, yb = a.run(feeds), b.run(feeds)
+    feeds = [random_inputs(specs, batch, seq or 1, seed + k) for k, (batch, seq) in enumerate(plan)]
+    if together:
+        ys = [r.run_all(feeds) if isinstance(r, TorchRunner) else map(r.run, feeds) for r in (a, b)]
+        results = iter(zip(*ys, strict=True))
+    else:
+        results = ((a.run(f), b.run(f)) for f in feeds)
+    for batch, seq in each(plan):
+        ya, yb = next(results)
         for o in common:
             if tuple(ya[o].shape) != tuple(yb[o].shape):
                 raise NormtoolError(
@@ -380,6 +392,7 @@ def compare_models(
     atol: float | None = None,
     rtol: float | None = None,
     plan: list[tuple[int, int | None]] | None = None,
+    together: bool = False,
 ) -> Report:
     """Compare two Models, both run by the torch executor in ``dtype``.
 
@@ -395,6 +408,7 @@ def compare_models(
         atol,
         rtol,
         plan=plan,
+        together=together,
     )
 
 

@@ -265,8 +265,8 @@ class _Rewriter:
     (~1e-7 relative), the order of the original's own float32 arithmetic and far below the
     fp32 bar the self-check measures. fp16/bf16/fp64 tensors are computed in float64 and
     rounded once (centred half-precision writers with ``round_keeping_sums``). The shift is
-    computed in the same pass as its weight and kept for the bias. Every result is checked for
-    NaN/Inf here — one ``aminmax`` on data in hand instead of a separate scan of the checkpoint.
+    computed in the same pass as its weight and kept for the bias. Every stored result is checked
+    for NaN/Inf here — one ``aminmax`` on data in hand instead of a separate scan of the file.
     """
 
     def __init__(self, model: Model) -> None:
@@ -323,8 +323,8 @@ class _Rewriter:
         dtype, work = self.dtypes(r, exact)
         whole: dict[str, torch.Tensor] = {}
         for i in range(0, r.shape[0], BLOCK_ROWS):
-            block = self.compute(r, slice(i, i + BLOCK_ROWS), work, whole)
-            yield self.finite(name, self.round(r, block, dtype))
+            block = self.round(r, self.compute(r, slice(i, i + BLOCK_ROWS), work, whole), dtype)
+            yield block if exact else self.finite(name, block)
 
     def tensor(self, r: _Recipe, name: str, exact: bool) -> torch.Tensor:
         """The whole tensor ``name``: float64 when ``exact``, else its stored dtype. Computed on
@@ -342,7 +342,7 @@ class _Rewriter:
             t = self.round(r, self.bias(r, work), dtype)
         else:
             t = self.round(r, self.compute(r, None, work, {}), dtype)
-        return self.finite(name, t)
+        return t if exact else self.finite(name, t)
 
     @staticmethod
     def round(r: _Recipe, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -12,7 +12,7 @@ run dtype: the value the ONNX export stores and ``fold`` bakes.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -215,15 +215,32 @@ def run_graph(
     ``weights`` maps graph tensor names to tensors (any dtype; cast to ``dtype`` here). Float
     inputs are cast to ``dtype``; integer inputs (token ids) are kept.
     """
+    return run_graph_batches(graph, weights, [inputs], dtype, device)[0]
+
+
+def run_graph_batches(
+    graph: Graph,
+    weights: Mapping[str, torch.Tensor],
+    batches: Sequence[Mapping[str, torch.Tensor]],
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> list[dict[str, torch.Tensor]]:
+    """``run_graph`` on several input batches (of any shapes) at once, op by op.
+
+    Why: each op's parameters are fetched once for all batches. A transform's self-check runs
+    a model whose rewritten tensors are computed when fetched; batch by batch, the whole
+    rewrite would be recomputed for every batch.
+    """
 
     def param(name: str) -> torch.Tensor:
         w = weights[name]
         return w.to(device=device, dtype=dtype) if w.is_floating_point() else w.to(device)
 
-    env: dict[str, torch.Tensor] = {}
-    for spec in graph.inputs:
-        x = inputs[spec.name].to(device)
-        env[spec.name] = x.to(dtype) if x.is_floating_point() else x
+    envs: list[dict[str, torch.Tensor]] = [{} for _ in batches]
+    for env, inputs in zip(envs, batches, strict=True):
+        for spec in graph.inputs:
+            x = inputs[spec.name].to(device)
+            env[spec.name] = x.to(dtype) if x.is_floating_point() else x
     # Parameters are fetched per op and dropped after it, so a lazy ``weights`` mapping keeps
     # memory to one op's tensors plus activations; activations are freed after their last use.
     last_use = {v: i for i, op in enumerate(graph.ops) for v in op.inputs}
@@ -231,8 +248,9 @@ def run_graph(
     with torch.no_grad():
         for i, op in enumerate(graph.ops):
             p = {role: param(t) for role, t in op.params.items()}
-            env[op.output] = OPS[op.kind](op, [env[v] for v in op.inputs], p)
-            for v in set(op.inputs):
-                if last_use[v] == i and v not in keep:
-                    del env[v]
-    return {o: env[o] for o in graph.outputs}
+            for env in envs:
+                env[op.output] = OPS[op.kind](op, [env[v] for v in op.inputs], p)
+                for v in set(op.inputs):
+                    if last_use[v] == i and v not in keep:
+                        del env[v]
+    return [{o: env[o] for o in graph.outputs} for env in envs]
