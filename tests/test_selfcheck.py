@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import torch
+
 from normtool.load import load_model
 from normtool.passes import weight_math
 from normtool.selfcheck import check_plan
@@ -43,3 +45,19 @@ def test_errors_are_reported_and_stored(tmp_path):
     errors = json.loads(r.stdout)["errors"]
     assert errors["fp64_max_rel"] <= 1e-9 and errors["fp32_max_abs"] <= 1e-4
     assert load_model(out).history[-1]["errors"] == errors
+
+
+def test_batches_run_together_equal_batches_run_alone(tmp_path):
+    """``run_graph_batches`` (the self-check's one pass for all batches) gives each batch
+    exactly what a run of that batch alone gives: same ops, same weights, same order."""
+    from normtool.inputs import random_inputs
+    from normtool.runtime.torch_exec import run_graph, run_graph_batches
+
+    model = load_model(make_gpt2(tmp_path / "g"))
+    feeds = [random_inputs(model.graph, b, s, k) for k, (b, s) in enumerate([(1, 9), (3, 2)])]
+    weights = model.weights()
+    together = run_graph_batches(model.graph, weights, feeds, torch.float64)
+    for f, t in zip(feeds, together, strict=True):
+        alone = run_graph(model.graph, weights, f, torch.float64)
+        assert alone.keys() == t.keys()
+        assert all(torch.equal(alone[k], t[k]) for k in alone)
