@@ -227,6 +227,34 @@ def test_half_precision_error_no_worse_than_original(kind, compressed, dt, half_
     assert own > 0 and (new / own) ** 0.5 <= HALF_RATIO, (new / own) ** 0.5
 
 
+@pytest.mark.parametrize("dt", list(HALF))
+def test_half_precision_crms_parallel_blocks_over_seeds(dt, tmp_path):
+    """CRMS of fp16/bf16 parallel-block reference transformers (tied LM head) over five seeds,
+    each within the bar, against the reference module's own float64 forward.
+
+    Why several seeds: the implied coordinate's rounding is amplified by how far the readers'
+    column of the dropped coordinate sits from their row means, which varies by model. Dropping
+    the last coordinate always, seed 1 measured 1.60x (fp16) / 1.68x (bf16); with the coordinate
+    chosen (weight_math.crms_drop_index), 20 seeds measured 1.07-1.31x.
+    """
+    for seed in range(5):
+        src = make_reference_transformer(
+            tmp_path, f"par{seed}", seed=seed, parallel=True, tie_embeddings=True
+        )
+        half = _as_half(src, HALF[dt], tmp_path / f"{seed}_{dt}")
+        orig = load_model(half)
+        spec = orig.graph.inputs[0]
+        truth = _reference("ref", half, torch.float64)
+        # 4 batches x 4 sequences x 16 tokens x 48 vocab: 12288 logits
+        xs = [random_inputs(orig.graph, 4, spec.max_len, 100 + k)[spec.name] for k in range(4)]
+        with torch.no_grad():
+            want = [truth(x) for x in xs]
+        own = _sq_error(orig, spec.name, xs, want, HALF[dt])
+        conv = ln_to_rms.convert_ln_to_rms(orig, compressed=True).model({})
+        new = _sq_error(conv, spec.name, xs, want, HALF[dt])
+        assert own > 0 and (new / own) ** 0.5 <= HALF_RATIO, (seed, (new / own) ** 0.5)
+
+
 def test_half_precision_self_check_reports_rms_errors(half_originals, tmp_path):
     """The CLI's self-check of a half-precision checkpoint measures the same bar and stores it."""
     rep = _convert(half_originals[("gpt2", "fp16")], tmp_path / "c.safetensors", "--compressed")

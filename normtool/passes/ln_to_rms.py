@@ -77,6 +77,7 @@ class Conversion:
     readers: list[str]
     created_biases: list[str]
     untied: list[tuple[str, str]]
+    dropped: int | None = None  # CRMS: the stream coordinate dropped (implied as −Σ of the rest)
     notes: list[str] = field(default_factory=list)
 
     def model(self, entry: dict[str, Any]) -> Model:
@@ -92,6 +93,8 @@ class Conversion:
             f"linears ({len(self.created_biases)} biases created); centred "
             f"{len(self.writers)} stream writers"
         )
+        if self.dropped is not None:
+            s += f"; stream coordinate {self.dropped} dropped"
         for a, b in self.untied:
             s += f"; untied {a} from {b}"
         return s
@@ -269,8 +272,9 @@ class _Rewriter:
     for NaN/Inf here — one ``aminmax`` on data in hand instead of a separate scan of the file.
     """
 
-    def __init__(self, model: Model) -> None:
+    def __init__(self, model: Model, drop: int | None = None) -> None:
         self.model = model
+        self.drop = drop  # CRMS: the dropped stream coordinate (None: the last)
         # (reader weight, work dtype) -> {first row of a block: W·β for its rows}
         self.shifts: dict[tuple[str, torch.dtype], dict[int, torch.Tensor]] = {}
 
@@ -380,9 +384,9 @@ class _Rewriter:
         if r.centre is not None:
             t = wm.centre(t, r.centre, work)
         if r.crms_in:
-            t = wm.crms_reader(t, work)
+            t = wm.crms_reader(t, work, self.drop)
         if r.narrow is not None:
-            t = wm.crms_writer(t, r.narrow)
+            t = wm.crms_writer(t, r.narrow, self.drop)
         return t
 
     def bias(self, r: _Recipe, work: torch.dtype) -> torch.Tensor:
@@ -403,7 +407,7 @@ class _Rewriter:
         if r.centre is not None:
             t = wm.centre(t, r.centre)
         if r.narrow is not None:
-            t = wm.crms_writer(t, r.narrow)
+            t = wm.crms_writer(t, r.narrow, self.drop)
         return t
 
 
@@ -496,6 +500,9 @@ def convert_ln_to_rms(model: Model, compressed: bool = False) -> Conversion:
 
     untied = _untied(g, recipes)
     rw = _Rewriter(model)
+    half = any(s.dtype in ("F16", "BF16") for s in g.tensors.values())
+    if compressed:
+        rw.drop = _dropped_coordinate(rw, stream) if half else d - 1
     # unchanged tensors too go through the rewriter's NaN/Inf check as they are written or run
     same = {n: (lambda n=n: rw.unchanged(n)) for n in new.tensors if n not in recipes}
     lazy: dict[str, Override] = {
@@ -516,7 +523,32 @@ def convert_ln_to_rms(model: Model, compressed: bool = False) -> Conversion:
         readers=readers,
         created_biases=created,
         untied=untied,
+        dropped=rw.drop,
     )
+
+
+def _dropped_coordinate(rw: _Rewriter, stream: Stream) -> int:
+    """The stream coordinate CRMS drops in an fp16/bf16 checkpoint: ``wm.crms_drop_index`` over
+    every reader's weight with its norm's γ folded in (read in row blocks where stored plainly).
+
+    Why only there: in fp32 the rounding the choice reduces is far below the fp32 bar, and the
+    last coordinate (DESIGN §3.2's default) costs no extra read of the readers.
+    """
+    energies = []
+    for norm in stream.norms:
+        g_name = norm.params.get("weight")
+        gamma = rw.read(g_name, None).to(torch.float64) if g_name else None
+        for lin in stream.readers[norm.name]:
+            w_name = lin.params["weight"]
+            whole = None if rw.by_rows(w_name) else rw.read(w_name, None)
+            n = rw.model.graph.tensors[w_name].shape[0]
+            e = torch.zeros(())
+            for i in range(0, n, BLOCK_ROWS):
+                rows = slice(i, i + BLOCK_ROWS)
+                w = (rw.read(w_name, rows) if whole is None else whole[rows]).to(torch.float64)
+                e = e + wm.crms_column_energy(w if gamma is None else w * gamma)
+            energies.append(e)
+    return wm.crms_drop_index(energies)
 
 
 def _untied(g: Graph, recipes: dict[str, _Recipe]) -> list[tuple[str, str]]:
