@@ -342,7 +342,7 @@ def main() -> None:
     args = ap.parse_args()
     # batch → (warm-up calls, interleaved rounds); few at batch 8: ViT-B/GPT-2 calls take
     # seconds on a small shared CPU, and interleaving already pairs every model's runs
-    args.rounds = {1: (1, 3), 8: (1, 3)} if args.quick else {1: (2, 10), 8: (1, 5)}
+    args.rounds = {1: (1, 3), 8: (1, 3)} if args.quick else {1: (2, 20), 8: (2, 15)}
     args.seq = 16 if args.quick else 64
     results = []
     with tempfile.TemporaryDirectory(prefix="bench-fold-") as tmp:
