@@ -1,5 +1,5 @@
 """Allow ``python -m normtool``."""
 
-from normtool.cli import main
+from normtool.launch import main
 
 main()

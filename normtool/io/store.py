@@ -5,18 +5,21 @@ Face model folder, single-file or sharded (``*.index.json``); a PyTorch ``.pt``/
 state dict (``weights_only=True`` only, never plain unpickling); normtool's own outputs, whose
 safetensors metadata carry the graph and history.
 
-Why lazy: checkpoints can be larger than memory. Safetensors are memory-mapped and each tensor
-is read only when asked for, with a positioned read into memory the caller owns — not through a
-memory map, whose touched pages would stay resident (and count as the process's memory) for as
-long as the file is open. Headers are checked first (see ``safetensors_format``).
+Why lazy: checkpoints can be larger than memory. Each tensor is read only when asked for,
+into a tensor the caller owns: a large one as a private (copy-on-write) mapping of its own byte
+range, which costs no copy and whose pages leave the process with the tensor — not one mapping
+of the whole file, whose touched pages would stay resident for as long as the file is open;
+a small one by a positioned read. Headers are checked first (see ``safetensors_format``).
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
+import math
+import mmap
+import os
 import pickle
-import threading
+import weakref
 import zipfile
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -25,15 +28,18 @@ from pathlib import Path
 import torch
 
 from normtool.errors import NormtoolError
+from normtool.io import digest
+from normtool.io.digest import WEIGHT_FILES
 from normtool.io.safetensors_format import DTYPE_NAMES, DTYPES, read_header
 
+MAP_MIN_BYTES = 1 << 20  # smaller tensors are read: a mapping per bias costs more than a copy
 TORCH_SUFFIXES = {".pt", ".pth", ".bin"}
-WEIGHT_FILES = (
-    "model.safetensors.index.json",
-    "model.safetensors",
-    "pytorch_model.bin.index.json",
-    "pytorch_model.bin",
-)
+
+
+def _close_all(fds: dict[Path, int]) -> None:
+    for fd in fds.values():
+        os.close(fd)
+    fds.clear()
 
 
 @dataclass
@@ -49,7 +55,7 @@ class Checkpoint:
     _entries: dict[str, tuple[str, tuple[int, ...]]] = field(default_factory=dict, repr=False)
     _spans: dict[str, tuple[int, int]] = field(default_factory=dict, repr=False)
     _eager: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
-    _digest: Future[str] | None = field(default=None, repr=False)
+    _fds: dict[Path, int] = field(default_factory=dict, repr=False)
 
     def keys(self) -> list[str]:
         return list(self._entries)
@@ -69,19 +75,7 @@ class Checkpoint:
             return self._eager[key]
         if key not in self._entries:
             raise NormtoolError(f"tensor {key!r} not found", self.path)
-        f = self._where[key]
-        start, end = self._spans[key]
-        t = torch.empty(self.shape(key), dtype=self.dtype(key))
-        if end > start:
-            try:
-                with f.open("rb") as fh:
-                    fh.seek(start)
-                    got = fh.readinto(t.reshape(-1).view(torch.uint8).numpy())
-            except OSError as e:
-                raise NormtoolError(f"cannot read: {e.strerror or e}", f) from e
-            if got != end - start:
-                raise NormtoolError(f"tensor {key!r} is cut short (file changed?)", f)
-        return t
+        return self._read(key, 0, self.shape(key))
 
     def get_rows(self, key: str, start: int, stop: int) -> torch.Tensor:
         """Rows ``start:stop`` (first axis) of a tensor, reading only their bytes.
@@ -92,47 +86,56 @@ class Checkpoint:
         if key in self._eager or key not in self._entries:
             return self.get(key)[start:stop]
         shape = self.shape(key)
-        stop = min(stop, shape[0])
-        t = torch.empty((max(0, stop - start), *shape[1:]), dtype=self.dtype(key))
-        row = t[0].numel() * t.element_size() if t.numel() else 0
-        if t.numel():
-            f = self._where[key]
-            try:
-                with f.open("rb") as fh:
-                    fh.seek(self._spans[key][0] + start * row)
-                    got = fh.readinto(t.reshape(-1).view(torch.uint8).numpy())
-            except OSError as e:
-                raise NormtoolError(f"cannot read: {e.strerror or e}", f) from e
-            if got != t.numel() * t.element_size():
-                raise NormtoolError(f"tensor {key!r} is cut short (file changed?)", f)
+        start, stop = min(start, shape[0]), min(stop, shape[0])
+        return self._read(key, start, (max(0, stop - start), *shape[1:]))
+
+    def _read(self, key: str, row: int, shape: tuple[int, ...]) -> torch.Tensor:
+        """A fresh tensor of ``shape``: the stored bytes of ``key`` from row ``row`` on.
+
+        Large reads map the bytes copy-on-write instead of copying them (a private mapping:
+        writes to the tensor never reach the file). The mapping lives exactly as long as the
+        tensor, so its pages leave the process with it, as a read buffer's would.
+        """
+        dtype = self.dtype(key)
+        numel = math.prod(shape)
+        nbytes = numel * dtype.itemsize
+        f = self._where[key]
+        at = self._spans[key][0] + row * (math.prod(shape[1:]) * dtype.itemsize)
+        if nbytes == 0:
+            return torch.empty(shape, dtype=dtype)
+        try:
+            fd = self._fd(f)
+            if nbytes >= MAP_MIN_BYTES:
+                if at + nbytes > os.fstat(fd).st_size:
+                    raise NormtoolError(f"tensor {key!r} is cut short (file changed?)", f)
+                base = at - at % mmap.ALLOCATIONGRANULARITY
+                mm = mmap.mmap(fd, at + nbytes - base, offset=base, access=mmap.ACCESS_COPY)
+                t = torch.frombuffer(mm, dtype=dtype, count=numel, offset=at - base)
+                return t.view(shape)
+            t = torch.empty(shape, dtype=dtype)
+            got = os.preadv(fd, [t.reshape(-1).view(torch.uint8).numpy()], at)
+        except OSError as e:
+            raise NormtoolError(f"cannot read: {e.strerror or e}", f) from e
+        if got != nbytes:
+            raise NormtoolError(f"tensor {key!r} is cut short (file changed?)", f)
         return t
+
+    def _fd(self, f: Path) -> int:
+        """A descriptor of weight file ``f``, opened once (closed when the checkpoint goes)."""
+        if f not in self._fds:
+            self._fds[f] = os.open(f, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            if len(self._fds) == 1:
+                weakref.finalize(self, _close_all, self._fds)
+        return self._fds[f]
 
     def sha256(self) -> str:
         """Digest of the weight files (in order), recorded in every output's history."""
         return self.sha256_async().result()
 
     def sha256_async(self) -> Future[str]:
-        """The digest, computed once in a background thread (hashlib releases the GIL).
-
-        Why: hashing a multi-GB checkpoint costs as long as reading it; started when a
-        transform begins, it runs beside the rewrite and the write instead of before them.
-        A daemon thread: an error exit does not wait for the hash of a file it no longer needs.
-        """
-        if self._digest is None:
-            self._digest = Future()
-            threading.Thread(target=self._hash, args=(self._digest,), daemon=True).start()
-        return self._digest
-
-    def _hash(self, done: Future[str]) -> None:
-        try:
-            h = hashlib.sha256()
-            for f in self.files:
-                with f.open("rb") as fh:
-                    for block in iter(lambda fh=fh: fh.read(1 << 22), b""):
-                        h.update(block)
-            done.set_result(h.hexdigest())
-        except OSError as e:
-            done.set_exception(NormtoolError(f"cannot read: {e.strerror or e}", self.path))
+        """The digest, computed once in a background thread (see ``digest``): it runs beside
+        the rewrite and the write instead of before them."""
+        return digest.sha256_async(self.files, self.path)
 
     # ---- construction ----------------------------------------------------------------------
     def _add_safetensors(self, f: Path, only: set[str] | None = None) -> dict[str, str]:
