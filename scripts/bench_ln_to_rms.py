@@ -200,14 +200,22 @@ _PLAIN = (
 
 
 def measured(cmd: list[str]) -> dict[str, float]:
-    """Wall seconds and peak RSS (MB) of a fresh process, via /usr/bin/time -v."""
+    """Wall seconds, peak RSS (MB) and user/system CPU seconds of a fresh process, via
+    /usr/bin/time -v."""
     t0 = time.perf_counter()
     r = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True)
     wall = time.perf_counter() - t0
     if r.returncode != 0:
         raise SystemExit(f"failed: {' '.join(cmd)}\n{r.stderr[-2000:]}")
     rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", r.stderr)[1])
-    return {"wall_s": wall, "peak_rss_mb": rss / 1024}
+    cpu = {k: float(re.search(rf"{k.title()} time \(seconds\): ([\d.]+)", r.stderr)[1])
+           for k in ("user", "system")}  # fmt: skip
+    return {
+        "wall_s": wall,
+        "peak_rss_mb": rss / 1024,
+        "user_s": cpu["user"],
+        "sys_s": cpu["system"],
+    }
 
 
 def conversion_cost(work: Path, args: argparse.Namespace) -> dict[str, Any]:
@@ -235,10 +243,7 @@ def conversion_cost(work: Path, args: argparse.Namespace) -> dict[str, Any]:
     # models on every position and a batch of short sequences) — a model run, reported apart
     outputs[1].unlink(missing_ok=True)
     verified = measured([c for c in cmds["convert"] if c != "--no-verify"])
-    med = {
-        k: {m: statistics.median(x[m] for x in v) for m in ("wall_s", "peak_rss_mb")}
-        for k, v in runs.items()
-    }
+    med = {k: {m: statistics.median(x[m] for x in v) for m in v[0]} for k, v in runs.items()}
     idle = med["idle"]["peak_rss_mb"]
     return {
         "layers": layers,
@@ -257,7 +262,9 @@ def conversion_cost(work: Path, args: argparse.Namespace) -> dict[str, Any]:
 # ---- report ---------------------------------------------------------------------------------
 
 
-def to_markdown(rows: list[dict[str, Any]], cost: dict[str, Any] | None, meta: dict) -> str:
+def to_markdown(
+    rows: list[dict[str, Any]], cost: dict[str, Any] | None, meta: dict, cost_meta: dict
+) -> str:
     lines = [
         START,
         "## convert-ln-to-rms (`scripts/bench_ln_to_rms.py`)",
@@ -296,12 +303,14 @@ def to_markdown(rows: list[dict[str, Any]], cost: dict[str, Any] | None, meta: d
         m = cost["median"]
         lines += [
             "",
-            f"Conversion cost, GPT-2-medium-shaped fp32 checkpoint ({cost['layers']} layers, "
+            f"Conversion cost ({cost_meta['when']}; 1-min load average "
+            f"{cost_meta['load_avg_cost']:.1f} before), GPT-2-medium-shaped fp32 checkpoint "
+            f"({cost['layers']} layers, "
             f"{cost['checkpoint_mb']:.0f} MiB), medians of {len(cost['runs']['idle'])} "
             "interleaved fresh processes:",
             "",
-            "| process | wall s | peak RSS MiB | RSS above idle MiB |",
-            "|---|---|---|---|",
+            "| process | wall s | user CPU s | system CPU s | peak RSS MiB | RSS above idle MiB |",
+            "|---|---|---|---|---|---|",
         ]
         for k, label in (
             ("idle", "python -c 'import torch'"),
@@ -310,7 +319,8 @@ def to_markdown(rows: list[dict[str, Any]], cost: dict[str, Any] | None, meta: d
         ):
             above = m[k]["peak_rss_mb"] - m["idle"]["peak_rss_mb"]
             lines.append(
-                f"| {label} | {m[k]['wall_s']:.2f} | {m[k]['peak_rss_mb']:.0f} | {above:.0f} |"
+                f"| {label} | {m[k]['wall_s']:.2f} | {m[k]['user_s']:.2f} | {m[k]['sys_s']:.2f} "
+                f"| {m[k]['peak_rss_mb']:.0f} | {above:.0f} |"
             )
         lines += [
             "",
@@ -324,6 +334,10 @@ def to_markdown(rows: list[dict[str, Any]], cost: dict[str, Any] | None, meta: d
             f"{cost['max_seq']} positions × 50,257 tokens dominate).",
             "- Every process starts with no output file present (deleting a previous 1.4 GB "
             "output would be charged to whichever process replaces it).",
+            "- System CPU is mostly the kernel filling new page-cache pages with the output; on "
+            "this virtual machine it varies several-fold with how recently the memory was used "
+            "(a plain save into memory not just freed took 2.2-3.8 s of system time, against "
+            "0.7 s): compare user CPU for the work each process does.",
         ]
     if meta["quick"]:
         lines.append("- `--quick`: one shape, few rounds, a 6-layer checkpoint — a smoke run.")
@@ -337,7 +351,9 @@ def main() -> None:
     ap.add_argument("--provider", default="cpu", help="cpu (default), cuda or auto")
     ap.add_argument("--threads", type=int, default=None, help="ORT intra-op threads")
     ap.add_argument("--iters", type=int, default=None, help="rounds per shape")
-    ap.add_argument("--skip-latency", action="store_true")
+    ap.add_argument(
+        "--skip-latency", action="store_true", help="keep the latency rows of the last --json"
+    )
     ap.add_argument("--skip-cost", action="store_true")
     ap.add_argument("--cost-repeats", type=int, default=None)
     ap.add_argument("--json", type=Path, default=ROOT / "bench" / "ln_to_rms.json")
@@ -366,14 +382,21 @@ def main() -> None:
         if not args.skip_latency:
             rows += bench_model("GPT-2-small", gpt2_small(work / "gpt2s"), gpt_shapes, args)
             rows += bench_model("ViT-B/16", vit_base(work / "vitb"), vit_shapes, args)
+        if args.skip_latency and args.json.is_file():
+            prior = json.loads(args.json.read_text(encoding="utf-8"))
+            rows, meta = prior["latency"], prior["meta"]
+        cost_meta = {"when": time.strftime("%Y-%m-%d"), "load_avg_cost": os.getloadavg()[0]}
         if not args.skip_cost:
             cost = conversion_cost(work, args)
             print(json.dumps({k: v for k, v in cost.items() if k != "runs"}, indent=1))
-    meta["load_avg_end"] = os.getloadavg()[0]
-    md = to_markdown(rows, cost, meta)
+    if not args.skip_latency:
+        meta["load_avg_end"] = os.getloadavg()[0]
+    md = to_markdown(rows, cost, meta, cost_meta)
     print(md)
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"meta": meta, "latency": rows, "cost": cost}, indent=1))
+    args.json.write_text(
+        json.dumps({"meta": meta, "latency": rows, "cost_meta": cost_meta, "cost": cost}, indent=1)
+    )
     if not args.no_write:
         write_section(args.output, START, END, md)
 
