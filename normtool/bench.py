@@ -171,8 +171,12 @@ def run_bench(
     seed: int = 0,
     on_shape: Callable[[int, int | None], None] | None = None,
     cuda_graph: bool = False,
+    keep_times: bool = False,
 ) -> dict[str, Any]:
     """Time every model at every (batch, seq) shape; ratios are to the first model's median.
+
+    ``keep_times``: each row also carries its per-round times (``times_ms``, in round order),
+    so a caller can pair the models' calls of the same round.
 
     ``cuda_graph``: ORT's CUDA graphs (CUDA provider only; refused for ``--provider cpu``, not
     used — and said so — where ``auto`` falls back to the CPU). A captured graph fixes every
@@ -211,6 +215,7 @@ def run_bench(
                 times = interleaved(runners, warmup, iters)
                 rows = [
                     {"model": p.label, **summarize(t, batch)}
+                    | ({"times_ms": [x * 1e3 for x in t]} if keep_times else {})
                     for p, t in zip(prepared, times, strict=True)
                 ]
                 base = rows[0]["median_ms"]

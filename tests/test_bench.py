@@ -4,6 +4,7 @@ models time alike (loose bounds: a sanity check of the interleaving, not a speed
 from __future__ import annotations
 
 import json
+import statistics
 
 import pytest
 
@@ -71,6 +72,15 @@ def test_auto_falls_back_to_cpu_and_says_so(tiny_lm, monkeypatch):
     d = bench_mod.run_bench([tiny_lm], "auto", [1], [4], warmup=1, iters=3)
     assert d["provider"] == "cpu"
     assert "simulated: no GPU" in d["fallback"] and "CPU" in d["fallback"]
+
+
+def test_kept_times_are_the_rounds_summarised(tiny_lm):
+    d = bench_mod.run_bench([tiny_lm, tiny_lm], "cpu", [1], [4], warmup=0, iters=5, keep_times=True)
+    for row in d["results"][0]["models"]:
+        assert len(row["times_ms"]) == 5 == row["runs"]
+        assert statistics.median(row["times_ms"]) == pytest.approx(row["median_ms"])
+    plain = bench_mod.run_bench([tiny_lm], "cpu", [1], [4], warmup=0, iters=2)
+    assert "times_ms" not in plain["results"][0]["models"][0]
 
 
 def test_cuda_requested_without_gpu_is_exit_3(tiny_lm, monkeypatch):

@@ -6,7 +6,6 @@ forward, the timm-style module, or normtool.nn.ReferenceTransformer — and refu
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +14,6 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from safetensors import safe_open
-from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from normtool.cli import app, main
@@ -28,56 +25,23 @@ from normtool.passes import ln_to_rms
 from normtool.runtime.onnx_emit import emit_onnx
 from normtool.runtime.torch_exec import run_graph
 from tests.conftest import run_cli
-from tests.factories_hf import (
-    load_hf,
-    load_timm_vit,
-    make_bert,
-    make_gpt2,
-    make_opt,
-    make_timm_vit,
-    make_vit,
-)
+from tests.factories_hf import make_bert, make_opt
 from tests.factories_ref import make_reference_transformer
+from tests.ln_to_rms_cases import (
+    FAMILIES,
+    HALF,
+    as_half,
+    half_truth,
+    make_family,
+    reference_forward,
+    sq_error,
+)
 
 # fp32 bar of the issue: the converted model (rewritten in fp64, rounded once to fp32, run in
 # fp32 by normtool or ORT) against the original's own fp32 forward. The two differ only by fp32
 # rounding of re-associated sums (~1e-6 on these tiny d=32 models); a wrong fold/centring moves
 # logits by O(0.1), so 1e-4 has both headroom and power.
 FP32_TOL = 1e-4
-FAMILIES = ["gpt2", "opt", "vit", "timm_vit", "ref", "ref_parallel"]
-
-
-def _make(kind: str, root: Path) -> tuple[Path, list[str]]:
-    """A tiny original checkpoint of ``kind`` and the extra CLI flags it needs."""
-    root.mkdir(parents=True, exist_ok=True)
-    if kind == "gpt2":
-        return make_gpt2(root / "gpt2"), []
-    if kind == "opt":
-        return make_opt(root / "opt", pre=True), []
-    if kind == "vit":
-        return make_vit(root / "vit"), []
-    if kind == "timm_vit":
-        return make_timm_vit(root / "timm"), ["--heads", "4"]
-    if kind == "ref":
-        return make_reference_transformer(root, tie_embeddings=True, bias=False), []
-    if kind == "ref_parallel":
-        return make_reference_transformer(root, parallel=True, num_classes=3), []
-    raise ValueError(kind)
-
-
-def _reference(kind: str, path: Path, dtype: torch.dtype = torch.float32):
-    """The original model's own forward, independent of normtool: inputs dict -> logits."""
-    if kind in ("gpt2", "opt"):
-        m = load_hf(path, dtype)
-        return lambda x: m(input_ids=x).logits
-    if kind == "vit":
-        m = load_hf(path, dtype)
-        return lambda x: m(pixel_values=x.to(dtype)).logits
-    if kind == "timm_vit":
-        m = load_timm_vit(path, heads=4, dtype=dtype)
-        return lambda x: m(x.to(dtype))
-    m = load_reference(path).to(dtype)
-    return lambda x: m(x)
 
 
 def _feed(model, seed: int = 0):
@@ -96,7 +60,7 @@ def _convert(src: Path, out: Path, *flags: str) -> dict:
 @pytest.fixture(scope="module")
 def originals(tmp_path_factory) -> dict[str, tuple[Path, list[str]]]:
     root = tmp_path_factory.mktemp("orig")
-    return {k: _make(k, root / k) for k in FAMILIES}
+    return {k: make_family(k, root / k) for k in FAMILIES}
 
 
 @pytest.mark.parametrize("compressed", [False, True], ids=["rms", "crms"])
@@ -116,7 +80,7 @@ def test_converted_matches_original_forward(kind, compressed, originals, tmp_pat
 
     name, x = _feed(conv)
     with torch.no_grad():
-        want = _reference(kind, src)(x)
+        want = reference_forward(kind, src)(x)
     got = run_graph(conv.graph, conv.weights(), {name: x})["logits"]
     assert (got - want).abs().max() <= FP32_TOL
 
@@ -134,34 +98,13 @@ def test_converted_matches_original_forward(kind, compressed, originals, tmp_pat
 #: The issue's half-precision bar: the converted model's error against the float64 original is
 #: at most this multiple of the original model's own error in that dtype.
 HALF_RATIO = 1.5
-HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
-#: At least this many logits per input batch (4 batches): the RMS error averages over ~1000
-#: values even for classifiers with 3-5 classes, whose 16 samples would give only 48.
-LOGITS_PER_BATCH = 256
-
-
-def _as_half(src: Path, dtype: torch.dtype, dst: Path) -> Path:
-    """A copy of the original checkpoint stored in ``dtype`` (metadata and config kept): the
-    original *is* this half-precision model, so its float64 run is the exact truth."""
-    folder = src.is_dir()
-    file = src / "model.safetensors" if folder else src
-    dst.mkdir(parents=True, exist_ok=True)
-    if folder:
-        shutil.copy(src / "config.json", dst / "config.json")
-    with safe_open(str(file), "pt") as f:
-        meta = f.metadata()
-        state = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open is not a dict
-    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-    out = dst / file.name
-    save_file(state, str(out), metadata=meta)
-    return dst if folder else out
 
 
 @pytest.fixture(scope="module")
 def half_originals(originals, tmp_path_factory) -> dict[tuple[str, str], Path]:
     root = tmp_path_factory.mktemp("half")
     return {
-        (kind, dt): _as_half(originals[kind][0], HALF[dt], root / f"{kind}_{dt}")
+        (kind, dt): as_half(originals[kind][0], HALF[dt], root / f"{kind}_{dt}")
         for kind in FAMILIES
         for dt in HALF
     }
@@ -169,40 +112,15 @@ def half_originals(originals, tmp_path_factory) -> dict[tuple[str, str], Path]:
 
 @pytest.fixture(scope="module")
 def half_truths(half_originals) -> dict:
-    """Per (family, dtype), computed once for RMS and CRMS: the seeded input batches, the
-    original's independent float64 forward on them (exact on the half-precision weights), and
-    the original model's own squared error when normtool runs it in that dtype."""
+    """``half_truth`` per (family, dtype), computed once for RMS and CRMS."""
     cache: dict = {}
 
     def get(kind: str, dt: str):
         if (kind, dt) not in cache:
-            src = half_originals[(kind, dt)]
-            orig = load_model(src, heads=4 if kind == "timm_vit" else None)
-            spec = orig.graph.inputs[0]
-            truth = _reference(kind, src, torch.float64)
-            seq = spec.max_len or 16
-            with torch.no_grad():  # logits per sample: a few classes, or every token's vocab
-                per = truth(random_inputs(orig.graph, 1, seq, 99)[spec.name]).numel()
-            batch = max(4, -(-LOGITS_PER_BATCH // per))  # classifiers: enough samples to average
-            xs = [random_inputs(orig.graph, batch, seq, 100 + k)[spec.name] for k in range(4)]
-            with torch.no_grad():
-                want = [truth(x) for x in xs]
-            own = _sq_error(orig, spec.name, xs, want, HALF[dt])
-            cache[(kind, dt)] = orig, spec.name, xs, want, own
+            cache[(kind, dt)] = half_truth(kind, half_originals[(kind, dt)], dt)
         return cache[(kind, dt)]
 
     return get
-
-
-def _sq_error(model, name, xs, want, dtype) -> float:
-    """Sum of squared logit errors of ``model`` run by normtool in ``dtype`` (weights read once)."""
-    weights = {n: model.tensor(n) for n in model.graph.tensors}
-    return sum(
-        float(
-            (run_graph(model.graph, weights, {name: x}, dtype)["logits"].double() - y).pow(2).sum()
-        )
-        for x, y in zip(xs, want, strict=True)
-    )
 
 
 @pytest.mark.parametrize("dt", list(HALF))
@@ -222,7 +140,7 @@ def test_half_precision_error_no_worse_than_original(kind, compressed, dt, half_
     orig, name, xs, want, own = half_truths(kind, dt)
     conv = ln_to_rms.convert_ln_to_rms(orig, compressed).model({})
     assert {s.dtype for s in conv.graph.tensors.values()} == {"F16" if dt == "fp16" else "BF16"}
-    new = _sq_error(conv, name, xs, want, HALF[dt])
+    new = sq_error(conv, name, xs, want, HALF[dt])
     # squared errors summed over the same logits: the ratio of RMS errors is the square root
     assert own > 0 and (new / own) ** 0.5 <= HALF_RATIO, (new / own) ** 0.5
 
@@ -241,17 +159,17 @@ def test_half_precision_crms_parallel_blocks_over_seeds(dt, tmp_path):
         src = make_reference_transformer(
             tmp_path, f"par{seed}", seed=seed, parallel=True, tie_embeddings=True
         )
-        half = _as_half(src, HALF[dt], tmp_path / f"{seed}_{dt}")
+        half = as_half(src, HALF[dt], tmp_path / f"{seed}_{dt}")
         orig = load_model(half)
         spec = orig.graph.inputs[0]
-        truth = _reference("ref", half, torch.float64)
+        truth = reference_forward("ref", half, torch.float64)
         # 4 batches x 4 sequences x 16 tokens x 48 vocab: 12288 logits
         xs = [random_inputs(orig.graph, 4, spec.max_len, 100 + k)[spec.name] for k in range(4)]
         with torch.no_grad():
             want = [truth(x) for x in xs]
-        own = _sq_error(orig, spec.name, xs, want, HALF[dt])
+        own = sq_error(orig, spec.name, xs, want, HALF[dt])
         conv = ln_to_rms.convert_ln_to_rms(orig, compressed=True).model({})
-        new = _sq_error(conv, spec.name, xs, want, HALF[dt])
+        new = sq_error(conv, spec.name, xs, want, HALF[dt])
         assert own > 0 and (new / own) ** 0.5 <= HALF_RATIO, (seed, (new / own) ** 0.5)
 
 
