@@ -13,7 +13,7 @@ parallel blocks) and both targets (RMS, CRMS):
   run in that dtype against the original's float64 forward, divided by the original's own
   error in that dtype (the issue's bar: ≤ 1.5).
 
-Writes ``bench/ln_to_rms_errors.json`` and its section of BENCHMARKS.md. CPU only, ~1 minute.
+Writes ``bench/ln_to_rms_errors.json`` and its section of BENCHMARKS.md. CPU only, seconds.
 """
 
 from __future__ import annotations
@@ -39,15 +39,7 @@ from normtool.load import load_model  # noqa: E402
 from normtool.passes import ln_to_rms  # noqa: E402
 from normtool.runtime.onnx_emit import emit_onnx  # noqa: E402
 from normtool.runtime.torch_exec import run_graph  # noqa: E402
-from tests.ln_to_rms_cases import (  # noqa: E402
-    FAMILIES,
-    HALF,
-    as_half,
-    half_truth,
-    make_family,
-    reference_forward,
-    sq_error,
-)
+from tests import ln_to_rms_cases as cases  # noqa: E402
 
 START, END = "<!-- ln_to_rms_errors:start -->", "<!-- ln_to_rms_errors:end -->"
 TARGETS = {"rms": [], "crms": ["--compressed"]}
@@ -69,7 +61,7 @@ def fp32_errors(kind: str, src: Path, out: Path) -> dict[str, float]:
     original's own fp32 forward, over 4 seeded batches of 2 at the longest sequence."""
     conv = load_model(out)
     spec = conv.graph.inputs[0]
-    ref = reference_forward(kind, src)
+    ref = cases.reference_forward(kind, src)
     sess = ort.InferenceSession(
         emit_onnx(conv.graph, conv.weights()).SerializeToString(),
         providers=["CPUExecutionProvider"],
@@ -96,10 +88,12 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="ln_to_rms_errors_") as tmp:
         root = Path(tmp)
-        for kind in FAMILIES:
-            src, flags = make_family(kind, root / kind)
-            halves = {dt: as_half(src, HALF[dt], root / f"{kind}_{dt}") for dt in HALF}
-            truths = {dt: half_truth(kind, halves[dt], dt) for dt in HALF}
+        for kind in cases.FAMILIES:
+            src, flags = cases.make_family(kind, root / kind)
+            halves = {
+                dt: cases.as_half(src, cases.HALF[dt], root / f"{kind}_{dt}") for dt in cases.HALF
+            }
+            truths = {dt: cases.half_truth(kind, halves[dt], dt) for dt in cases.HALF}
             for target, extra in TARGETS.items():
                 out = root / f"{kind}.{target}.safetensors"
                 rep = convert_cli(src, out, flags + extra)
@@ -111,7 +105,7 @@ def main() -> None:
                 }
                 for dt, (orig, name, xs, want, own) in truths.items():
                     conv = ln_to_rms.convert_ln_to_rms(orig, target == "crms").model({})
-                    new = sq_error(conv, name, xs, want, HALF[dt])
+                    new = cases.sq_error(conv, name, xs, want, cases.HALF[dt])
                     row[f"{dt}_rms_ratio"] = (new / own) ** 0.5
                 rows.append(row)
                 print(json.dumps(row), flush=True)
