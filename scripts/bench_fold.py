@@ -236,6 +236,9 @@ def bench_shape(name: str, model: Model, work: Path, args: argparse.Namespace) -
         export_model(m, paths[label])
     seq = args.seq if any(s.kind == "tokens" for s in model.graph.inputs) else 1
     delta = ort_difference(paths["un-folded"], paths["un-unfolded"], model.graph, 1, seq)
+    # an A/A control: the ceiling's file again, in a session of its own. Its ratio to the
+    # ceiling is the noise floor of this machine for two identical networks.
+    paths["no-norm-again"] = paths["no-norm"]
     labels = list(paths)
     rows, report = [], {}
     for batch, (warmup, iters) in args.rounds.items():
@@ -254,7 +257,7 @@ def bench_shape(name: str, model: Model, work: Path, args: argparse.Namespace) -
         times = {lab: r.pop("times_ms") for lab, r in zip(labels, models, strict=True)}
         med = {lab: r["median_ms"] for lab, r in zip(labels, models, strict=True)}
         p90 = {lab: r["p90_ms"] for lab, r in zip(labels, models, strict=True)}
-        mem = {lab: peak_memory_mib(p, model.graph, batch, seq) for lab, p in paths.items()}
+        mem = {lab: peak_memory_mib(paths[lab], model.graph, batch, seq) for lab in variants}
         rows.append(
             {
                 "batch": batch,
@@ -269,6 +272,9 @@ def bench_shape(name: str, model: Model, work: Path, args: argparse.Namespace) -
                 "folded_vs_ceiling_paired": statistics.median(
                     a / b for a, b in zip(times["un-folded"], times["no-norm"], strict=True)
                 ),
+                "ceiling_vs_itself_paired": statistics.median(
+                    a / b for a, b in zip(times["no-norm-again"], times["no-norm"], strict=True)
+                ),
                 "folded_vs_layernorm": med["un-folded"] / med["layernorm"],
                 "folded_vs_unfolded": med["un-folded"] / med["un-unfolded"],
             }
@@ -278,7 +284,7 @@ def bench_shape(name: str, model: Model, work: Path, args: argparse.Namespace) -
         "params": model.param_count(),
         "fold": result.summary(),
         "ort_max_abs_folded_vs_unfolded": delta,
-        "nodes": {lab: len(op_types(p)) for lab, p in paths.items()},
+        "nodes": {lab: len(op_types(paths[lab])) for lab in variants},
         "folded_ops_equal_ceiling": op_types(paths["un-folded"]) == op_types(paths["no-norm"]),
         "provider": report["provider"],
         "device": report["device"],
@@ -302,13 +308,14 @@ def to_markdown(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
         "median (p90) ms. Same network in every "
         "column (random weights; UN with random trained-looking statistics); `folded` is the "
         "output of `normtool fold`. Ratios are of medians measured in the same rounds; "
-        "folded / ceiling (paired) is the median of each round's ratio of the two calls. Peak "
+        "folded / ceiling (paired) is the median of each round's ratio of the two calls; A/A: "
+        "the same for the ceiling's file in a second session — the noise floor. Peak "
         "memory: RSS growth of a fresh process while the CPU session is created and run once. "
         "ORT max abs Δ: logits of the folded vs the unfolded export, batch 1.",
         "",
         "| shape | batch | rounds | UN folded | UN unfolded | LayerNorm | no norm (ceiling) | folded / ceiling "
-        "| folded / ceiling (paired) | folded / LN | folded / unfolded | peak MiB folded / unfolded / LN / none | ORT max abs Δ |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| folded / ceiling (paired) | A/A (paired) | folded / LN | folded / unfolded | peak MiB folded / unfolded / LN / none | ORT max abs Δ |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for res in results:
         for r in res["rows"]:
@@ -321,7 +328,7 @@ def to_markdown(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
             lines.append(
                 f"| {res['shape']}{seq} | {r['batch']} | {r['rounds']} | {cell['un-folded']} | {cell['un-unfolded']} "
                 f"| {cell['layernorm']} | {cell['no-norm']} | {r['folded_vs_ceiling']:.3f} "
-                f"| {r['folded_vs_ceiling_paired']:.3f} "
+                f"| {r['folded_vs_ceiling_paired']:.3f} | {r['ceiling_vs_itself_paired']:.3f} "
                 f"| {r['folded_vs_layernorm']:.3f} | {r['folded_vs_unfolded']:.3f} | {mem} "
                 f"| {res['ort_max_abs_folded_vs_unfolded']:.1e} |"
             )

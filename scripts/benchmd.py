@@ -7,6 +7,7 @@ as it was).
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -23,3 +24,15 @@ def write_section(path: Path, start: str, end: str, section: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)
+
+
+def publish(json_path: Path, payload: dict, section: str, md_path: Path | None) -> None:
+    """Write a benchmark's JSON, print its section, and put it in ``md_path`` (None: don't).
+
+    ``section`` starts with its start marker line and ends with its end marker line."""
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(payload, indent=1), encoding="utf-8")
+    print(section)
+    if md_path is not None:
+        lines = section.strip("\n").splitlines()
+        write_section(md_path, lines[0], lines[-1], section)

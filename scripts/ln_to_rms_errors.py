@@ -31,7 +31,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
-from benchmd import write_section  # noqa: E402 - scripts/ is on sys.path when run as a script
+from benchmd import publish  # noqa: E402 - scripts/ is on sys.path when run as a script
 
 from normtool.cli import main as cli_main  # noqa: E402
 from normtool.inputs import random_inputs  # noqa: E402
@@ -110,12 +110,8 @@ def main() -> None:
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     meta = {"when": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "ort": ort.__version__}
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"meta": meta, "rows": rows}, indent=1), encoding="utf-8")
-    md = markdown(rows, meta)
-    print(md)
-    if not args.no_write:
-        write_section(ROOT / "BENCHMARKS.md", START, END, md)
+    md_path = None if args.no_write else ROOT / "BENCHMARKS.md"
+    publish(args.json, {"meta": meta, "rows": rows}, markdown(rows, meta), md_path)
 
 
 def markdown(rows: list[dict], meta: dict) -> str:

@@ -14,7 +14,6 @@ real change (a wrong fold moves logits by O(0.1)).
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -27,51 +26,31 @@ from normtool.graph import Graph, InputSpec, Op, Source, Space, TensorSpec
 from normtool.load import load_model
 from normtool.model import Model
 from normtool.nn.save import load_reference, save_reference
-from normtool.nn.transformer import ReferenceTransformer, transformer_config
 from normtool.passes.fold import fold_norms
 from normtool.runtime.torch_exec import run_graph
 from tests.conftest import cli, run_cli
 from tests.factories_hf import load_timm_vit, make_timm_vit
 from tests.factories_ref import (
-    TINY_TRANSFORMER,
     make_cnn,
     make_reference_transformer,
     make_resnet,
-    randomize_norm_state,
 )
-
-FP64_REL, FP32_ABS = 1e-9, 1e-4
-FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
-
-
-def _ids(seed: int, vocab: int = 48, shape=(3, 12)) -> torch.Tensor:
-    return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(seed))
-
-
-def _pixels(shape, seed: int) -> torch.Tensor:
-    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+from tests.fold_cases import (
+    FIXTURES,
+    FP32_ABS,
+    FP64_REL,
+    deep_post,
+    errors,
+    ids,
+    module_ref,
+    pixels,
+)
 
 
 def _check(folded: Model, exact: Model, reference, x: torch.Tensor, name: str) -> None:
     """The folded graph against ``reference`` (the ORIGINAL network as a torch callable)."""
-    xf = x if not x.is_floating_point() else x.double()
-    want64 = reference(torch.float64, xf).double()
-    got64 = run_graph(exact.graph, exact.weights(), {name: xf}, dtype=torch.float64)["logits"]
-    rel = ((got64 - want64).abs().max() / want64.abs().max()).item()
-    assert rel <= FP64_REL, rel
-    xs = x if not x.is_floating_point() else x.float()
-    want32 = reference(torch.float32, xs).float()
-    got32 = run_graph(folded.graph, folded.weights(), {name: xs}, dtype=torch.float32)["logits"]
-    err = (got32 - want32).abs().max().item()
-    assert err <= FP32_ABS, err
-
-
-def _module_ref(module: torch.nn.Module):
-    def run(dtype: torch.dtype, x: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return module.to(dtype)(x)
-
-    return run
+    e = errors(folded, exact, reference, x, name)
+    assert e["fp64_rel"] <= FP64_REL and e["fp32_abs"] <= FP32_ABS, e
 
 
 # ---- reference transformer: every foldable norm, Pre and Post placement ----------------------
@@ -81,7 +60,7 @@ def test_reference_transformer(tmp_path, norm, placement):
     path = make_reference_transformer(tmp_path, norm=norm, placement=placement, layers=3)
     model = load_model(path)
     r = fold_norms(model)
-    _check(r.model, r.exact, _module_ref(load_reference(path).eval()), _ids(1), "input_ids")
+    _check(r.model, r.exact, module_ref(load_reference(path).eval()), ids(1), "input_ids")
     kinds = [o.kind for o in r.model.graph.ops]
     if norm != "powernorm":  # every norm vanishes, Post-Norm included
         assert not set(kinds) & {"unorm", "batchnorm", "powernorm"}, kinds
@@ -99,37 +78,23 @@ def test_parallel_post_norm_un(tmp_path):
     path = make_reference_transformer(tmp_path, norm="un", placement="post", parallel=True)
     r = fold_norms(load_model(path))
     assert r.model.graph.norm_kinds() == []
-    _check(r.model, r.exact, _module_ref(load_reference(path).eval()), _ids(2), "input_ids")
-
-
-def _deep_post(tmp_path, norm: str, seed: int, gamma_std: float = 1.0):
-    """Depth-12 Post-Norm transformer whose norms have γ ~ N(0, gamma_std²): negatives included."""
-    torch.manual_seed(seed)
-    cfg = {**TINY_TRANSFORMER, "layers": 12, "placement": "post", "norm": norm}
-    model = ReferenceTransformer(transformer_config(**cfg))
-    randomize_norm_state(model, seed + 1)
-    g = torch.Generator().manual_seed(seed + 2)
-    with torch.no_grad():
-        for blk in model.blocks:
-            for n in (blk.norm1, blk.norm2):
-                n.weight.copy_(gamma_std * torch.randn(n.weight.shape, generator=g))
-    return save_reference(model.eval(), tmp_path / f"deep_{norm}.safetensors", force=True), model
+    _check(r.model, r.exact, module_ref(load_reference(path).eval()), ids(2), "input_ids")
 
 
 @pytest.mark.parametrize("norm", ["un", "batchnorm"])
 def test_post_norm_rebase_depth12_negative_gamma(tmp_path, norm):
-    path, module = _deep_post(tmp_path, norm, seed=3)
+    path, module = deep_post(tmp_path, norm, seed=3)
     gammas = torch.cat([n.weight for b in module.blocks for n in (b.norm1, b.norm2)])
     assert (gammas < 0).sum() > 50  # the case under test: many negative scales
     r = fold_norms(load_model(path))
     assert r.model.graph.norm_kinds() == [] and len(r.folded) == 24 and not r.skipped
     lo, hi = r.scale_range
     assert 0 < lo < hi  # reported range of |D| over the re-based stream
-    _check(r.model, r.exact, _module_ref(module), _ids(4), "input_ids")
+    _check(r.model, r.exact, module_ref(module), ids(4), "input_ids")
 
 
 def test_post_norm_zero_gamma_is_refused_and_upstream_kept(tmp_path):
-    path, module = _deep_post(tmp_path, "un", seed=5)
+    path, module = deep_post(tmp_path, "un", seed=5)
     with torch.no_grad():
         module.blocks[4].norm1.weight[3] = 0.0
     path = save_reference(module, path, force=True)
@@ -142,7 +107,7 @@ def test_post_norm_zero_gamma_is_refused_and_upstream_kept(tmp_path):
     assert {f.name for f in r.folded} == {
         f"blocks.{i}.norm{j}" for i in range(4, 12) for j in (1, 2)
     } - {"blocks.4.norm1"}
-    _check(r.model, r.exact, _module_ref(module), _ids(6), "input_ids")
+    _check(r.model, r.exact, module_ref(module), ids(6), "input_ids")
 
 
 def _half(tmp_path, path):
@@ -155,7 +120,7 @@ def _half(tmp_path, path):
 
 def test_fp16_weight_overflow_refused(tmp_path):
     # |γ| ≈ 0.01 over 24 Post-Norm layers: |D| ≈ 1e-48, so writers need 1/D: far beyond fp16
-    path, _ = _deep_post(tmp_path, "un", seed=7, gamma_std=0.01)
+    path, _ = deep_post(tmp_path, "un", seed=7, gamma_std=0.01)
     with pytest.raises(NormtoolError, match="overflow torch.float16"):
         fold_norms(load_model(_half(tmp_path, path)))
 
@@ -163,7 +128,7 @@ def test_fp16_weight_overflow_refused(tmp_path):
 def test_fp16_stream_overflow_refused(tmp_path):
     # γ = 0.6, unit statistics: |D| falls to 0.6²⁴ ≈ 5e-6; every rescaled weight still fits in
     # fp16, but the re-based stream grows to ~4e4, inside the 4× headroom of fp16's 65504
-    path, module = _deep_post(tmp_path, "un", seed=0)
+    path, module = deep_post(tmp_path, "un", seed=0)
     with torch.no_grad():
         for b in module.blocks:
             for n in (b.norm1, b.norm2):
@@ -179,7 +144,7 @@ def test_tied_head_untied_for_pre_norm(tmp_path):
     path = make_reference_transformer(tmp_path, norm="un", tie_embeddings=True)
     r = fold_norms(load_model(path))
     # norm_f folds into the tied head: the embedding must keep its own, unchanged copy
-    _check(r.model, r.exact, _module_ref(load_reference(path).eval()), _ids(8), "input_ids")
+    _check(r.model, r.exact, module_ref(load_reference(path).eval()), ids(8), "input_ids")
 
 
 # ---- timm-style ViT with UN / PowerNorm ------------------------------------------------------
@@ -192,9 +157,9 @@ def test_timm_vit(tmp_path, norm):
     assert (
         "unorm" not in r.model.graph.norm_kinds() and "powernorm" not in r.model.graph.norm_kinds()
     )
-    x = _pixels((2, *model.graph.inputs[0].shape[1:]), 9)
+    x = pixels((2, *model.graph.inputs[0].shape[1:]), 9)
     ref = load_timm_vit(path, heads=4).eval()
-    _check(r.model, r.exact, _module_ref(ref), x, model.graph.inputs[0].name)
+    _check(r.model, r.exact, module_ref(ref), x, model.graph.inputs[0].name)
 
 
 # ---- BatchNorm convnets ----------------------------------------------------------------------
@@ -205,8 +170,8 @@ def test_small_cnn_backward_fold(tmp_path):
     _check(
         r.model,
         r.exact,
-        _module_ref(load_reference(path).eval()),
-        _pixels((4, 3, 16, 16), 0),
+        module_ref(load_reference(path).eval()),
+        pixels((4, 3, 16, 16), 0),
         "input",
     )
 
@@ -226,7 +191,7 @@ def test_hf_resnet(tmp_path, layer_type):
             return hf.to(dtype)(pixel_values=x).logits
 
     spec = model.graph.inputs[0]
-    _check(r.model, r.exact, ref, _pixels((2, 3, 32, 32), 1), spec.name)
+    _check(r.model, r.exact, ref, pixels((2, 3, 32, 32), 1), spec.name)
 
 
 # ---- hand-made graphs: a norm before a conv, before an activation ----------------------------
@@ -315,14 +280,14 @@ def test_norm_before_unpadded_conv_folds_forward():
     m = _bn_graph("conv", 0, {})
     r = fold_norms(m)
     assert r.folded[0].how == "forward" and r.folded[0].into == ["conv"]
-    _check(r.model, r.exact, _bn_conv_maths(m, 0), _pixels((2, 3, 8, 8), 3), "input")
+    _check(r.model, r.exact, _bn_conv_maths(m, 0), pixels((2, 3, 8, 8), 3), "input")
 
 
 def test_norm_before_grouped_conv_folds_forward():
     m = _bn_graph("conv", 0, {}, groups=3)
     r = fold_norms(m)
     assert r.folded[0].into == ["conv"]
-    _check(r.model, r.exact, _bn_conv_maths(m, 0, groups=3), _pixels((2, 3, 8, 8), 5), "input")
+    _check(r.model, r.exact, _bn_conv_maths(m, 0, groups=3), pixels((2, 3, 8, 8), 5), "input")
 
 
 def test_norm_before_padded_conv_refused():
@@ -334,7 +299,7 @@ def test_pure_scale_before_padded_conv_is_exact():
     # β = running_mean = 0: no shift, zero padding stays zero after scaling, so the fold is exact
     m = _bn_graph("conv", 1, {"bias": torch.zeros(3), "mean": torch.zeros(3)})
     r = fold_norms(m)
-    _check(r.model, r.exact, _bn_conv_maths(m, 1), _pixels((2, 3, 8, 8), 4), "input")
+    _check(r.model, r.exact, _bn_conv_maths(m, 1), pixels((2, 3, 8, 8), 4), "input")
 
 
 def test_non_linear_consumer_refused():
@@ -359,7 +324,7 @@ def test_cli_fold_writes_verified_output(tmp_path):
     assert folded.graph.norm_kinds() == []
     assert folded.history[-1]["transform"] == "fold"
     assert folded.history[-1]["errors"]["fp64_max_rel"] <= FP64_REL
-    x = _ids(12)
+    x = ids(12)
     want = load_reference(path).eval()(x)
     got = run_graph(folded.graph, folded.weights(), {"input_ids": x})["logits"]
     assert (got - want).abs().max().item() <= FP32_ABS
@@ -403,10 +368,10 @@ def test_trained_fixtures(name):
     r = fold_norms(model)
     spec = model.graph.inputs[0]
     if spec.kind == "tokens":
-        x = _ids(13, vocab=spec.vocab, shape=(2, min(12, spec.max_len)))
+        x = ids(13, vocab=spec.vocab, shape=(2, min(12, spec.max_len)))
     else:
-        x = _pixels((2, *spec.shape[1:]), 13)
-    _check(r.model, r.exact, _module_ref(load_reference(path).eval()), x, spec.name)
+        x = pixels((2, *spec.shape[1:]), 13)
+    _check(r.model, r.exact, module_ref(load_reference(path).eval()), x, spec.name)
 
 
 def test_fp16_checkpoint_folds_under_the_half_precision_bar(tmp_path):
