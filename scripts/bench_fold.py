@@ -251,7 +251,7 @@ def bench_shape(name: str, model: Model, work: Path, args: argparse.Namespace) -
     seq = args.seq if any(s.kind == "tokens" for s in model.graph.inputs) else 1
     delta = ort_difference(paths["un-folded"], paths["un-unfolded"], model.graph, 1, seq)
     # an A/A control: the ceiling's file again, in a session of its own. Its ratio to the
-    # ceiling is the noise floor of this machine for two identical networks.
+    # ceiling is one sample of how far two sessions of one network differ on this machine.
     paths["no-norm-again"] = paths["no-norm"]
     labels = list(paths)
     rows, report = [], {}

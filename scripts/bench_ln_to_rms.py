@@ -341,9 +341,9 @@ def to_markdown(
             "- Every process starts with no output file present (deleting a previous 1.4 GB "
             "output would be charged to whichever process replaces it).",
             "- System CPU is mostly the kernel filling new page-cache pages with the output; on "
-            "this virtual machine it varies several-fold with how recently the memory was used "
-            "(a plain save into memory not just freed took 2.2-3.8 s of system time, against "
-            "0.7 s): compare user CPU for the work each process does.",
+            "this virtual machine it varies several-fold between runs of the same process (a "
+            "plain save writing new files took 2.2-3.8 s of system time in one series, 0.6-0.8 s "
+            "in others): compare user CPU for the work each process does.",
         ]
     if meta["quick"]:
         lines.append("- `--quick`: one shape, few rounds, a 6-layer checkpoint — a smoke run.")

@@ -62,8 +62,9 @@ def fp32_errors(kind: str, src: Path, out: Path) -> dict[str, float]:
     conv = load_model(out)
     spec = conv.graph.inputs[0]
     ref = cases.reference_forward(kind, src)
+    weights = conv.weights()
     sess = ort.InferenceSession(
-        emit_onnx(conv.graph, conv.weights()).SerializeToString(),
+        emit_onnx(conv.graph, weights).SerializeToString(),
         providers=["CPUExecutionProvider"],
     )
     worst = {"normtool": 0.0, "onnxruntime": 0.0, "logit_scale": 0.0}
@@ -71,7 +72,7 @@ def fp32_errors(kind: str, src: Path, out: Path) -> dict[str, float]:
         x = random_inputs(conv.graph, 2, spec.max_len or 16, seed)[spec.name]
         with torch.no_grad():
             want = ref(x)
-        got = run_graph(conv.graph, conv.weights(), {spec.name: x})["logits"]
+        got = run_graph(conv.graph, weights, {spec.name: x})["logits"]
         feed = x.numpy() if x.dtype == torch.int64 else x.float().numpy()
         (y,) = sess.run(["logits"], {spec.name: feed})
         worst["normtool"] = max(worst["normtool"], float((got - want).abs().max()))

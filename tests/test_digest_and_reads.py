@@ -60,6 +60,9 @@ def test_prefetch_hashes_sources_of_recording_commands_only(tmp_path, monkeypatc
     digest.prefetch(["convert-ln-to-rms", str(src), "-o", str(out), "--force", "--json"])
     assert seen == [[src]]
     seen.clear()
+    digest.prefetch(["convert-ln-to-rms", "--json", str(src)])  # a flag: the path after it counts
+    assert seen == [[src]]
+    seen.clear()
     digest.prefetch(["merge", str(folder), "--output", str(out), str(tmp_path / "missing")])
     # shards in the order the loader hashes them (sorted names), the output never
     assert seen == [

@@ -31,7 +31,7 @@ WEIGHT_FILES = (
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
 # commands whose outputs record their source's digest, and options whose value is an output
 RECORDING = {"convert-ln-to-rms", "fold", "merge", "loki-head", "export"}
-OUTPUT_OPTIONS = {"-o", "--output", "--out", "--dir", "--save-perms", "--plot", "--json"}
+OUTPUT_OPTIONS = {"-o", "--output", "--dir", "--save-perms", "--plot"}
 
 _lock = threading.Lock()
 _digests: dict[tuple, Future[str]] = {}
