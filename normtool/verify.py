@@ -50,7 +50,6 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-import onnx
 import torch
 
 from normtool.errors import NormtoolError
@@ -58,8 +57,6 @@ from normtool.graph import InputSpec
 from normtool.inputs import max_seq, random_inputs
 from normtool.load import load_model
 from normtool.model import Model
-from normtool.runtime.onnx_emit import INPUTS_KEY, input_signature, output_names
-from normtool.runtime.ort import create_session
 from normtool.runtime.torch_exec import run_graph_batches
 
 DTYPES: dict[str, torch.dtype] = {
@@ -132,7 +129,7 @@ class TorchRunner:
         self.dtype = DTYPES[dtype_name(dtype)]
         self.label = label or (str(model.checkpoint.path) if model.checkpoint else "model")
         self.inputs = list(model.graph.inputs)
-        self._names = output_names(model.graph)
+        self._names = model.graph.output_names()
         self.outputs = list(self._names.values())
         # lazy: the executor fetches and casts each op's tensors when it runs the op, so a model
         # larger than memory (or a pass's thunks, recomputed per batch) is never held whole
@@ -153,6 +150,13 @@ class OnnxRunner:
     is compared with (``inputs`` is then None until ``open_runners`` fills it)."""
 
     def __init__(self, path: Path, provider: str = "auto") -> None:
+        # here, not at module level: onnx and onnxruntime take ~0.1 s to import, which every
+        # command that only self-checks checkpoints (convert, fold) would otherwise pay
+        import onnx
+
+        from normtool.runtime.onnx_emit import INPUTS_KEY, input_signature
+        from normtool.runtime.ort import create_session
+
         self.label = str(path)
         try:
             proto = onnx.load(str(path), load_external_data=False)

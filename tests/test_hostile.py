@@ -306,3 +306,14 @@ def test_onnx_external_data_beside_model_is_accepted(tmp_path):
     out = create_session(path, "cpu").run({"x": torch.zeros(1, 4).numpy()})["logits"]
     assert out.tolist() == [[1.0, 2.0, 3.0, 4.0]]
     onnx.checker.check_model(str(path))
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_nonfinite_refused_by_the_writer_without_verify(tmp_path, capsys, models, value):
+    """Without the self-check, the writer's thread vets each tensor as it writes it: the same
+    one-line refusal naming the input tensor, and no output or temporary left behind."""
+    bad_dir, outdir = _dirs(tmp_path)
+    bad = bad_dir / "nonfinite.safetensors"
+    name = _nonfinite(value)(models["ln"], bad)
+    argv = ["convert-ln-to-rms", bad, "-o", outdir / "o.safetensors", "--no-verify"]
+    _check_refused(capsys, argv, bad, f"{name!r} holds NaN or Inf", outdir)

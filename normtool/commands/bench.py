@@ -7,7 +7,6 @@ from typing import Annotated
 
 import typer
 
-from normtool.bench import run_bench
 from normtool.commands.common import STATE, ActOpt, ArchOpt, HeadsOpt, JsonOpt, emit
 from normtool.errors import NormtoolError
 
@@ -62,6 +61,8 @@ def bench(
     def say(b: int, s: int | None) -> None:
         if not (as_json or STATE.quiet):
             print(f"  timing batch={b}" + (f" seq={s}" if s else "") + " ...", flush=True)
+
+    from normtool.bench import run_bench  # onnx + onnxruntime: ~0.1 s, paid only here
 
     r = run_bench(
         models,

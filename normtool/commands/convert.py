@@ -57,6 +57,7 @@ def convert_ln_to_rms(
     if not no_verify:
         errors, bad = self_check(model, conv.exact(), conv.model({}))
         if bad:
+            conv.scan()  # NaN/Inf weights (in the source, or by overflow) explain it: name them
             if compressed and any(" RMS error " in b for b in bad):
                 bad.append(
                     "CRMS in fp16/bf16 carries the rounding of every stored stream coordinate "
@@ -71,7 +72,9 @@ def convert_ln_to_rms(
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, min(threads, (os.cpu_count() or 2) - 1)))
     try:
-        out = save_model(conv.model(entry), out, [Path(path)], force, max_shard_size=shard)
+        out = save_model(
+            conv.model(entry), out, [Path(path)], force, max_shard_size=shard, check=conv.check
+        )
     finally:
         torch.set_num_threads(threads)
     payload: dict[str, Any] = {

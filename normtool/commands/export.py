@@ -18,8 +18,6 @@ from normtool.commands.common import (
     emit,
     load,
 )
-from normtool.export import default_opset, export_model
-from normtool.runtime.onnx_emit import EmitOptions
 
 OpsetOpt = Annotated[
     int | None,
@@ -51,6 +49,10 @@ def export(
 ) -> None:
     """Export to ONNX (default output: <stem>.onnx beside the input)."""
     target = "portable" if portable else "ort"
+    # imported here: onnx and onnxruntime cost every other command ~0.1 s at start-up
+    from normtool.export import default_opset, export_model
+    from normtool.runtime.onnx_emit import EmitOptions
+
     opts = EmitOptions(opset or default_opset(), dtype, target=target)
     opts.check()  # refuse a bad --opset/--dtype before reading anything
     out = output or default_output(path, ".onnx")

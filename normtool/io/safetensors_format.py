@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from normtool.errors import NormtoolError
+from normtool.io.sink import appender
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 #: Tensors above this size are written before the next one is produced (bounded peak memory).
@@ -125,6 +126,7 @@ def write_stream(
     metadata: dict[str, str],
     on_tensor: Callable[[str], None] | None = None,
     late: Callable[[], dict[str, str]] | None = None,
+    check: Callable[[str, torch.Tensor], None] | None = None,
 ) -> None:
     """Write a safetensors file to the open binary file ``f``, one tensor at a time.
 
@@ -133,6 +135,8 @@ def write_stream(
     of consecutive row blocks (first axis) that together make it. ``late()``, called once the
     data are written, maps stand-ins in the metadata to their final values of the same length
     (a digest computed meanwhile), which are then written over the stand-ins in place.
+    ``check(name, tensor)`` runs on each tensor or block in the writing thread, before it is
+    written, beside the producing of the next (it raises to stop the write).
     """
     specs = list(specs)
     header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
@@ -150,12 +154,15 @@ def write_stream(
         offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)  # align the data section to 8 bytes, as safetensors does
-    f.write(struct.pack("<Q", len(raw)))
-    f.write(raw)
+    out = appender(f, 8 + len(raw) + offset)
+    out.write(struct.pack("<Q", len(raw)))
+    out.write(raw)
 
-    def put(t: torch.Tensor) -> None:
+    def put(name: str, t: torch.Tensor) -> None:
+        if check is not None:
+            check(name, t)
         if t.numel():
-            f.write(t.reshape(-1).view(torch.uint8).numpy().data)
+            out.write(t.reshape(-1).view(torch.uint8).numpy().data)
 
     # One tensor (or block) is written by a second thread while the next is produced (file
     # writes release the GIL): computing and writing overlap. A large one is written before
@@ -168,42 +175,44 @@ def write_stream(
             pending[0].result()
             pending = None
 
-    with ThreadPoolExecutor(1) as writer:
-        for name, dtype, shape in specs:
-            made = produce(name)
-            whole = isinstance(made, torch.Tensor)
-            blocks = iter((made,) if whole else made)
-            rows = 0
-            while True:
-                if pending is not None and pending[1] > OVERLAP_MAX_BYTES:
+    try:
+        with ThreadPoolExecutor(1) as writer:
+            for name, dtype, shape in specs:
+                made = produce(name)
+                whole = isinstance(made, torch.Tensor)
+                blocks = iter((made,) if whole else made)
+                rows = 0
+                while True:
+                    if pending is not None and pending[1] > OVERLAP_MAX_BYTES:
+                        settle()
+                    t = next(blocks, None)
+                    if t is None:
+                        break
+                    fits = bool(shape) and t.dim() > 0 and tuple(shape[1:]) == tuple(t.shape[1:])
+                    if t.dtype != dtype or not (tuple(t.shape) == tuple(shape) if whole else fits):
+                        raise RuntimeError(
+                            f"tensor {name!r} produced as {t.dtype}{tuple(t.shape)}, "
+                            f"declared {dtype}{tuple(shape)}"
+                        )
+                    rows += t.shape[0] if t.dim() else 1
+                    t = t.detach().contiguous().cpu()
                     settle()
-                t = next(blocks, None)
-                if t is None:
-                    break
-                fits = bool(shape) and t.dim() > 0 and tuple(shape[1:]) == tuple(t.shape[1:])
-                if t.dtype != dtype or not (tuple(t.shape) == tuple(shape) if whole else fits):
-                    raise RuntimeError(
-                        f"tensor {name!r} produced as {t.dtype}{tuple(t.shape)}, "
-                        f"declared {dtype}{tuple(shape)}"
-                    )
-                rows += t.shape[0] if t.dim() else 1
-                t = t.detach().contiguous().cpu()
-                settle()
-                pending = (writer.submit(put, t), t.numel() * t.element_size())
-                del t  # the writer holds it until written; not kept while the next is made
-            if not whole and rows != shape[0]:
-                raise RuntimeError(f"tensor {name!r}: blocks of {rows} rows, declared {shape}")
-            if on_tensor is not None:
-                on_tensor(name)
-        settle()
+                    pending = (writer.submit(put, name, t), t.numel() * t.element_size())
+                    del t  # the writer holds it until written; not kept while the next is made
+                if not whole and rows != shape[0]:
+                    raise RuntimeError(f"tensor {name!r}: blocks of {rows} rows, declared {shape}")
+                if on_tensor is not None:
+                    on_tensor(name)
+            settle()
+        out.close()
+    except BaseException:
+        out.abort()  # stop its I/O and free its blocks; the caller discards the file
+        raise
     for token, value in (late() if late is not None else {}).items():
         old, new = token.encode(), value.encode()
         if len(old) != len(new) or old not in raw:
             raise RuntimeError(f"metadata stand-in {token!r} missing or of another length")
-        end = f.tell()
         at = raw.find(old)
         while at >= 0:
-            f.seek(8 + at)
-            f.write(new)
+            out.patch(8 + at, new)
             at = raw.find(old, at + 1)
-        f.seek(end)

@@ -89,11 +89,13 @@ def save_model(
     force: bool = False,
     on_tensor: Callable[[str], None] | None = None,
     max_shard_size: int = DEFAULT_MAX_SHARD,
+    check: Callable[[str, torch.Tensor], None] | None = None,
 ) -> Path:
     """Write ``model`` to ``out`` (a ``.safetensors`` file), keeping each tensor's dtype.
 
     Returns the path to open: ``out``, or the index beside it when the tensors exceed
-    ``max_shard_size`` bytes and are written as shards.
+    ``max_shard_size`` bytes and are written as shards. ``check(name, tensor)`` vets each
+    tensor (or row block) as written, in the writing thread (see ``write_stream``).
     """
     out = Path(out)
     graph = model.graph.copy()
@@ -132,10 +134,10 @@ def save_model(
     shards = plan_shards(specs, max_shard_size)
     if len(shards) == 1:
         with atomic_path(out, inputs, force) as tmp, tmp.open("wb") as f:
-            write_stream(f, specs, produce, meta, on_tensor, digests)
+            write_stream(f, specs, produce, meta, on_tensor, digests, check)
         path = out
     else:
-        path = _save_sharded(out, shards, produce, meta, inputs, force, on_tensor, digests)
+        path = _save_sharded(out, shards, produce, meta, inputs, force, on_tensor, digests, check)
     history.resolve_digests(model.history)
     return path
 
@@ -149,6 +151,7 @@ def _save_sharded(
     force: bool,
     on_tensor: Callable[[str], None] | None,
     digests: Callable[[], dict[str, str]],
+    check: Callable[[str, torch.Tensor], None] | None,
 ) -> Path:
     index, paths = shard_paths(out, len(shards))
     for p in (index, *paths):
@@ -160,7 +163,7 @@ def _save_sharded(
         weight_map: dict[str, str] = {}
         for shard, path in zip(shards, paths, strict=True):
             with (tmpdir / path.name).open("wb") as f:
-                write_stream(f, shard, produce, meta, on_tensor, digests)
+                write_stream(f, shard, produce, meta, on_tensor, digests, check)
             weight_map.update(dict.fromkeys((name for name, _, _ in shard), path.name))
         total = sum(_nbytes(s) for shard in shards for s in shard)
         doc = {"metadata": {"total_size": total, **meta}, "weight_map": weight_map}

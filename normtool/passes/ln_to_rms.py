@@ -64,7 +64,9 @@ class Conversion:
 
     ``model(entry)`` gives the result in the stored dtypes; ``exact()`` the same function with
     the changed tensors in float64, unrounded — what the float64 self-check compares, so that
-    it measures the maths rather than the storage rounding.
+    it measures the maths rather than the storage rounding. ``check(name, tensor)`` refuses a
+    NaN/Inf in a tensor as it is written (``save_model``'s ``check``); ``scan()`` does it for
+    all of them at once, to explain a failed self-check.
     """
 
     source: Model
@@ -77,6 +79,7 @@ class Conversion:
     readers: list[str]
     created_biases: list[str]
     untied: list[tuple[str, str]]
+    check: Callable[[str, torch.Tensor], None]
     dropped: int | None = None  # CRMS: the stream coordinate dropped (implied as −Σ of the rest)
     notes: list[str] = field(default_factory=list)
 
@@ -85,6 +88,13 @@ class Conversion:
 
     def exact(self) -> Model:
         return self.source.derive(self.graph, self.exact_tensors, {"transform": "exact"})
+
+    def scan(self) -> None:
+        """NormtoolError when a tensor to be written holds NaN/Inf (naming the input tensor
+        when the source already does), one tensor at a time."""
+        model = self.model({})
+        for name in self.graph.tensors:
+            self.check(name, model.tensor(name))
 
     def summary(self) -> str:
         kind = "CRMSNorm" if self.compressed else "RMSNorm"
@@ -268,8 +278,9 @@ class _Rewriter:
     (~1e-7 relative), the order of the original's own float32 arithmetic and far below the
     fp32 bar the self-check measures. fp16/bf16/fp64 tensors are computed in float64 and
     rounded once (centred half-precision writers with ``round_keeping_sums``). The shift is
-    computed in the same pass as its weight and kept for the bias. Every stored result is checked
-    for NaN/Inf here — one ``aminmax`` on data in hand instead of a separate scan of the file.
+    computed in the same pass as its weight and kept for the bias. ``finite`` checks a result
+    for NaN/Inf — one ``aminmax`` on data in hand, run by the writer's thread as each tensor is
+    written (beside the computing of the next), instead of a separate scan of the file.
     """
 
     def __init__(self, model: Model, drop: int | None = None) -> None:
@@ -289,9 +300,6 @@ class _Rewriter:
             return self.model.checkpoint.get_rows(key, rows.start, rows.stop)
         t = self.model.tensor(name)
         return t if rows is None else t[rows]
-
-    def unchanged(self, name: str) -> torch.Tensor:
-        return self.finite(name, self.model.tensor(name))
 
     def finite(self, name: str, t: torch.Tensor) -> torch.Tensor:
         """``t``, or NormtoolError: naming the non-finite input tensor, else the overflow."""
@@ -321,32 +329,29 @@ class _Rewriter:
         dtype = torch.float64 if exact else DTYPES[r.dtype]
         return dtype, torch.float32 if dtype == torch.float32 else torch.float64
 
-    def blocks(self, r: _Recipe, name: str, exact: bool) -> Iterator[torch.Tensor]:
-        """The rows of a ``blockwise`` tensor, ``BLOCK_ROWS`` at a time, each read, rewritten,
-        rounded and checked on its own (γ and β are read once, into ``whole``)."""
+    def blocks(self, r: _Recipe, exact: bool) -> Iterator[torch.Tensor]:
+        """The rows of a ``blockwise`` tensor, ``BLOCK_ROWS`` at a time, each read, rewritten
+        and rounded on its own (γ and β are read once, into ``whole``)."""
         dtype, work = self.dtypes(r, exact)
         whole: dict[str, torch.Tensor] = {}
         for i in range(0, r.shape[0], BLOCK_ROWS):
-            block = self.round(r, self.compute(r, slice(i, i + BLOCK_ROWS), work, whole), dtype)
-            yield block if exact else self.finite(name, block)
+            yield self.round(r, self.compute(r, slice(i, i + BLOCK_ROWS), work, whole), dtype)
 
-    def tensor(self, r: _Recipe, name: str, exact: bool) -> torch.Tensor:
-        """The whole tensor ``name``: float64 when ``exact``, else its stored dtype. Computed on
+    def tensor(self, r: _Recipe, exact: bool) -> torch.Tensor:
+        """The whole tensor ``r`` describes: float64 when ``exact``, else its stored dtype. Computed on
         the source's own view, so a transposed stored weight yields a result in the same memory
         layout (the writer stores it back without a transposing copy)."""
         dtype, work = self.dtypes(r, exact)
         if self.blockwise(r):
             t = torch.empty(r.shape, dtype=dtype)
             i = 0
-            for block in self.blocks(r, name, exact):
+            for block in self.blocks(r, exact):
                 t[i : i + len(block)] = block
                 i += len(block)
             return t
         if r.fold is not None and r.is_bias:
-            t = self.round(r, self.bias(r, work), dtype)
-        else:
-            t = self.round(r, self.compute(r, None, work, {}), dtype)
-        return t if exact else self.finite(name, t)
+            return self.round(r, self.bias(r, work), dtype)
+        return self.round(r, self.compute(r, None, work, {}), dtype)
 
     @staticmethod
     def round(r: _Recipe, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -503,26 +508,25 @@ def convert_ln_to_rms(model: Model, compressed: bool = False) -> Conversion:
     half = any(s.dtype in ("F16", "BF16") for s in g.tensors.values())
     if compressed:
         rw.drop = _dropped_coordinate(rw, stream) if half else d - 1
-    # unchanged tensors too go through the rewriter's NaN/Inf check as they are written or run
-    same = {n: (lambda n=n: rw.unchanged(n)) for n in new.tensors if n not in recipes}
     lazy: dict[str, Override] = {
-        n: RowBlocks(partial(rw.tensor, r, n, False), partial(rw.blocks, r, n, False))
+        n: RowBlocks(partial(rw.tensor, r, False), partial(rw.blocks, r, False))
         if rw.blockwise(r)
-        else partial(rw.tensor, r, n, False)
+        else partial(rw.tensor, r, False)
         for n, r in recipes.items()
     }
-    exact = {n: (lambda r=r, n=n: rw.tensor(r, n, exact=True)) for n, r in recipes.items()}
+    exact = {n: partial(rw.tensor, r, True) for n, r in recipes.items()}
     return Conversion(
         source=model,
         graph=new,
-        tensors=same | lazy,
-        exact_tensors=same | exact,
+        tensors=lazy,
+        exact_tensors=exact,
         compressed=compressed,
         norms=[n.name for n in stream.norms],
         writers=[w.name for w in stream.writers],
         readers=readers,
         created_biases=created,
         untied=untied,
+        check=rw.finite,
         dropped=rw.drop,
     )
 

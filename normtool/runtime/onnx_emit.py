@@ -679,21 +679,6 @@ def _output_dims(graph: Graph, value: str, rank: int) -> list[int | str | None]:
     return dims
 
 
-def output_names(graph: Graph) -> dict[str, str]:
-    """Graph output value → ONNX output name: loki predictions are ``prediction``, the first
-    other output ``logits``; any further outputs keep their graph names."""
-    loki = {op.output for op in graph.ops_of("loki")}
-    names, first = {}, True
-    for v in graph.outputs:
-        if v in loki:
-            names[v] = "prediction"
-        elif first:
-            names[v], first = "logits", False
-        else:
-            names[v] = v
-    return names
-
-
 def _rename(em: _Emitter, old: str, new: str) -> None:
     """Give value ``old`` the name ``new`` everywhere (moving any other holder of ``new`` aside)."""
     if new in em._used and new != old:
@@ -731,7 +716,7 @@ def emit_onnx(
             em.emit(op)
     produced = {o for n in em.nodes for o in n.output}
     outputs = []
-    for v, name in output_names(graph).items():
+    for v, name in graph.output_names().items():
         src = env[v]
         if src in produced:
             _rename(em, src, name)

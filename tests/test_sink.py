@@ -1,0 +1,146 @@
+"""Direct-I/O output (``normtool.io.sink``): the bytes on disk are exactly the bytes written.
+
+Why these cases: direct writes go through aligned staging blocks, so what can go wrong is at
+the edges — a tail shorter than a block (padded, then cut), data crossing block boundaries,
+the two blocks alternating, the header patched in place after the data, and file systems that
+refuse ``O_DIRECT`` (written the ordinary way instead). Each is compared with the same stream
+written through an ordinary buffered file.
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import os
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from safetensors import safe_open
+
+from normtool.io import sink
+from normtool.io.safetensors_format import write_stream
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Blocks of 3 alignment units and direct I/O from the first byte: every edge is reached
+    with a few KiB."""
+    monkeypatch.setattr(sink, "BLOCK", 3 * sink.ALIGN)
+    monkeypatch.setattr(sink, "DIRECT_MIN_BYTES", 0)
+
+
+def _appended(path, chunks: list[bytes], patches: list[tuple[int, bytes]]) -> bytes:
+    with path.open("wb") as f:
+        out = sink.appender(f, sum(map(len, chunks)))
+        for c in chunks:
+            out.write(c)
+        out.close()
+        for at, data in patches:
+            out.patch(at, data)
+    return path.read_bytes()
+
+
+# the fixture only patches constants: the same for every example
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    sizes=st.lists(st.integers(0, 5 * 4096 + 7), min_size=1, max_size=6),
+    patch_at=st.integers(0, 10**6),
+)
+def test_direct_bytes_equal_buffered(tmp_path_factory, small_blocks, sizes, patch_at):
+    tmp = tmp_path_factory.mktemp("sink")
+    chunks = [os.urandom(n) for n in sizes]
+    total = sum(sizes)
+    patches = [(patch_at % total, b"xyz"[: total - patch_at % total])] if total else []
+    want = bytearray(b"".join(chunks))
+    for at, data in patches:
+        want[at : at + len(data)] = data
+    got = _appended(tmp / "d.bin", chunks, patches)
+    assert got == bytes(want)
+
+
+def test_direct_is_used_and_switched_off(tmp_path, small_blocks):
+    """On this file system the appender really writes directly, and leaves the descriptor
+    ordinary afterwards (later patches and appends need no alignment)."""
+    with (tmp_path / "d.bin").open("wb") as f:
+        out = sink.appender(f, 10)
+        if not isinstance(out, sink.Appender):
+            pytest.skip("this file system refuses O_DIRECT")
+        assert sink.fcntl.fcntl(f.fileno(), sink.fcntl.F_GETFL) & os.O_DIRECT
+        out.write(b"a" * 5000)
+        out.close()
+        assert not sink.fcntl.fcntl(f.fileno(), sink.fcntl.F_GETFL) & os.O_DIRECT
+        f.write(b"tail")
+    assert (tmp_path / "d.bin").read_bytes() == b"a" * 5000 + b"tail"
+
+
+def test_small_outputs_and_other_files_are_written_the_ordinary_way(tmp_path, monkeypatch):
+    with (tmp_path / "s.bin").open("wb") as f:
+        assert isinstance(sink.appender(f, sink.DIRECT_MIN_BYTES - 1), sink.FileAppender)
+    assert isinstance(sink.appender(io.BytesIO(), 10**12), sink.FileAppender)
+    with (tmp_path / "m.bin").open("wb") as f:
+        f.write(b"x")  # not at its start: someone else wrote first
+        assert isinstance(sink.appender(f, 10**12), sink.FileAppender)
+
+
+def test_refused_at_the_first_write_falls_back(tmp_path, small_blocks, monkeypatch):
+    """A file system that accepts the flag but refuses the first direct write (EINVAL)."""
+    real = os.pwrite
+    refused = []
+
+    def pwrite(fd, data, at):
+        if sink.fcntl.fcntl(fd, sink.fcntl.F_GETFL) & getattr(os, "O_DIRECT", 0):
+            refused.append(at)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, data, at)
+
+    monkeypatch.setattr(sink, "_set_direct", lambda fd, on: True)
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    data = [os.urandom(7000), os.urandom(9000)]
+    assert _appended(tmp_path / "f.bin", data, []) == b"".join(data)
+
+
+def test_disk_errors_reach_the_writer(tmp_path, small_blocks, monkeypatch):
+    def full(fd, data, at):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "pwrite", full)
+    with (tmp_path / "e.bin").open("wb") as f:
+        out = sink.appender(f, 10)
+        with pytest.raises(OSError, match="No space"):
+            out.write(os.urandom(4 * sink.ALIGN * 3))
+            out.close()
+        out.abort()  # what write_stream does then: safe after the failure, and twice
+        out.abort()
+        assert not out.io._threads or not any(t.is_alive() for t in out.io._threads)
+
+
+def test_write_stream_direct_round_trip_and_check(tmp_path, small_blocks):
+    """A safetensors file written directly reads back exactly; ``check`` sees every tensor
+    (and block) before it is written, and an exception from it stops the write."""
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a": torch.randn(37, 29, generator=g), "b": torch.randn(5, generator=g).half()}
+    specs = [(k, v.dtype, tuple(v.shape)) for k, v in tensors.items()]
+    seen = []
+    with (tmp_path / "t.safetensors").open("wb") as f:
+        write_stream(
+            f,
+            specs,
+            lambda n: iter(tensors[n].split(10)) if n == "a" else tensors[n],
+            {"k": "v"},
+            check=lambda n, t: seen.append((n, t.shape[0])),
+        )
+    assert seen == [("a", 10), ("a", 10), ("a", 10), ("a", 7), ("b", 5)]
+    with safe_open(str(tmp_path / "t.safetensors"), "pt") as r:
+        assert r.metadata() == {"k": "v"}
+        assert all(torch.equal(r.get_tensor(k), v) for k, v in tensors.items())
+
+    def refuse(name, t):
+        if name == "b":
+            raise ValueError("no b")
+
+    with pytest.raises(ValueError, match="no b"), io.BytesIO() as f:
+        write_stream(f, specs, lambda n: tensors[n], {}, check=refuse)
