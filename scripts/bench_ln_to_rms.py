@@ -340,10 +340,15 @@ def to_markdown(
             f"{cost['max_seq']} positions × 50,257 tokens dominate).",
             "- Every process starts with no output file present (deleting a previous 1.4 GB "
             "output would be charged to whichever process replaces it).",
-            "- System CPU is mostly the kernel filling new page-cache pages with the output; on "
-            "this virtual machine it varies several-fold between runs of the same process (a "
-            "plain save writing new files took 2.2-3.8 s of system time in one series, 0.6-0.8 s "
-            "in others): compare user CPU for the work each process does.",
+            "- Wall time per run, fastest-slowest: plain "
+            + "-".join(f"{f(x['wall_s'] for x in cost['runs']['plain']):.2f}" for f in (min, max))
+            + " s, convert "
+            + "-".join(f"{f(x['wall_s'] for x in cost['runs']['convert']):.2f}" for f in (min, max))
+            + " s. The plain save writes through the page cache, whose new pages this virtual "
+            "machine hands out at an erratic price (its system CPU: the kernel filling them); "
+            "normtool writes outputs from 256 MiB on with direct I/O (`normtool/io/sink.py`), "
+            "which runs at the disk's speed every time. The fastest-against-fastest ratio is "
+            "the reading least flattering to normtool.",
         ]
     if meta["quick"]:
         lines.append("- `--quick`: one shape, few rounds, a 6-layer checkpoint — a smoke run.")
