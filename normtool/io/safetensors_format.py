@@ -155,8 +155,6 @@ def write_stream(
     raw = json.dumps(header, separators=(",", ":")).encode("utf-8")
     raw += b" " * (-len(raw) % 8)  # align the data section to 8 bytes, as safetensors does
     out = appender(f, 8 + len(raw) + offset)
-    out.write(struct.pack("<Q", len(raw)))
-    out.write(raw)
 
     def put(name: str, t: torch.Tensor) -> None:
         if check is not None:
@@ -164,9 +162,10 @@ def write_stream(
         if t.numel():
             out.write(t.reshape(-1).view(torch.uint8).numpy().data)
 
-    # One tensor (or block) is written by a second thread while the next is produced (file
-    # writes release the GIL): computing and writing overlap. A large one is written before
-    # the next is produced, so peak memory stays one large tensor (or block) plus small ones.
+    # One tensor (or block) is written by a second thread while the next is produced (copies
+    # and file writes release the GIL): computing and writing overlap. A large one is written
+    # before the next is produced, so peak memory stays one large tensor (or block) plus small
+    # ones.
     pending: tuple[Future, int] | None = None
 
     def settle() -> None:
@@ -176,6 +175,8 @@ def write_stream(
             pending = None
 
     try:
+        out.write(struct.pack("<Q", len(raw)))
+        out.write(raw)
         with ThreadPoolExecutor(1) as writer:
             for name, dtype, shape in specs:
                 made = produce(name)
