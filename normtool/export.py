@@ -83,6 +83,27 @@ def _written_opset(path: Path) -> int | None:
     return next((o.version for o in m.opset_import if o.domain in ("", "ai.onnx")), None)
 
 
+def _stale_data(out: Path, inputs: Sequence[Path]) -> Path | None:
+    """``<out>.data`` when the ONNX file now at ``out`` (about to be replaced) keeps its weights
+    there: once the new file is in place nothing refers to it. Only that name, only when the
+    old file says so, never an input."""
+    data = out.with_name(out.name + ".data")
+    if not (out.is_file() and data.is_file()):
+        return None
+    if any(data.resolve() == Path(i).resolve() for i in inputs):
+        return None
+    try:
+        old = onnx.load(str(out), load_external_data=False)
+    except Exception:  # noqa: BLE001 - not an ONNX file we wrote: leave its neighbours alone
+        return None
+    uses = any(
+        e.key == "location" and e.value == data.name
+        for t in old.graph.initializer
+        for e in t.external_data
+    )
+    return data if uses else None
+
+
 def export_model(
     model: Model,
     out: Path,
@@ -97,7 +118,8 @@ def export_model(
     """Write ``model`` as ONNX to ``out``; ``inputs`` are never overwritten.
 
     Everything is written and checked in a temporary folder beside ``out`` and moved into place
-    only afterwards (the data file first, so a visible model always finds its weights).
+    only afterwards (the data file first, so a visible model always finds its weights). An
+    inline export replacing one with external data (``--force``) removes the old data file.
     """
     out = Path(out)
     opts = EmitOptions(opset or default_opset(), dtype, attention, target)
@@ -116,6 +138,7 @@ def export_model(
     data_path = out.with_name(out.name + ".data") if weight_bytes > external_limit else None
     if data_path is not None:
         check_output_path(data_path, inputs, force)
+    stale = _stale_data(out, inputs) if data_path is None else None  # else replaced
     tmpdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         tmp = tmpdir / out.name
@@ -137,6 +160,8 @@ def export_model(
         if data_path is not None:
             os.replace(tmpdir / data_path.name, data_path)
         os.replace(tmp, out)
+        if stale is not None:
+            stale.unlink(missing_ok=True)
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
     return ExportResult(out, data_path, opts.opset, dtype, len(proto.graph.node), weight_bytes)

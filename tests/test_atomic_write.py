@@ -74,14 +74,16 @@ m = load_model(sys.argv[1])
 def slow(name):
     print("wrote", name, flush=True)
     time.sleep(30)
-save_model(m, __import__("pathlib").Path(sys.argv[2]), [], on_tensor=slow)
+save_model(m, __import__("pathlib").Path(sys.argv[2]), [], on_tensor=slow,
+           max_shard_size=int(sys.argv[3]))
 """
 
 
-def test_kill_during_write_leaves_nothing_under_final_name(tmp_path, mlp_path):
+@pytest.mark.parametrize("shard", [10**12, 1], ids=["one file", "a shard per tensor"])
+def test_kill_during_write_leaves_nothing_under_final_name(tmp_path, mlp_path, shard):
     out = tmp_path / "killed.safetensors"
     proc = subprocess.Popen(
-        [sys.executable, "-c", KILL_SCRIPT, str(mlp_path), str(out)],
+        [sys.executable, "-c", KILL_SCRIPT, str(mlp_path), str(out), str(shard)],
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -92,5 +94,7 @@ def test_kill_during_write_leaves_nothing_under_final_name(tmp_path, mlp_path):
     finally:
         proc.wait(timeout=30)
     assert not out.exists()
+    # only a temporary (a file, or the sharded writer's folder) — no shard, no index
     leftovers = [p.name for p in tmp_path.iterdir()]
-    assert all(name.startswith(".killed.safetensors.tmp-") for name in leftovers), leftovers
+    prefix = ".killed.safetensors.tmp-" if shard > 1 else ".killed.safetensors.index.json.tmp-"
+    assert len(leftovers) == 1 and leftovers[0].startswith(prefix), leftovers

@@ -320,6 +320,20 @@ def test_external_data_beside_the_model(checkpoint, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.onnx", "big.onnx.data"]
 
 
+def test_inline_export_over_external_removes_the_old_data(checkpoint, tmp_path):
+    """``--force`` over an export with external data: the old ``.data`` (which nothing refers to
+    any more) goes; a ``.data`` the replaced file did not use is someone else's and stays."""
+    model = load_model(checkpoint("gpt2"))
+    out = tmp_path / "m.onnx"
+    export_model(model, out, external_limit=0)
+    export_model(model, out, force=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+    onnx.checker.check_model(str(out), full_check=True)
+    (tmp_path / "m.onnx.data").write_bytes(b"not ours")
+    export_model(model, out, force=True)
+    assert (tmp_path / "m.onnx.data").read_bytes() == b"not ours"
+
+
 def test_failed_check_leaves_nothing(mlp_path, tmp_path, monkeypatch):
     def reject(*a, **k):
         raise onnx.checker.ValidationError("simulated")

@@ -284,16 +284,23 @@ def test_sharded_folder_stays_sharded(tmp_path, capsys):
     assert float((want - have).abs().max() / want.abs().max()) <= 1e-5
 
 
-def test_plain_state_dicts_keep_names_and_format(tmp_path, capsys):
+@pytest.mark.parametrize("nest", [None, "state_dict", "model"])
+def test_plain_state_dicts_keep_names_and_format(tmp_path, capsys, nest):
+    """A flat state dict stays flat; one nested under ``state_dict``/``model`` (training
+    checkpoints) stays nested there, without the input's other entries (optimizer state)."""
     nets = [_mlp([12, 32, 16, 5], s) for s in (0, 1)]
     pts = []
     for i, n in enumerate(nets):
         pts.append(tmp_path / f"m{i}.pt")
-        torch.save(n.state_dict(), pts[-1])
+        sd = n.state_dict()
+        torch.save({nest: sd, "optimizer": {"step": torch.tensor(3)}} if nest else sd, pts[-1])
     code, _, err = cli(capsys, "merge", *pts, "--weights", "0,1")
     assert code == 0, err
     out = tmp_path / "m0.merged.pt"
     sd = torch.load(out, weights_only=True)
+    if nest:
+        assert list(sd) == [nest]
+        sd = sd[nest]
     assert list(sd) == list(nets[1].state_dict())
     x = torch.randn(6, 12, generator=torch.Generator().manual_seed(0))
     user = _mlp([12, 32, 16, 5], 7)

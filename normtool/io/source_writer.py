@@ -142,7 +142,8 @@ def save_like_source(
     (``out``, or the index of a sharded normtool output: see ``save_model``).
 
     The model's history is stored as JSON under ``normtool.history`` in every safetensors file's
-    metadata (a ``.pt`` output cannot carry metadata).
+    metadata (a ``.pt`` output cannot carry metadata; it keeps the input's nesting under
+    ``state_dict``/``model``).
     """
     ck = model.checkpoint
     if ck is None:
@@ -154,7 +155,10 @@ def save_like_source(
     meta.update({"format": "pt", HISTORY_KEY: history.dumps(model.history)})
     with atomic_path(out, inputs, force) as tmp:
         if ck.format == "torch":
-            torch.save({k: produce(k) for k in ck.keys()}, tmp)  # noqa: SIM118
+            tensors = {k: produce(k) for k in ck.keys()}  # noqa: SIM118
+            # the input's wrapper key kept, its other entries (optimizer state, epoch…) not:
+            # they describe the training of the input, not this model
+            torch.save({ck.nest: tensors} if ck.nest else tensors, tmp)
         elif ck.format == "safetensors":
             _write_safetensors(ck, ck.keys(), produce, tmp, meta)
         else:

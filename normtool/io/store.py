@@ -56,6 +56,9 @@ class Checkpoint:
     _spans: dict[str, tuple[int, int]] = field(default_factory=dict, repr=False)
     _eager: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
     _fds: dict[Path, int] = field(default_factory=dict, repr=False)
+    #: A PyTorch file's tensors nested under this key (``state_dict``/``model``), else None:
+    #: written back the same way, so the user's loading code keeps working.
+    nest: str | None = None
 
     def keys(self) -> list[str]:
         return list(self._entries)
@@ -153,7 +156,7 @@ class Checkpoint:
         return meta
 
     def _add_torch(self, f: Path) -> None:
-        sd = load_torch_state_dict(f)
+        sd, self.nest = load_torch_state_dict(f)
         for k, t in sd.items():
             if k in self._entries:
                 raise NormtoolError(f"tensor {k!r} appears in more than one shard", f)
@@ -164,10 +167,11 @@ class Checkpoint:
             self._eager[k] = t
 
 
-def load_torch_state_dict(f: Path) -> dict[str, torch.Tensor]:
+def load_torch_state_dict(f: Path) -> tuple[dict[str, torch.Tensor], str | None]:
     """Load a pickled state dict with ``weights_only=True``: objects that would run code are refused.
 
-    Accepts a flat ``{name: tensor}`` or one nested under ``state_dict`` / ``model``.
+    Accepts a flat ``{name: tensor}`` or one nested under ``state_dict`` / ``model``; returns it
+    and the key it was nested under (None when flat).
     """
     try:
         try:
@@ -187,17 +191,16 @@ def load_torch_state_dict(f: Path) -> dict[str, torch.Tensor]:
         raise NormtoolError(
             f"not a readable PyTorch state dict ({str(e).splitlines()[0][:200]})", f
         ) from e
+    nest = None
     if isinstance(obj, dict):
-        for nest in ("state_dict", "model"):
-            if isinstance(obj.get(nest), dict):
-                obj = obj[nest]
-                break
+        nest = next((k for k in ("state_dict", "model") if isinstance(obj.get(k), dict)), None)
+        obj = obj[nest] if nest else obj
     if not isinstance(obj, dict) or not obj:
         raise NormtoolError("not a state dict (expected a mapping of names to tensors)", f)
     bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise NormtoolError(f"entry {bad[0]!r} is not a tensor", f)
-    return obj
+    return obj, nest
 
 
 def _read_json(f: Path) -> dict:
