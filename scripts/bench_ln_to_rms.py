@@ -347,8 +347,9 @@ def to_markdown(
             + " s. The plain save writes through the page cache, whose new pages this virtual "
             "machine hands out at an erratic price (its system CPU: the kernel filling them); "
             "normtool writes outputs from 256 MiB on with direct I/O (`normtool/io/sink.py`), "
-            "which runs at the disk's speed every time. The fastest-against-fastest ratio is "
-            "the reading least flattering to normtool.",
+            "which runs at the disk's speed every time; so the median ratio moves with the plain "
+            "save's luck, and the fastest-against-fastest ratio compares both at their least "
+            "disturbed.",
         ]
     if meta["quick"]:
         lines.append("- `--quick`: one shape, few rounds, a 6-layer checkpoint — a smoke run.")
