@@ -43,7 +43,7 @@ class Appender:
     CPU), the other is filled; numpy copies without holding the GIL, so filling overlaps the
     caller's computing too. ``close`` writes the tail, cuts the padding and switches
     ``O_DIRECT`` off, so ``patch`` and anything after are ordinary writes. Falls back to
-    ordinary writes when the file system accepted the flag but refuses the first direct write.
+    ordinary writes for the rest of the file when a direct write is refused (EINVAL).
     """
 
     def __init__(self, fd: int) -> None:
@@ -80,9 +80,12 @@ class Appender:
         try:
             _write_all(self.fd, view, at)
         except OSError as e:
-            if e.errno != errno.EINVAL or at:
+            if e.errno != errno.EINVAL:
                 raise
-            _set_direct(self.fd, False)  # refused at the first write: go the ordinary way
+            # refused (a device whose blocks are larger than ALIGN, a file system that takes
+            # the flag but not the write): this block and the rest go the ordinary way; what
+            # was written directly is on disk, and positioned writes make the switch safe
+            _set_direct(self.fd, False)
             _write_all(self.fd, view, at)
         finally:
             view.release()
