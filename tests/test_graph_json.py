@@ -12,6 +12,7 @@ import json
 from dataclasses import asdict
 
 import pytest
+import torch
 
 from normtool.graph import Graph
 from normtool.load import load_model
@@ -36,3 +37,11 @@ def test_graph_json_round_trip(tmp_path, kind):
     assert json.loads(text) == json.loads(json.dumps(asdict(g)))
     back = Graph.from_json(text)
     assert back == g and back.to_json() == text
+
+
+def test_non_json_attributes_are_refused(tmp_path):
+    """Only dataclasses are unpacked: a tensor left in an op's attributes is an error, not ``{}``."""
+    g = load_model(MAKERS["cnn"](tmp_path)).graph
+    g.ops[0].attrs["oops"] = torch.zeros(2)
+    with pytest.raises(TypeError, match="Tensor"):
+        g.to_json()

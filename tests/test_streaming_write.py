@@ -129,12 +129,16 @@ def test_direct_io_output_reads_back_exactly(tmp_path, monkeypatch, shard):
 
     monkeypatch.setattr(sink, "BLOCK", 3 * sink.ALIGN)
     monkeypatch.setattr(sink, "DIRECT_MIN_BYTES", 0)
+    made, real = [], sink.Appender
+    monkeypatch.setattr(sink, "Appender", lambda fd: made.append(fd) or real(fd))
     src = make_gpt2(tmp_path / "gpt2")
     conv = ln_to_rms.convert_ln_to_rms(load_model(src)).model({})
     out = tmp_path / "g.rms.safetensors"
     r = cli("convert-ln-to-rms", src, "-o", out, "--no-verify", "--json",
             *(["--max-shard-size", shard] if shard else []))  # fmt: skip
     assert r.returncode == 0, r.stderr
+    if not made:
+        pytest.skip("this file system refuses O_DIRECT")  # the ordinary path is tested above
     back = load_model(json.loads(r.stdout)["output"])
     assert back.history[-1]["source_sha256"] == _sha(src / "model.safetensors")
     for name in back.graph.tensors:

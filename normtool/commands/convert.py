@@ -72,9 +72,10 @@ def convert_ln_to_rms(
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, min(threads, (os.cpu_count() or 2) - 1)))
     try:
-        out = save_model(
-            conv.model(entry), out, [Path(path)], force, max_shard_size=shard, check=conv.check
-        )
+        with conv.explaining():
+            out = save_model(
+                conv.model(entry), out, [Path(path)], force, max_shard_size=shard, check=conv.check
+            )
     finally:
         torch.set_num_threads(threads)
     payload: dict[str, Any] = {

@@ -3,12 +3,12 @@
 Why: a buffered write first copies every byte into page-cache pages the kernel must allocate.
 On the virtual machines this project runs on, fresh pages are expensive and erratic: the same
 1.6 GB buffered write took 0.4 s or 3.3-4.3 s from one run to the next (free memory handed back
-to the host must be faulted in again), while ``O_DIRECT`` wrote it in 0.9 s every time, from the
-disk's DMA without a CPU copy. On any machine, a multi-GB checkpoint written through the page
-cache also evicts what is cached (the source being read) and leaves gigabytes dirty for the
-flusher. So outputs from ``DIRECT_MIN_BYTES`` on are written directly, where the file system
-allows it; others, and file systems that refuse ``O_DIRECT`` (tmpfs, some network mounts),
-are written the ordinary way.
+to the host must be faulted in again), while ``O_DIRECT`` wrote it in 0.9 s every time: the disk
+reads the staging blocks by DMA, with no page cache to fill. On any machine, a multi-GB
+checkpoint written through the page cache also evicts what is cached (the source being read)
+and leaves gigabytes dirty for the flusher. So outputs from ``DIRECT_MIN_BYTES`` on are written
+directly, where the file system allows it; others, and file systems that refuse ``O_DIRECT``
+(older tmpfs, some network mounts), are written the ordinary way.
 
 Direct I/O needs block-aligned memory, lengths and offsets: bytes are gathered into a
 page-aligned block and written whole; the last block is padded and the file cut back to its
@@ -17,6 +17,7 @@ true length.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import io
@@ -115,7 +116,9 @@ class Appender:
         _set_direct(self.fd, False)
         self.arrays.clear()
         for b in self.blocks:
-            b.close()
+            # a view still referenced (by a traceback) keeps its block: freed with the view
+            with contextlib.suppress(BufferError):
+                b.close()
 
     def patch(self, offset: int, data: bytes) -> None:
         """Overwrite bytes already written (after ``close``)."""
@@ -123,7 +126,7 @@ class Appender:
 
 
 class FileAppender:
-    """The same interface over any writable binary file object (a BytesIO in tests, a pipe)."""
+    """The same interface over any writable binary file object (a BytesIO, a small file)."""
 
     def __init__(self, f: BinaryIO) -> None:
         self.f = f
@@ -147,13 +150,15 @@ class FileAppender:
 def appender(f: BinaryIO, total: int) -> Appender | FileAppender:
     """An appender for ``f``, a file just opened for writing that will hold ``total`` bytes:
     its descriptor, directly from ``DIRECT_MIN_BYTES`` on, when it is a fresh regular file."""
+    if total < DIRECT_MIN_BYTES:
+        return FileAppender(f)
     try:
         fd = f.fileno()
-    except (OSError, io.UnsupportedOperation):
+        f.flush()
+        fresh = stat.S_ISREG(os.fstat(fd).st_mode) and os.lseek(fd, 0, os.SEEK_CUR) == 0
+    except (OSError, io.UnsupportedOperation):  # no descriptor, or not seekable (a pipe)
         return FileAppender(f)
-    f.flush()
-    fresh = os.lseek(fd, 0, os.SEEK_CUR) == 0 and stat.S_ISREG(os.fstat(fd).st_mode)
-    if total < DIRECT_MIN_BYTES or not fresh or not _set_direct(fd, True):
+    if not fresh or not _set_direct(fd, True):
         return FileAppender(f)
     return Appender(fd)
 
@@ -171,8 +176,10 @@ def _set_direct(fd: int, on: bool) -> bool:
     return True
 
 
-def _write_all(fd: int, data: memoryview, offset: int | None = None) -> None:
-    while len(data):
-        n = os.write(fd, data) if offset is None else os.pwrite(fd, data, offset)
-        data = data[n:]
-        offset = None if offset is None else offset + n
+def _write_all(fd: int, data: memoryview, offset: int) -> None:
+    """``data`` at ``offset``, however many calls it takes. Each remainder's view is released
+    even when a call fails, so a traceback holds no view that would keep a block mapped."""
+    done = 0
+    while done < len(data):
+        with data[done:] as rest:
+            done += os.pwrite(fd, rest, offset + done)

@@ -19,6 +19,7 @@ holds one tensor (in row blocks for the big ones) at a time.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
@@ -48,6 +49,11 @@ class NothingToConvert(NormtoolError):
     """The model has no LayerNorm: a refusal of its own, reported as "nothing to convert"."""
 
 
+class NonFinite(NormtoolError):
+    """A tensor to be written holds NaN/Inf (``Conversion.check``); ``Conversion.explaining``
+    turns it into the refusal naming the source's own NaN/Inf tensor when there is one."""
+
+
 @dataclass
 class Stream:
     """What the conversion acts on, found in the graph."""
@@ -64,9 +70,10 @@ class Conversion:
 
     ``model(entry)`` gives the result in the stored dtypes; ``exact()`` the same function with
     the changed tensors in float64, unrounded — what the float64 self-check compares, so that
-    it measures the maths rather than the storage rounding. ``check(name, tensor)`` refuses a
-    NaN/Inf in a tensor as it is written (``save_model``'s ``check``); ``scan()`` does it for
-    all of them at once, to explain a failed self-check.
+    it measures the maths rather than the storage rounding. ``model()``'s tensors are not
+    vetted as they are computed: ``check(name, tensor)`` raises NonFinite for a NaN/Inf (pass it
+    as ``save_model``'s ``check``, within ``explaining()``); ``scan()`` vets all of them at
+    once, to explain a failed self-check.
     """
 
     source: Model
@@ -89,12 +96,25 @@ class Conversion:
     def exact(self) -> Model:
         return self.source.derive(self.graph, self.exact_tensors, {"transform": "exact"})
 
+    @contextmanager
+    def explaining(self) -> Iterator[None]:
+        """A NonFinite raised within becomes the refusal naming the source's first tensor with
+        NaN/Inf when there is one (else it stands: an overflow of the rewrite). Why here, not in
+        ``check``: the check runs in the writer's thread, beside the main thread's reading of
+        the same model; the source is scanned in the caller's thread, after the writer stopped.
+        """
+        try:
+            yield
+        except NonFinite:
+            require_finite(self.source)
+            raise
+
     def scan(self) -> None:
-        """NormtoolError when a tensor to be written holds NaN/Inf (naming the input tensor
-        when the source already does), one tensor at a time."""
+        """NormtoolError when a tensor to be written holds NaN/Inf, one tensor at a time."""
         model = self.model({})
-        for name in self.graph.tensors:
-            self.check(name, model.tensor(name))
+        with self.explaining():
+            for name in self.graph.tensors:
+                self.check(name, model.tensor(name))
 
     def summary(self) -> str:
         kind = "CRMSNorm" if self.compressed else "RMSNorm"
@@ -302,13 +322,12 @@ class _Rewriter:
         return t if rows is None else t[rows]
 
     def finite(self, name: str, t: torch.Tensor) -> torch.Tensor:
-        """``t``, or NormtoolError: naming the non-finite input tensor, else the overflow."""
+        """``t``, or NonFinite naming it (``Conversion.explaining`` names the input's cause)."""
         if t.is_floating_point() and t.numel():
             # reduce in memory order: over a transposed view aminmax runs ~10x slower
             lo, hi = torch.aminmax(t.t() if t.dim() == 2 and t.stride(0) < t.stride(1) else t)
             if not (lo.isfinite() and hi.isfinite()):
-                require_finite(self.model)  # names the first input tensor holding NaN/Inf
-                raise NormtoolError(
+                raise NonFinite(
                     f"tensor {name!r} overflows {t.dtype} when converted: refusing to write "
                     "non-finite weights",
                     self.model.checkpoint.path if self.model.checkpoint else None,
