@@ -36,7 +36,7 @@ from typing import Any
 
 import onnxruntime
 import torch
-from benchmd import write_section  # scripts/ is on sys.path when run as a script
+from benchmd import publish  # scripts/ is on sys.path when run as a script
 
 from normtool.graph import Graph
 from normtool.inputs import random_inputs
@@ -305,6 +305,11 @@ def to_markdown(
             )
     if cost is not None:
         m = cost["median"]
+
+        def span(k: str) -> str:
+            walls = [x["wall_s"] for x in cost["runs"][k]]
+            return f"{min(walls):.2f}-{max(walls):.2f}"
+
         lines += [
             "",
             f"Conversion cost ({cost_meta['when']}; 1-min load average "
@@ -340,11 +345,8 @@ def to_markdown(
             f"{cost['max_seq']} positions × 50,257 tokens dominate).",
             "- Every process starts with no output file present (deleting a previous 1.4 GB "
             "output would be charged to whichever process replaces it).",
-            "- Wall time per run, fastest-slowest: plain "
-            + "-".join(f"{f(x['wall_s'] for x in cost['runs']['plain']):.2f}" for f in (min, max))
-            + " s, convert "
-            + "-".join(f"{f(x['wall_s'] for x in cost['runs']['convert']):.2f}" for f in (min, max))
-            + " s. The plain save writes through the page cache, whose new pages this virtual "
+            f"- Wall time per run, fastest-slowest: plain {span('plain')} s, convert "
+            f"{span('convert')} s. The plain save writes through the page cache, whose new pages this virtual "
             "machine hands out at an erratic price (its system CPU: the kernel filling them); "
             "normtool writes outputs from 256 MiB on with direct I/O (`normtool/io/sink.py`), "
             "which runs at the disk's speed every time; so the median ratio moves with the plain "
@@ -403,14 +405,12 @@ def main() -> None:
             print(json.dumps({k: v for k, v in cost.items() if k != "runs"}, indent=1))
     if not args.skip_latency:
         meta["load_avg_end"] = os.getloadavg()[0]
-    md = to_markdown(rows, cost, meta, cost_meta)
-    print(md)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(
-        json.dumps({"meta": meta, "latency": rows, "cost_meta": cost_meta, "cost": cost}, indent=1)
+    publish(
+        args.json,
+        {"meta": meta, "latency": rows, "cost_meta": cost_meta, "cost": cost},
+        to_markdown(rows, cost, meta, cost_meta),
+        None if args.no_write else args.output,
     )
-    if not args.no_write:
-        write_section(args.output, START, END, md)
 
 
 if __name__ == "__main__":

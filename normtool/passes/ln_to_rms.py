@@ -321,8 +321,9 @@ class _Rewriter:
         t = self.model.tensor(name)
         return t if rows is None else t[rows]
 
-    def finite(self, name: str, t: torch.Tensor) -> torch.Tensor:
-        """``t``, or NonFinite naming it (``Conversion.explaining`` names the input's cause)."""
+    def finite(self, name: str, t: torch.Tensor) -> None:
+        """NonFinite naming ``t`` if it holds NaN/Inf (``Conversion.explaining`` names the
+        input's cause)."""
         if t.is_floating_point() and t.numel():
             # reduce in memory order: over a transposed view aminmax runs ~10x slower
             lo, hi = torch.aminmax(t.t() if t.dim() == 2 and t.stride(0) < t.stride(1) else t)
@@ -332,7 +333,6 @@ class _Rewriter:
                     "non-finite weights",
                     self.model.checkpoint.path if self.model.checkpoint else None,
                 )
-        return t
 
     def blockwise(self, r: _Recipe) -> bool:
         """Whether ``r`` is computed in row blocks: a large tensor whose rows depend only on the
@@ -357,9 +357,9 @@ class _Rewriter:
             yield self.round(r, self.compute(r, slice(i, i + BLOCK_ROWS), work, whole), dtype)
 
     def tensor(self, r: _Recipe, exact: bool) -> torch.Tensor:
-        """The whole tensor ``r`` describes: float64 when ``exact``, else its stored dtype. Computed on
-        the source's own view, so a transposed stored weight yields a result in the same memory
-        layout (the writer stores it back without a transposing copy)."""
+        """The whole tensor ``r`` describes: float64 when ``exact``, else its stored dtype.
+        Computed on the source's own view, so a transposed stored weight yields a result in the
+        same memory layout (the writer stores it back without a transposing copy)."""
         dtype, work = self.dtypes(r, exact)
         if self.blockwise(r):
             t = torch.empty(r.shape, dtype=dtype)
