@@ -2,20 +2,26 @@
 
 Why here: PowerNorm's inference map is (after a group RMS scaling) a per-channel affine, which
 ``normtool fold`` removes. People must be able to train with it first, and the checkpoint must
-look like the reference implementation's (``MaskPowerNorm``) so that both fold the same way.
-
-Training, as the paper describes:
+look like the reference implementation's (``MaskPowerNorm``, sIncerass/powernorm) so that both
+fold the same way — which is why training follows that implementation step for step, including
+where it is not what the paper's prose suggests (tested against it written out in
+``tests/test_nn_training.py``). At step ``n`` (``iters``, counted from 1):
 
 * every token is first divided by the RMS of each of its ``groups`` channel groups
   (``GroupScaling1D``; groups = attention heads, eps ``gs_eps`` = 1e-5);
 * the per-channel quadratic mean ``σ²_B = mean over tokens of x²`` replaces the variance — no mean
   subtraction;
-* warm-up: for the first ``warmup_iters`` steps the forward divides by the batch's own ``σ²_B``
-  and ``running_phi`` is the running average of those; afterwards the forward divides by the
-  running statistic and ``running_phi`` follows an EMA with ``alpha_fwd``;
-* backward: approximate backpropagation through the running statistic, correcting the gradient
-  with ``ema_gz`` (the paper's ν), updated as ``ν ← ν·(1 − (1−α)Γ) + (1−α)Λ`` with
-  ``Γ = mean(ẑ²)``, ``Λ = mean(g·ẑ)`` and ``α = alpha_bkw``.
+* forward: ``ẑ = x / sqrt(σ² + eps)`` with the batch's own ``σ²_B`` while ``n ≤ warmup_iters``,
+  afterwards with ``running_phi`` as it was before this step;
+* ``running_phi``: while ``n < warmup_iters`` (strictly) it first becomes the running average
+  ``φ·(n−1)/n + σ²_B/n``; then, at *every* step, warm-up included, the EMA
+  ``φ ← alpha_fwd·φ + (1 − alpha_fwd)·σ²_B`` is applied on top;
+* backward (approximate backpropagation): with ``g = ∂L/∂y · weight`` the corrected gradient is
+  ``ĝ = g − (1 − alpha_bkw)·ema_gz·ẑ``; ``ema_gz += mean over tokens of ĝ·ẑ``; and
+  ``∂L/∂x = ĝ / sqrt(σ²_B + eps)`` — the *batch* statistic, also after warm-up, when the
+  forward divided by ``running_phi``. The paper's ν is ``(1 − alpha_bkw)·ema_gz``, and with it
+  the update above is the paper's ``ν ← ν·(1 − (1−α)Γ) + (1−α)Λ`` (``Γ = mean(ẑ²)``,
+  ``Λ = mean(g·ẑ)``): the checkpoint stores ``ema_gz`` on the reference's scale.
 
 Eval: ``weight * GS(x) / sqrt(running_phi + eps) + bias`` (the ``powernorm`` op of the graph).
 
@@ -39,26 +45,23 @@ def group_scale(x: torch.Tensor, groups: int, eps: float) -> torch.Tensor:
 
 
 class _PowerFunction(torch.autograd.Function):
-    """``y = weight * x / sqrt(denom + eps) + bias`` with the paper's approximate backward."""
+    """``y = weight * x / sqrt(stat + eps) + bias``; the backward divides by the batch statistic."""
 
     @staticmethod
-    def forward(ctx: Any, x, weight, bias, denom, ema_gz, eps: float, alpha_bkw: float):  # noqa: ANN001
-        inv = torch.rsqrt(denom + eps)
-        ctx.save_for_backward(x * inv, inv, weight)
+    def forward(ctx: Any, x, weight, bias, stat, batch_stat, ema_gz, eps: float, alpha_bkw: float):  # noqa: ANN001
+        z = x * torch.rsqrt(stat + eps)
+        ctx.save_for_backward(z, torch.rsqrt(batch_stat + eps), weight)
         ctx.ema_gz, ctx.alpha = ema_gz, alpha_bkw
-        return x * inv * weight + bias
+        return z * weight + bias
 
     @staticmethod
     def backward(ctx: Any, grad):  # noqa: ANN001
-        z, inv, weight = ctx.saved_tensors
-        nu = ctx.ema_gz
-        g = grad * weight
-        grad_x = (g - nu * z) * inv
+        z, inv_batch, weight = ctx.saved_tensors
+        ema_gz = ctx.ema_gz
+        corrected = grad * weight - (1 - ctx.alpha) * ema_gz * z
         with torch.no_grad():
-            gamma_b = z.pow(2).mean(0)
-            lambda_b = (g * z).mean(0)
-            nu.copy_(nu * (1 - (1 - ctx.alpha) * gamma_b) + (1 - ctx.alpha) * lambda_b)
-        return grad_x, (grad * z).sum(0), grad.sum(0), None, None, None, None
+            ema_gz.add_((corrected * z).mean(0))
+        return corrected * inv_batch, (grad * z).sum(0), grad.sum(0), None, None, None, None, None
 
 
 class PowerNorm(nn.Module):
@@ -103,13 +106,18 @@ class PowerNorm(nn.Module):
             self.iters += 1
             step = int(self.iters.item())
             batch_sq = xs.pow(2).mean(0)
-            warm = step <= self.warmup_iters
-            denom = batch_sq.clone() if warm else phi.clone()
-            if warm:  # running average of the warm-up batches
+            stat = batch_sq if step <= self.warmup_iters else phi.clone()
+            if step < self.warmup_iters:  # running average of the warm-up batches...
                 phi.copy_(phi * (step - 1) / step + batch_sq / step)
-            else:
-                phi.copy_(self.alpha_fwd * phi + (1 - self.alpha_fwd) * batch_sq)
+            phi.copy_(self.alpha_fwd * phi + (1 - self.alpha_fwd) * batch_sq)  # ...then the EMA
         y = _PowerFunction.apply(
-            xs, self.weight, self.bias, denom, self.ema_gz.view(-1), self.eps, self.alpha_bkw
+            xs,
+            self.weight,
+            self.bias,
+            stat,
+            batch_sq,
+            self.ema_gz.view(-1),
+            self.eps,
+            self.alpha_bkw,
         )
         return y.reshape(shape)

@@ -1,21 +1,32 @@
-"""Unified Normalization (Yang et al., CVPR 2022): a foldable stand-in for LayerNorm.
+"""Unified Normalization (Yang et al., ACM MM 2022): a foldable stand-in for LayerNorm.
 
 Why here: UN was designed so that its inference map is a per-channel affine that disappears into
 the neighbouring linear layers (``normtool fold``). This layer lets people train with it, and its
-checkpoint looks like the reference implementation's (``UN1d``) so that both fold the same way.
-
-Training, as the paper describes:
+checkpoint looks like the reference implementation's (``UN1d``, hikvision-research/
+Unified-Normalization) so that both fold the same way — which is why training follows that
+implementation step for step (tested against it written out in ``tests/test_nn_training.py``).
+At step ``n`` (``iters``, counted from 1), with ``slot = n mod window``:
 
 * statistics are per-channel quadratic means ``x² = mean over tokens`` (no mean subtraction);
 * fluctuation smoothing: the last ``window`` batch statistics are kept in ``buffer_x2`` and,
-  after warm-up, the forward divides by their *geometric* mean; the backward likewise averages
-  the gradient statistic ``mean(g·z)`` over ``buffer_gz`` and keeps an EMA of it (``ema_gz``)
-  that corrects the gradient (approximate backpropagation through the statistics), scaled by
-  the ratio of the current to the running scale, clipped to [1/5, 5];
-* optional outlier filtration: when the window's arithmetic mean exceeds its geometric mean by
-  more than the recent spread allows, the batch is an outlier: its statistic is replaced by the
-  running one, it is normalised by its own statistic, and ``skip_counter`` counts it;
+  once ``n > window`` and ``n ≥ warmup_iters``, the forward divides by their *geometric* mean;
+  the backward likewise averages the gradient statistic ``mean(g·z)`` over ``buffer_gz`` and
+  keeps an EMA of it (``ema_gz``) that corrects the gradient (approximate backpropagation
+  through the statistics);
+* gradient compensation: from step ``max(1000, warmup_iters) + 1`` on, the output gradient and
+  the weight's gradient are scaled by the ratio of the current to the running scale, clipped to
+  [1/5, 5];
+* optional outlier filtration, from step ``warmup_iters`` on: when the window's arithmetic mean
+  exceeds its geometric mean by more than ``window`` × the variance of the window's square roots
+  as it was before this batch, the batch is an outlier: its statistic is replaced in the window
+  by the running one, it is normalised by its own statistic, and ``skip_counter`` counts it.
+  Like ``UN1d``, the filter does not wait for the window to fill: with ``warmup_iters`` below
+  ``window`` the window's initial zeros make its geometric mean 0, so early batches tend to
+  count as outliers (and put ``running_var`` into the window) — set ``warmup_iters ≥ window``
+  to avoid that;
 * ``running_var`` (a running mean of x², despite its name) follows an EMA with ``momentum``.
+
+One ``window`` serves forward and backward (``UN1d``'s default; it also accepts two sizes).
 
 Eval: ``weight * x / sqrt(running_var + eps) + bias`` (the ``unorm`` op of the graph).
 
@@ -72,7 +83,7 @@ class _UNFunction(torch.autograd.Function):
             norm.ema_gz.copy_(m * norm.ema_gz + (1 - m) * mean_gz)
             correction = mean_gz if step.skipped else norm.ema_gz.clone()
         grad_x = (g - correction * z) * inv
-        return grad_x, (grad * z).sum(0), grad.sum(0), None, None, None, None
+        return grad_x, (grad * ratio * z).sum(0), grad.sum(0), None, None, None, None
 
 
 class UnifiedNorm(nn.Module):
@@ -116,10 +127,10 @@ class UnifiedNorm(nn.Module):
         n = int(self.iters.item())
         slot = n % self.window
         full = n > self.window
-        spread = self.buffer_x2.sqrt().var() if self.window > 1 else x2.new_zeros(())
+        spread = self.buffer_x2.sqrt().var() if self.outlier_filtration else None
         self.buffer_x2[slot].copy_(x2)
-        skipped = self.window <= 1
-        if self.outlier_filtration and full and n >= self.warmup_iters and not skipped:
+        skipped = self.window <= 1  # no window to smooth over
+        if spread is not None and n >= self.warmup_iters:
             excess = self.buffer_x2.mean(0) - _geometric_mean(self.buffer_x2)
             if bool((excess > spread * self.window).any()):
                 self.buffer_x2[slot].copy_(self.running_var)
