@@ -7,6 +7,9 @@ usage, 3 requested device unavailable).
 
 from __future__ import annotations
 
+import resource
+import signal
+import sys
 from pathlib import Path
 
 
@@ -34,3 +37,42 @@ class DeviceUnavailable(NormtoolError):
     """A requested device or execution provider cannot be used here (exit 3)."""
 
     exit_code = 3
+
+
+class Interrupted(BaseException):
+    """A signal asked the process to stop (SIGINT, SIGTERM, SIGHUP).
+
+    Why a BaseException raised from the signal handler: the stack unwinds through every
+    ``finally`` and ``except BaseException`` on the way out, so temporary outputs are removed
+    exactly as after any other failure, and ``except Exception`` never swallows it. Exit code
+    128 + the signal's number, the shell's convention (130 for Ctrl-C).
+    """
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+        self.exit_code = 128 + signum
+        self.name = signal.Signals(signum).name
+
+
+def one_line(message: str) -> str:
+    """``message`` with control characters escaped (a file name may hold a newline): the error
+    stays one line that a CI log or a parser reads as one."""
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in message)
+
+
+def fail(message: str, code: int) -> None:
+    """Print ``normtool: error: <message>`` as one line on stderr and exit with ``code``."""
+    print(f"normtool: error: {one_line(message)}", file=sys.stderr)
+    sys.exit(code)
+
+
+def out_of_memory(during: str) -> str:
+    """The one-line message for a MemoryError, naming the process's memory limit if set."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    limit = (
+        ""
+        if soft == resource.RLIM_INFINITY
+        else f" (virtual memory limit, ulimit -v: {soft >> 20} MiB)"
+    )
+    return f"out of memory {during}{limit}"

@@ -9,9 +9,7 @@ data file ``<name>.data`` beside it once the protobuf 2 GB limit is passed), mus
 from __future__ import annotations
 
 import functools
-import os
 import shutil
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,9 +19,9 @@ import onnxruntime
 from onnx import TensorProto, helper
 
 from normtool import history
-from normtool.errors import CheckFailed
+from normtool.errors import CheckFailed, NormtoolError
 from normtool.finite import require_finite
-from normtool.io.atomic import check_output_path
+from normtool.io.atomic import check_output_path, publish, temp_name
 from normtool.load import HISTORY_KEY
 from normtool.model import Model
 from normtool.runtime.onnx_emit import MAX_OPSET, MIN_OPSET, EmitOptions, emit_onnx
@@ -139,7 +137,8 @@ def export_model(
     if data_path is not None:
         check_output_path(data_path, inputs, force)
     stale = _stale_data(out, inputs) if data_path is None else None  # else replaced
-    tmpdir = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmpdir = temp_name(out)
+    tmpdir.mkdir()
     try:
         tmp = tmpdir / out.name
         onnx.save_model(
@@ -158,10 +157,12 @@ def export_model(
         if written != opts.opset:
             raise CheckFailed(f"export has opset {written}, {opts.opset} was requested", out)
         if data_path is not None:
-            os.replace(tmpdir / data_path.name, data_path)
-        os.replace(tmp, out)
+            publish(tmpdir / data_path.name, data_path, force)
+        publish(tmp, out, force)
         if stale is not None:
             stale.unlink(missing_ok=True)
+    except OSError as e:  # a full disk, a quota, a folder gone: named, one line
+        raise NormtoolError(f"cannot write: {e.strerror or e}", out) from e
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
     return ExportResult(out, data_path, opts.opset, dtype, len(proto.graph.node), weight_bytes)

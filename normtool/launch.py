@@ -13,11 +13,17 @@ a library user's process keeps its own allocator settings.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
+import resource
+import signal
 import sys
 
+from normtool.errors import Interrupted, fail, out_of_memory
+
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def _keep_freed_memory() -> None:
@@ -44,15 +50,41 @@ def _keep_freed_memory() -> None:
     mallopt(M_TRIM_THRESHOLD, -1)  # -1: never give the heap's top back
 
 
+def _on_signal(signum: int, frame: object) -> None:
+    """Turn SIGINT/SIGTERM/SIGHUP into ``Interrupted``; later ones are ignored, so that the
+    clean-up the first one starts (removing temporary outputs) is not itself cut short."""
+    for s in SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
+    raise Interrupted(signum)
+
+
 def main() -> None:
+    for s in SIGNALS:
+        signal.signal(s, _on_signal)
+    try:
+        _keep_freed_memory()
+        _prefetch(sys.argv[1:])
+        gc.disable()
+        try:
+            from normtool.cli import main as run
+        finally:
+            gc.freeze()
+            gc.enable()
+    except Interrupted as e:
+        fail(f"interrupted ({e.name}) while starting; nothing was written", e.exit_code)
+    except MemoryError:
+        fail(out_of_memory("while starting"), 2)
+    except (ImportError, OSError) as e:  # torch cannot load: most often a memory limit
+        if "--debug" in sys.argv:
+            raise
+        limited = resource.getrlimit(resource.RLIMIT_AS)[0] != resource.RLIM_INFINITY
+        fail(out_of_memory("while starting") if limited else f"cannot start: {e}", 2)
+    run()
+
+
+def _prefetch(args: list[str]) -> None:
+    """Warm the source digests; never fails the command (the loader reports bad files)."""
     from normtool.io.digest import prefetch
 
-    _keep_freed_memory()
-    prefetch(sys.argv[1:])
-    gc.disable()
-    try:
-        from normtool.cli import main as run
-    finally:
-        gc.freeze()
-        gc.enable()
-    run()
+    with contextlib.suppress(Exception):  # noqa: BLE001 - an optimisation, never an error
+        prefetch(args)

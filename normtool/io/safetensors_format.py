@@ -68,6 +68,8 @@ def read_header(path: Path) -> tuple[dict[str, dict], dict[str, str]]:
         header = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise NormtoolError(f"corrupt safetensors: header is not UTF-8 JSON ({e})", path) from e
+    except RecursionError as e:
+        raise NormtoolError("corrupt safetensors: header JSON nested too deeply", path) from e
     if not isinstance(header, dict):
         raise NormtoolError("corrupt safetensors: header is not a JSON object", path)
     meta = header.pop("__metadata__", None) or {}

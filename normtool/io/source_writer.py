@@ -25,6 +25,7 @@ import torch
 
 from normtool import history
 from normtool.errors import NormtoolError
+from normtool.io import provenance, reads
 from normtool.io.atomic import atomic_path
 from normtool.io.safetensors_format import write_stream
 from normtool.io.store import TORCH_SUFFIXES, WEIGHT_FILES, Checkpoint
@@ -91,12 +92,16 @@ class _Assembler:
         return out
 
 
-def _copy_folder_files(src: Path, dst: Path) -> None:
-    for f in sorted(src.iterdir()):
-        if f.is_file() and not f.is_symlink() and f.suffix.lower() not in WEIGHT_SUFFIXES:
-            if f.name.endswith(".index.json"):
-                continue
-            shutil.copy2(f, dst / f.name)
+def _folder_files(src: Path) -> list[Path]:
+    """The files of a model folder that a folder output carries over (config, tokenizer…)."""
+    return [
+        f
+        for f in sorted(src.iterdir())
+        if f.is_file()
+        and not f.is_symlink()
+        and f.suffix.lower() not in WEIGHT_SUFFIXES
+        and not f.name.endswith(".index.json")
+    ]
 
 
 def _shards(ck: Checkpoint) -> list[tuple[str, list[str]]]:
@@ -159,13 +164,19 @@ def save_like_source(
             # the input's wrapper key kept, its other entries (optimizer state, epoch…) not:
             # they describe the training of the input, not this model
             torch.save({ck.nest: tensors} if ck.nest else tensors, tmp)
+            provenance.mark_torch(tmp)
         elif ck.format == "safetensors":
             _write_safetensors(ck, ck.keys(), produce, tmp, meta)
         else:
             tmp.mkdir()
             folder = ck.path if ck.path.is_dir() else ck.path.parent
-            _copy_folder_files(folder, tmp)
+            extra = _folder_files(folder)
+            for f in extra:
+                shutil.copy2(reads.note(f), tmp / f.name)
             shards = _shards(ck)
+            names = [f.name for f in extra] + [fname for fname, _ in shards]
+            names += ["model.safetensors.index.json"] if len(shards) > 1 else []
+            meta[provenance.FILES_KEY] = json.dumps(names)  # what --force may replace later
             weight_map, total = {}, 0
             for fname, keys in shards:
                 total += _write_safetensors(ck, keys, produce, tmp / fname, meta)

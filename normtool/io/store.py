@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from normtool.errors import NormtoolError
-from normtool.io import digest
+from normtool.io import digest, reads
 from normtool.io.digest import WEIGHT_FILES
 from normtool.io.safetensors_format import DTYPE_NAMES, DTYPES, read_header
 
@@ -142,7 +142,7 @@ class Checkpoint:
 
     # ---- construction ----------------------------------------------------------------------
     def _add_safetensors(self, f: Path, only: set[str] | None = None) -> dict[str, str]:
-        entries, meta = read_header(f)
+        entries, meta = read_header(reads.note(f))
         with f.open("rb") as fh:
             data_start = 8 + int.from_bytes(fh.read(8), "little")
         for k, e in entries.items():
@@ -156,7 +156,7 @@ class Checkpoint:
         return meta
 
     def _add_torch(self, f: Path) -> None:
-        sd, self.nest = load_torch_state_dict(f)
+        sd, self.nest = load_torch_state_dict(reads.note(f))
         for k, t in sd.items():
             if k in self._entries:
                 raise NormtoolError(f"tensor {k!r} appears in more than one shard", f)
@@ -197,17 +197,41 @@ def load_torch_state_dict(f: Path) -> tuple[dict[str, torch.Tensor], str | None]
         obj = obj[nest] if nest else obj
     if not isinstance(obj, dict) or not obj:
         raise NormtoolError("not a state dict (expected a mapping of names to tensors)", f)
-    bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
-    if bad:
-        raise NormtoolError(f"entry {bad[0]!r} is not a tensor", f)
+    for k, v in obj.items():
+        problem = _entry_problem(k, v)
+        if problem:
+            raise NormtoolError(problem, f)
     return obj, nest
+
+
+def _entry_problem(key: object, value: object) -> str | None:
+    """Why one state-dict entry cannot be a stored tensor (None: it can).
+
+    Why check here: ``weights_only`` unpickling accepts int keys, sparse, nested, quantized and
+    meta tensors, which every later step (names, reshapes, reads) assumes away; refusing them at
+    load gives one line naming the entry instead of an error deep inside a transform.
+    """
+    if not isinstance(key, str):
+        return f"key {key!r} ({type(key).__name__}) is not a tensor name: keys must be strings"
+    if not isinstance(value, torch.Tensor):
+        return f"entry {key!r} is not a tensor"
+    if value.layout != torch.strided or value.is_nested:
+        layout = "nested" if value.is_nested else str(value.layout).removeprefix("torch.")
+        return f"tensor {key!r} is {layout}; only dense tensors are read"
+    if value.is_meta:
+        return f"tensor {key!r} is a meta tensor (a shape without data)"
+    if value.is_quantized:
+        return f"tensor {key!r} is quantized ({value.dtype}); only plain tensors are read"
+    return None
 
 
 def _read_json(f: Path) -> dict:
     try:
-        d = json.loads(f.read_text(encoding="utf-8"))
+        d = json.loads(reads.note(f).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise NormtoolError(f"not valid JSON ({e})", f) from e
+    except RecursionError as e:
+        raise NormtoolError("JSON nested too deeply to read", f) from e
     if not isinstance(d, dict):
         raise NormtoolError("expected a JSON object", f)
     return d

@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import shutil
-import uuid
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -29,7 +27,7 @@ import torch
 from normtool import __version__, history
 from normtool.errors import NormtoolError
 from normtool.graph import Source
-from normtool.io.atomic import atomic_path, check_output_path
+from normtool.io.atomic import atomic_path, check_output_path, publish, temp_name
 from normtool.io.safetensors_format import DTYPES, write_stream
 from normtool.load import GRAPH_KEY, HISTORY_KEY
 from normtool.model import Model
@@ -156,7 +154,7 @@ def _save_sharded(
     index, paths = shard_paths(out, len(shards))
     for p in (index, *paths):
         check_output_path(p, inputs, force)
-    tmpdir = out.parent / f".{index.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmpdir = temp_name(index)
     moved: list[Path] = []
     try:
         tmpdir.mkdir()
@@ -172,7 +170,7 @@ def _save_sharded(
             text = text.replace(token, digest)
         (tmpdir / index.name).write_text(text, encoding="utf-8")
         for p in (*paths, index):  # the index last: it appears only with all its shards
-            os.replace(tmpdir / p.name, p)
+            publish(tmpdir / p.name, p, force)
             moved.append(p)
     except BaseException as e:
         for p in moved:

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from normtool.errors import NormtoolError
+from normtool.io import reads
 from normtool.io.safetensors_format import read_header
 from normtool.loki.head import OUTPUT
 from normtool.loki.labels import LabelSpace
@@ -56,7 +57,7 @@ def load_eval_data(
 
 def _read_arrays(path: Path) -> dict[str, np.ndarray]:
     suffix = path.suffix.lower()
-    if not path.is_file():
+    if not reads.note(path).is_file():
         raise NormtoolError("no such eval data file", path)
     if suffix == ".npz":
         try:

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from normtool.errors import NormtoolError
+from normtool.io import reads
 from normtool.loki.metric import Metric
 
 
@@ -39,7 +40,7 @@ class LabelSpace:
 def read_label_file(path: Path) -> list[str]:
     """One label per line; surrounding whitespace is stripped and blank lines are skipped."""
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        text = reads.note(path).read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as e:
         raise NormtoolError(f"cannot read label list ({e})", path) from e
     names = [line.strip() for line in text.splitlines() if line.strip()]

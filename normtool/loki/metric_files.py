@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from normtool.errors import NormtoolError
+from normtool.io import reads
 from normtool.io.safetensors_format import read_header
 from normtool.loki.metric import EmbeddingMetric, MatrixMetric, Metric, TreeMetric
 from normtool.loki.tree import build_tree
@@ -40,7 +41,7 @@ def load_metric(path: Path, kind: str = "auto", names: list[str] | None = None) 
     of a format that carries no names; it is ignored for formats that do."""
     if kind not in KINDS:
         raise NormtoolError(f"unknown metric kind {kind!r}; use one of {', '.join(KINDS)}")
-    if not path.is_file():
+    if not reads.note(path).is_file():
         raise NormtoolError("no such metric file", path)
     suffix = path.suffix.lower()
     if suffix in (".tsv", ".json") and kind in ("auto", "tree"):
@@ -86,6 +87,8 @@ def _json_edges(path: Path) -> list[tuple[str, str | None]]:
         data = json.loads(_read_text(path), object_pairs_hook=no_duplicate_keys)
     except json.JSONDecodeError as e:
         raise NormtoolError(f"not valid JSON ({e})", path) from e
+    except RecursionError as e:
+        raise NormtoolError("JSON nested too deeply to read", path) from e
     if isinstance(data, dict) and "name" in data:
         return _nested_edges(data, path)
     if isinstance(data, dict):

@@ -16,11 +16,12 @@ from safetensors import safe_open
 
 from normtool.errors import NormtoolError
 from normtool.graph import Graph
+from normtool.io import reads
 from normtool.io.safetensors_format import read_header
 
 
 def _read(path: Path) -> dict[str, torch.Tensor]:
-    if not path.is_file():
+    if not reads.note(path).is_file():
         raise NormtoolError("no such data file", path)
     suffix = path.suffix.lower()
     if suffix == ".safetensors":

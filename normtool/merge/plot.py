@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from pathlib import Path
 
+from normtool import __version__
 from normtool.errors import NormtoolError
 from normtool.io.atomic import atomic_path
 from normtool.merge.path import PathCurve
@@ -39,7 +40,9 @@ def plot_barrier(
     fig.tight_layout()
     try:
         with atomic_path(out, inputs, force) as tmp:
-            fig.savefig(tmp, format="png", dpi=100)
+            fig.savefig(
+                tmp, format="png", dpi=100, metadata={"Software": f"normtool {__version__}"}
+            )
     finally:
         plt.close(fig)
     return out
