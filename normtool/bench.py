@@ -34,7 +34,7 @@ from normtool.io.onnx_guard import check_external_data
 from normtool.load import load_model
 from normtool.runtime.onnx_emit import INPUTS_KEY, input_signature
 from normtool.runtime.ort import Session, create_session
-from normtool.timing import interleaved, summarize
+from normtool.timing import BLOCKS_IN_ONE_SET, interleaved, paired_ratio, summarize
 
 
 @dataclass
@@ -155,6 +155,52 @@ def versions() -> dict[str, str]:
     }
 
 
+def _rounds_per_set(iters: int, sets: int) -> list[int]:
+    """``iters`` rounds split over at most ``sets`` sets of sessions, as evenly as possible."""
+    n = min(iters, sets)
+    return [iters // n + (k < iters % n) for k in range(n)]
+
+
+def _ratio_fields(
+    base: list[list[float]], other: list[list[float]], models: int, level: float
+) -> dict[str, Any]:
+    """The JSON fields of one model's ratio to the first model (``timing.paired_ratio``)."""
+    r = paired_ratio(base, other, models, level)
+    return {
+        "ratio": r.ratio,
+        "ratio_ci": list(r.ci) if r.ci else None,
+        "ci_level": level,
+        "distinguishable": r.distinguishable,
+        "verdict": r.verdict,
+    }
+
+
+def _ci_method(sets: int) -> str:
+    """What a ratio's interval is computed over, for the JSON (``timing.paired_ratio``)."""
+    per = "log of the ratio of the models' medians over the same interleaved rounds"
+    if sets > 1:
+        return f"Student t over {sets} sets of fresh sessions ({per} in each set)"
+    return (
+        f"Student t over up to {BLOCKS_IN_ONE_SET} blocks of one set of sessions ({per} in "
+        "each block): covers round-to-round noise, not where ORT placed a session (--sessions)"
+    )
+
+
+def _row(
+    label: str,
+    short: str,
+    providers: list[str],
+    per_set: list[list[float]],
+    batch: int,
+    keep: bool,
+) -> dict[str, Any]:
+    """One model's summary at one shape: its providers, short and exactly as ORT reports them
+    for its session, and its times over all sets."""
+    times = [x for t in per_set for x in t]
+    head = {"model": label, "provider": short, "providers": providers}
+    return head | summarize(times, batch) | ({"times_ms": [x * 1e3 for x in times]} if keep else {})
+
+
 def run_bench(
     paths: Sequence[Path],
     provider: str = "auto",
@@ -169,14 +215,22 @@ def run_bench(
     heads: int | None = None,
     act: str | None = None,
     seed: int = 0,
-    on_shape: Callable[[int, int | None], None] | None = None,
+    on_shape: Callable[[int, int | None, int, int], None] | None = None,
     cuda_graph: bool = False,
     keep_times: bool = False,
+    sessions: int = 1,
+    ci_level: float = 0.95,
 ) -> dict[str, Any]:
-    """Time every model at every (batch, seq) shape; ratios are to the first model's median.
+    """Time every model at every (batch, seq) shape; ratios are to the first model.
 
-    ``keep_times``: each row also carries its per-round times (``times_ms``, in round order),
-    so a caller can pair the models' calls of the same round.
+    ``sessions``: the ``iters`` rounds are split over this many sets of fresh sessions (each
+    set warmed up ``warmup`` times, all shapes timed in it before the next set opens, so only
+    one set is alive at a time). Several sets let each ratio's confidence interval cover where
+    ORT placed a session's buffers, not only round-to-round noise (``timing.paired_ratio``).
+    ``on_shape(batch, seq, set, sets)`` is called before each shape in each set.
+
+    ``keep_times``: each row also carries its per-round times (``times_ms``, set after set, in
+    round order), so a caller can pair the models' calls of the same round.
 
     ``cuda_graph``: ORT's CUDA graphs (CUDA provider only; refused for ``--provider cpu``, not
     used — and said so — where ``auto`` falls back to the CPU). A captured graph fixes every
@@ -184,59 +238,92 @@ def run_bench(
     """
     if not paths:
         raise NormtoolError("bench needs at least one model")
+    if not 0 < ci_level < 1:
+        raise NormtoolError(f"--ci-level {ci_level}: expected a number between 0 and 1")
+    if sessions < 1:
+        raise NormtoolError(f"--sessions {sessions}: expected a positive integer")
     if cuda_graph and provider not in ("auto", "cuda"):
         raise NormtoolError(f"--cuda-graph needs the CUDA provider, not --provider {provider}")
     options = {"enable_cuda_graph": "1"} if cuda_graph else None
     with tempfile.TemporaryDirectory(prefix="normtool-bench-") as work:
         prepared = prepare(paths, Path(work), dtype, arch, heads, act)
 
-        def open_sessions() -> list[Session]:
-            return [create_session(p.onnx_path, provider, threads, tf32, options) for p in prepared]
+        def open_sessions(k: int = 0) -> list[Session]:
+            """Set ``k``'s sessions, created starting at model ``k``: the later-created of two
+            sessions of one file ran 0.2 % faster here, every time, so the creation order
+            rotates from set to set like the call order does from round to round."""
+            n = len(prepared)
+            order = [(k + j) % n for j in range(n)]
+            made = {
+                i: create_session(prepared[i].onnx_path, provider, threads, tf32, options)
+                for i in order
+            }
+            opened = [made[i] for i in range(n)]
+            used = {s.provider for s in opened}
+            if len(used) > 1:
+                raise NormtoolError(f"models ran on different providers: {sorted(used)}")
+            return opened
 
-        sessions = open_sessions()
-        used = {s.provider for s in sessions}
-        if len(used) > 1:
-            raise NormtoolError(f"models ran on different providers: {sorted(used)}")
-        graphs = cuda_graph and sessions[0].provider == "cuda"
+        live = open_sessions()
+        # what the first set ran on: every later set is held to the same providers
+        short, fallback = live[0].provider, live[0].fallback
+        providers = [s.session.get_providers() for s in live]
+        graphs = cuda_graph and short == "cuda"
         seq_list: list[int | None] = (
             list(seqs) if any(_uses_seq(p.signature) for p in prepared) else [None]
         )
-        results = []
-        for batch in batches:
-            for seq in seq_list:
+        shapes = [(b, s) for b in batches for s in seq_list]
+        # times[shape][model][set]: seconds per call, in round order
+        times: dict[tuple[int, int | None], list[list[list[float]]]] = {
+            shape: [[] for _ in prepared] for shape in shapes
+        }
+        plan = _rounds_per_set(iters, sessions)
+        for k, rounds in enumerate(plan):
+            for i, (batch, seq) in enumerate(shapes):
                 if on_shape is not None:
-                    on_shape(batch, seq)
-                if graphs and results:
-                    sessions = open_sessions()
+                    on_shape(batch, seq, k + 1, len(plan))
+                if (k > 0 and i == 0) or (graphs and i > 0):
+                    live = []  # the old set is freed before the next one is created
+                    live = open_sessions(k)
+                    if [s.session.get_providers() for s in live] != providers:
+                        raise NormtoolError("a fresh set of sessions ran on other providers")
                 runners = []
-                for p, s in zip(prepared, sessions, strict=True):
+                for p, s in zip(prepared, live, strict=True):
                     feeds = _feeds(p.signature, batch, seq or 1, seed, s.input_types)
                     runners.append(_runner(s, feeds, graphs))
-                times = interleaved(runners, warmup, iters)
-                rows = [
-                    {"model": p.label, **summarize(t, batch)}
-                    | ({"times_ms": [x * 1e3 for x in t]} if keep_times else {})
-                    for p, t in zip(prepared, times, strict=True)
-                ]
-                base = rows[0]["median_ms"]
-                for r in rows:
-                    r["ratio"] = r["median_ms"] / base
-                results.append({"batch": batch, "seq": seq, "models": rows})
-    first = sessions[0]
-    fallback = first.fallback
+                timed = interleaved(runners, warmup, rounds)
+                for acc, t in zip(times[(batch, seq)], timed, strict=True):
+                    acc.append(t)
+        results = []
+        for (batch, seq), per_model in times.items():
+            rows = [
+                _row(p.label, short, pr, t, batch, keep_times)
+                for p, pr, t in zip(prepared, providers, per_model, strict=True)
+            ]
+            base = rows[0]["median_ms"]
+            # the baseline against itself: exactly 1, and no comparison to make
+            rows[0] |= {"ratio_of_medians": 1.0, "ratio": 1.0, "ratio_ci": [1.0, 1.0]}
+            rows[0] |= {"ci_level": ci_level, "distinguishable": False, "verdict": "baseline"}
+            for r, t in zip(rows[1:], per_model[1:], strict=True):
+                r["ratio_of_medians"] = r["median_ms"] / base
+                r |= _ratio_fields(per_model[0], t, len(prepared), ci_level)
+            results.append({"batch": batch, "seq": seq, "models": rows})
     if cuda_graph and not graphs:
         fallback = f"{fallback}; CUDA graph not used" if fallback else "CUDA graph not used"
     return {
-        "provider": first.provider,
+        "provider": short,
         "requested_provider": provider,
         "fallback": fallback,
         "cuda_graph": graphs,
-        "device": device_name(first.provider),
+        "device": device_name(short),
         "threads": threads,
         "dtype": dtype,
-        "tf32": tf32 if first.provider != "cpu" else None,
+        "tf32": tf32 if short != "cpu" else None,
         "warmup": warmup,
         "iters": iters,
+        "sessions": len(plan),
+        "ci_level": ci_level,
+        "ci_method": _ci_method(len(plan)),
         "versions": versions(),
         "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "models": [str(p) for p in paths],

@@ -230,10 +230,10 @@ def markdown(d: dict[str, Any]) -> str:
         by[(r["model"], r["batch"], r["seq"])][r["export"]] = r
     for (model, batch, seq), m in by.items():
         b, o, p = m["baseline"], m["normtool-ort"], m.get("normtool-portable")
-        port = f" {p['median_ms']:.1f} | {p['ratio']:.3f} |" if p else ""
+        port = f" {p['median_ms']:.1f} | {p['ratio_of_medians']:.3f} |" if p else ""
         lines.append(
             f"| {model} | {batch} | {seq or '-'} | {b['median_ms']:.1f} | "
-            f"{o['median_ms']:.1f} | **{o['ratio']:.3f}** |{port}"
+            f"{o['median_ms']:.1f} | **{o['ratio_of_medians']:.3f}** |{port}"
         )
     lines += ["", "Graphs (node counts; fusions ORT's optimizer reported):", ""]
     for kind, info in d["models"].items():

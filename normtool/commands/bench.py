@@ -21,6 +21,11 @@ def _ints(text: str, flag: str) -> list[int]:
     return vals
 
 
+def _interval(ci: list[float] | None) -> str:
+    """``[lo, hi]``, or ``-`` where there were too few blocks of rounds for an interval."""
+    return f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "-"
+
+
 def bench(
     models: Annotated[
         list[Path], typer.Argument(help="ONNX files or checkpoints (exported on the fly).")
@@ -32,6 +37,16 @@ def bench(
     ] = "128,512",
     warmup: Annotated[int, typer.Option(help="Untimed runs per model first.")] = 10,
     iters: Annotated[int, typer.Option(help="Timed runs per model (interleaved).")] = 50,
+    sessions: Annotated[
+        int,
+        typer.Option(
+            help="Split the runs over this many sets of fresh sessions (each warmed up): the "
+            "ratio's interval then covers where ORT placed a session, not only run-to-run noise."
+        ),
+    ] = 5,
+    ci_level: Annotated[
+        float, typer.Option(help="Confidence level of each ratio's interval.")
+    ] = 0.95,
     threads: Annotated[
         int | None, typer.Option(help="ORT intra-op threads (default: ORT's).")
     ] = None,
@@ -58,9 +73,10 @@ def bench(
     if warmup < 0 or iters < 1:
         raise NormtoolError("--warmup must be >= 0 and --iters >= 1")
 
-    def say(b: int, s: int | None) -> None:
+    def say(b: int, s: int | None, k: int, sets: int) -> None:
         if not (as_json or STATE.quiet):
-            print(f"  timing batch={b}" + (f" seq={s}" if s else "") + " ...", flush=True)
+            shape = f"batch={b}" + (f" seq={s}" if s else "")
+            print(f"  timing {shape}, sessions {k}/{sets} ...", flush=True)
 
     from normtool.bench import run_bench  # onnx + onnxruntime: ~0.1 s, paid only here
 
@@ -79,19 +95,25 @@ def bench(
         act,
         on_shape=say,
         cuda_graph=cuda_graph,
+        sessions=sessions,
+        ci_level=ci_level,
     )
     graph = ", CUDA graphs" if r["cuda_graph"] else ""
-    lines = [f"provider: {r['provider']} ({r['device']}{graph})"]
+    exact = ", ".join(r["results"][0]["models"][0]["providers"])
+    lines = [f"provider: {r['provider']} [{exact}] ({r['device']}{graph})"]
     if r["fallback"]:
         lines.append(f"note: {r['fallback']}")
     lines.append("versions: " + ", ".join(f"{k} {v}" for k, v in r["versions"].items()))
+    level = f"{r['ci_level'] * 100:g}% CI"
     lines.append(
-        f"{'batch':>5} {'seq':>5}  {'model':<32} {'median ms':>10} {'p90 ms':>9} {'p99 ms':>9} {'items/s':>9} {'ratio':>6}"
+        f"{'batch':>5} {'seq':>5}  {'model':<32} {'median ms':>10} {'p90 ms':>9} {'p99 ms':>9} {'items/s':>9} {'ratio':>6} {level:<16} verdict"
     )
     for res in r["results"]:
         for m in res["models"]:
             lines.append(
                 f"{res['batch']:>5} {res['seq'] or '-':>5}  {m['model'][:32]:<32} {m['median_ms']:>10.3f} "
-                f"{m['p90_ms']:>9.3f} {m['p99_ms']:>9.3f} {m['throughput']:>9.1f} {m['ratio']:>6.3f}"
+                f"{m['p90_ms']:>9.3f} {m['p99_ms']:>9.3f} {m['throughput']:>9.1f} {m['ratio']:>6.3f} "
+                f"{_interval(m['ratio_ci']):<16} {m['verdict']}"
             )
+    lines.append(f"ratio: time / first model's; {level}: {r['ci_method']}")
     emit(as_json, r, lines)
