@@ -9,6 +9,8 @@ silenced unless ``--debug``: they would precede, and bury, the one line a CI log
 
 from __future__ import annotations
 
+import re
+import resource
 import sys
 import traceback
 import warnings
@@ -115,8 +117,12 @@ def _describe(e: Exception) -> str:
     """One line for an error no command turned into a NormtoolError."""
     if hasattr(e, "format_message"):  # Typer's (vendored click) usage errors and aborts
         return _usage_text(e)
-    if isinstance(e, MemoryError):
+    limited = resource.getrlimit(resource.RLIMIT_AS)[0] != resource.RLIM_INFINITY
+    if isinstance(e, MemoryError) or (limited and isinstance(e, ImportError)):
         return out_of_memory("while running")
+    asked = re.search(r"can't allocate memory: you tried to allocate (\d+) bytes", str(e))
+    if asked:  # torch's CPU allocator refusing one block
+        return out_of_memory(f"while running: one tensor needed {int(asked[1]) / 2**30:.3g} GiB")
     if isinstance(e, RecursionError):
         return "input nested too deeply to read (a JSON file or a pickle)"
     if isinstance(e, OSError) and (e.filename or e.strerror):

@@ -24,6 +24,7 @@ from normtool.errors import Interrupted, fail, out_of_memory
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+MIN_ADDRESS_SPACE = 1 << 30
 
 
 def _keep_freed_memory() -> None:
@@ -58,9 +59,27 @@ def _on_signal(signum: int, frame: object) -> None:
     raise Interrupted(signum)
 
 
+def _check_memory_limit() -> None:
+    """Refuse to start under a virtual-memory limit too small to load torch.
+
+    Why up front: below ~700 MiB the import dies inside native code — ``std::bad_alloc``
+    aborting the process (exit 134) or OpenBLAS giving up — where no handler can turn it into
+    a message. Measured here (torch 2.13 CPU): ``inspect`` of a small model needs ~700 MiB of
+    address space, ``export`` ~900 MiB (ONNX and ONNX Runtime load too).
+    """
+    soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+    if soft != resource.RLIM_INFINITY and soft < MIN_ADDRESS_SPACE:
+        fail(
+            f"virtual memory limit (ulimit -v) is {soft >> 20} MiB; normtool needs at least "
+            f"{MIN_ADDRESS_SPACE >> 20} MiB to load torch and ONNX Runtime (out of memory)",
+            2,
+        )
+
+
 def main() -> None:
     for s in SIGNALS:
         signal.signal(s, _on_signal)
+    _check_memory_limit()
     try:
         _keep_freed_memory()
         _prefetch(sys.argv[1:])

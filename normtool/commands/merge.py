@@ -32,7 +32,10 @@ MaxIterOpt = Annotated[
     int,
     typer.Option("--max-iter", min=1, help="Most weight-matching sweeps (and MergeMany rounds)."),
 ]
-SeedOpt = Annotated[int, typer.Option("--seed", help="Seed of the random group order per sweep.")]
+SeedOpt = Annotated[
+    int,
+    typer.Option("--seed", min=0, max=2**63 - 1, help="Seed of the random group order per sweep."),
+]
 
 
 def sweep_bar(groups, sweep: int):

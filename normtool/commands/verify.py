@@ -55,9 +55,11 @@ def verify(
         typer.Option("--rtol", help="Tolerance relative to max|A output| (default per dtype)."),
     ] = None,
     samples: Annotated[
-        int, typer.Option("--samples", help="Number of random input batches.")
+        int, typer.Option("--samples", min=1, max=10_000, help="Number of random input batches.")
     ] = DEFAULT_SAMPLES,
-    seed: Annotated[int, typer.Option("--seed", help="Seed of the random inputs.")] = 0,
+    seed: Annotated[
+        int, typer.Option("--seed", min=0, max=2**63 - 1, help="Seed of the random inputs.")
+    ] = 0,
     dtype: Annotated[
         str | None,
         typer.Option(
