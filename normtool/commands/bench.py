@@ -7,7 +7,17 @@ from typing import Annotated
 
 import typer
 
-from normtool.commands.common import STATE, ActOpt, ArchOpt, HeadsOpt, JsonOpt, emit
+from normtool.commands.common import (
+    STATE,
+    ActOpt,
+    ArchOpt,
+    HeadsOpt,
+    JsonOpt,
+    MemoryLimitOpt,
+    TimeLimitOpt,
+    bound_onnx_runs,
+    emit,
+)
 from normtool.errors import NormtoolError
 
 
@@ -62,6 +72,8 @@ def bench(
             "--cuda-graph", help="Replay ORT CUDA graphs (CUDA only; static shapes, IO binding)."
         ),
     ] = False,
+    time_limit: TimeLimitOpt = None,
+    memory_limit: MemoryLimitOpt = None,
     arch: ArchOpt = None,
     heads: HeadsOpt = None,
     act: ActOpt = None,
@@ -72,6 +84,7 @@ def bench(
         raise NormtoolError(f"--dtype {dtype!r}: use fp32 or fp16")
     if warmup < 0 or iters < 1:
         raise NormtoolError("--warmup must be >= 0 and --iters >= 1")
+    bound_onnx_runs(time_limit, memory_limit)
 
     def say(b: int, s: int | None, k: int, sets: int) -> None:
         if not (as_json or STATE.quiet):

@@ -48,6 +48,39 @@ MaxShardOpt = Annotated[
     ),
 ]
 PathArg = Annotated[Path, typer.Argument(help="Checkpoint file or Hugging Face model folder.")]
+TimeLimitOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--time-limit",
+        help="Stop an ONNX Runtime call (one inference) running longer than this many seconds "
+        "(exit 2; default 600).",
+    ),
+]
+MemoryLimitOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--memory-limit",
+        help="ONNX Runtime's working memory, all models together (not weights), e.g. 4GB, "
+        "512MB: a larger declared or requested allocation is refused (exit 2; default 4GB).",
+    ),
+]
+
+
+def bound_onnx_runs(time_limit: float | None, memory_limit: str | None) -> None:
+    """Apply ``--time-limit``/``--memory-limit`` to the ONNX Runtime sessions made after this."""
+    from normtool.errors import NormtoolError
+    from normtool.io.writer import parse_size
+    from normtool.runtime import ort  # onnxruntime: paid only by commands that run ONNX
+
+    memory = ort.DEFAULT_MEMORY_LIMIT
+    if memory_limit is not None:
+        try:
+            memory = parse_size(memory_limit)
+        except NormtoolError as e:
+            raise NormtoolError(
+                f"--memory-limit {memory_limit!r}: expected bytes or a size like 4GB, 512MB, 2GiB"
+            ) from e
+    ort.set_limits(ort.DEFAULT_TIME_LIMIT if time_limit is None else time_limit, memory)
 
 
 def load(path: Path, arch: str | None, heads: int | None, act: str | None = None) -> Model:

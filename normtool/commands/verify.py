@@ -10,7 +10,17 @@ from typing import Annotated
 
 import typer
 
-from normtool.commands.common import ActOpt, ArchOpt, HeadsOpt, JsonOpt, emit, progress
+from normtool.commands.common import (
+    ActOpt,
+    ArchOpt,
+    HeadsOpt,
+    JsonOpt,
+    MemoryLimitOpt,
+    TimeLimitOpt,
+    bound_onnx_runs,
+    emit,
+    progress,
+)
 from normtool.errors import CheckFailed
 from normtool.verify import DEFAULT_SAMPLES, Report, compare, open_runners
 
@@ -71,12 +81,16 @@ def verify(
     provider: Annotated[
         str, typer.Option("--provider", help="ONNX Runtime provider: auto, cpu, cuda, tensorrt.")
     ] = "auto",
+    time_limit: TimeLimitOpt = None,
+    memory_limit: MemoryLimitOpt = None,
     arch: ArchOpt = None,
     heads: HeadsOpt = None,
     act: ActOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Compare A (reference) and B on seeded random inputs; exit 0 equivalent, 1 not."""
+    if any(p.suffix.lower() == ".onnx" for p in (a, b)):
+        bound_onnx_runs(time_limit, memory_limit)
     (ra, rb), name = open_runners([a, b], dtype, arch, heads, act, provider)
     report = compare(
         ra, rb, name, samples, seed, atol, rtol, lambda plan: progress(plan, "verify", len(plan))

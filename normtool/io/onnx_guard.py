@@ -257,10 +257,10 @@ def _fixed_trips(node: onnx.NodeProto, s: _Scope) -> int | None:
     if not trips:
         return None
     cond = _arg(node, 1)
-    body = next((a.g for a in node.attribute if a.name == "body"), None)
-    if cond and not (s.ints(cond) and all(s.ints(cond)) and body and _keeps_going(body, s)):
-        return None
-    return trips[0]
+    if not cond:
+        return trips[0]
+    start, body = s.ints(cond), next((a.g for a in node.attribute if a.name == "body"), None)
+    return trips[0] if start and all(start) and body and _keeps_going(body, s) else None
 
 
 def _check_loop(node: onnx.NodeProto, s: _Scope, time_limit: float, path: Path) -> None:
@@ -275,13 +275,15 @@ def _check_loop(node: onnx.NodeProto, s: _Scope, time_limit: float, path: Path) 
         )
 
 
-def _check_inputs(graph: onnx.GraphProto, s: _Scope, memory_limit: int, path: Path) -> None:
-    """Inputs with fixed huge dims: normtool would allocate them itself to feed the model."""
+def _check_inputs(graph: onnx.GraphProto, memory_limit: int, path: Path) -> None:
+    """Inputs with fixed huge dims: normtool would allocate them itself to feed the model.
+    A symbolic dim (batch, seq) counts as 1: the bytes are a lower bound."""
+    types = _declared(graph, {})
     for v in graph.input:
-        declared = s.types.get(v.name)
-        if declared is None or declared.dims is None:
+        declared = types[v.name]
+        if declared.dims is None:
             continue
-        nbytes = math.prod(d or 1 for d in declared.dims) * declared.itemsize
+        nbytes = math.prod(1 if d is None else d for d in declared.dims) * declared.itemsize
         if nbytes > memory_limit:
             raise NormtoolError(
                 f"input {v.name!r} declares shape {list(declared.dims)}: {size_text(nbytes)} per "
@@ -317,8 +319,7 @@ def check_declared_sizes(
     """
     path = Path(path)
     top = _Scope({}, {})
-    _check_inputs(proto.graph, _Scope({}, _declared(proto.graph, {})), memory_limit, path)
+    _check_inputs(proto.graph, memory_limit, path)
     _check_graph(proto.graph, top, memory_limit, time_limit, path)
-    for f in proto.functions:
-        fake = onnx.GraphProto(node=f.node)
-        _check_graph(fake, top, memory_limit, time_limit, path)
+    for f in proto.functions:  # a local function's nodes, checked as a graph of their own
+        _check_graph(onnx.GraphProto(node=f.node), top, memory_limit, time_limit, path)
