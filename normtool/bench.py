@@ -285,14 +285,14 @@ def run_bench(
                 if on_shape is not None:
                     on_shape(batch, seq, k + 1, len(plan))
                 if (k > 0 and i == 0) or (graphs and i > 0):
-                    live = []  # the old set is freed before the next one is created
+                    live = runners = []  # the old set is freed before the next one is made
                     live = open_sessions(k)
                     if [s.session.get_providers() for s in live] != providers:
                         raise NormtoolError("a fresh set of sessions ran on other providers")
-                runners = []
-                for p, s in zip(prepared, live, strict=True):
-                    feeds = _feeds(p.signature, batch, seq or 1, seed, s.input_types)
-                    runners.append(_runner(s, feeds, graphs))
+                runners = [
+                    _runner(s, _feeds(p.signature, batch, seq or 1, seed, s.input_types), graphs)
+                    for p, s in zip(prepared, live, strict=True)
+                ]
                 timed = interleaved(runners, warmup, rounds)
                 for acc, t in zip(times[(batch, seq)], timed, strict=True):
                     acc.append(t)

@@ -5,8 +5,10 @@ file twice that must not be called different."""
 
 from __future__ import annotations
 
+import gc
 import json
 import statistics
+import weakref
 
 import numpy as np
 import onnxruntime
@@ -285,6 +287,23 @@ def test_sessions_split_the_rounds_and_rotate_creation_order(tiny_onnx, monkeypa
     assert d["sessions"] == 3
     for row in d["results"][0]["models"]:
         assert row["runs"] == 10 == len(row["times_ms"])
+
+
+def test_one_set_of_sessions_alive_at_a_time(tiny_onnx, monkeypatch):
+    """A set's sessions (and the calls bound to them) are released before the next set is
+    created: a large model's sets must not pile up in memory."""
+    made, alive = [], []
+    real = bench_mod.create_session
+
+    def recording(*a, **k):
+        gc.collect()
+        alive.append(sum(ref() is not None for ref in made))
+        made.append(weakref.ref(s := real(*a, **k)))
+        return s
+
+    monkeypatch.setattr(bench_mod, "create_session", recording)
+    bench_mod.run_bench([tiny_onnx, tiny_onnx], "cpu", [1, 2], [4], warmup=0, iters=3, sessions=3)
+    assert alive == [0, 1, 0, 1, 0, 1]
 
 
 def test_bad_interval_flags_exit_2(tiny_onnx):
