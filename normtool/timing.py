@@ -69,17 +69,16 @@ class Ratio:
 
     ratio: float
     ci: tuple[float, float] | None
-    level: float
-
-    @property
-    def distinguishable(self) -> bool:
-        return self.ci is not None and not self.ci[0] <= 1.0 <= self.ci[1]
 
     @property
     def verdict(self) -> str:
         if self.ci is None or self.ci[0] <= 1.0 <= self.ci[1]:
             return "not distinguishable"
         return "faster" if self.ci[1] < 1.0 else "slower"
+
+    @property
+    def distinguishable(self) -> bool:
+        return self.verdict != "not distinguishable"
 
 
 def _block_bounds(rounds: int, models: int, count: int) -> list[tuple[int, int]]:
@@ -139,8 +138,8 @@ def paired_ratio(
     stats = [_log_ratio(base[i], other[i], span) for i, span in spans]
     centre = statistics.fmean(stats)
     if len(stats) < 2:
-        return Ratio(math.exp(centre), None, level)
+        return Ratio(math.exp(centre), None)
     from scipy.stats import t  # noqa: PLC0415 - scipy is slow to import; only bench needs it
 
     half = t.ppf((1 + level) / 2, len(stats) - 1) * statistics.stdev(stats) / math.sqrt(len(stats))
-    return Ratio(math.exp(centre), (math.exp(centre - half), math.exp(centre + half)), level)
+    return Ratio(math.exp(centre), (math.exp(centre - half), math.exp(centre + half)))
