@@ -280,7 +280,9 @@ def test_long_output_names(tmp_path, ln):
 
 
 def test_empty_output_name_is_refused(ln):
-    _one_clean_line(cli("convert-ln-to-rms", ln, "-o", ""), "output path is empty")
+    _one_clean_line(
+        cli("convert-ln-to-rms", ln, "-o", ""), "output path is empty or the current folder"
+    )
 
 
 def test_control_characters_in_names_stay_on_one_line(tmp_path):

@@ -48,7 +48,7 @@ def check_output_path(out: Path, inputs: Sequence[Path], force: bool) -> None:
     """Refuse an output that would replace an input, go through a symlink or into a special
     file, clobber a file without ``--force``, or (with it) replace what normtool did not write."""
     if str(out) in ("", "."):
-        raise NormtoolError("output path is empty (give a file name with -o)", out)
+        raise NormtoolError("output path is empty or the current folder (give a file name)", out)
     if len(out.name.encode()) > NAME_MAX:
         raise NormtoolError(
             f"output file name is {len(out.name.encode())} bytes long; file systems take at "
