@@ -99,6 +99,9 @@ NORM_KINDS = frozenset(
 
 ACTIVATIONS = frozenset({"relu", "gelu", "gelu_tanh", "tanh", "silu", "quick_gelu"})
 
+#: Outputs of base models (no head), named as transformers names them.
+BASE_OUTPUTS = frozenset({"last_hidden_state", "pooler_output"})
+
 
 @dataclass(frozen=True)
 class Space:
@@ -200,13 +203,16 @@ class Graph:
 
     def output_names(self) -> dict[str, str]:
         """Output value → public name (what an ONNX export and ``verify`` call it): loki
-        predictions are ``prediction``, the first other output ``logits``; any further outputs
-        keep their graph names."""
+        predictions are ``prediction``, a base model's ``last_hidden_state`` and
+        ``pooler_output`` keep the names transformers gives them, the first other output is
+        ``logits``; any further outputs keep their graph names."""
         loki = {op.output for op in self.ops_of("loki")}
         names, first = {}, True
         for v in self.outputs:
             if v in loki:
                 names[v] = "prediction"
+            elif v in BASE_OUTPUTS:
+                names[v] = v
             elif first:
                 names[v], first = "logits", False
             else:

@@ -41,9 +41,13 @@ def _save_hf(model: Any, out: Path, seed: int, save: dict[str, Any] | None) -> P
     return out
 
 
-def make_gpt2(out: Path, seed: int = 0, save: dict | None = None, **cfg: Any) -> Path:
-    """GPT2LMHeadModel (Conv1D weights, tied lm_head). ``save``: kwargs for save_pretrained."""
-    from transformers import GPT2Config, GPT2LMHeadModel
+def make_gpt2(
+    out: Path, seed: int = 0, save: dict | None = None, model: str = "GPT2LMHeadModel", **cfg: Any
+) -> Path:
+    """GPT2LMHeadModel (Conv1D weights, tied lm_head), or ``model="GPT2Model"`` (the base model,
+    saved with unprefixed keys and no head). ``save``: kwargs for save_pretrained."""
+    import transformers
+    from transformers import GPT2Config
 
     base = dict(
         vocab_size=64,
@@ -55,7 +59,7 @@ def make_gpt2(out: Path, seed: int = 0, save: dict | None = None, **cfg: Any) ->
         eos_token_id=0,
     )
     torch.manual_seed(seed)
-    return _save_hf(GPT2LMHeadModel(GPT2Config(**{**base, **cfg})), out, seed, save)
+    return _save_hf(getattr(transformers, model)(GPT2Config(**{**base, **cfg})), out, seed, save)
 
 
 def make_opt(
@@ -99,9 +103,18 @@ def make_vit(out: Path, seed: int = 0, save: dict | None = None, **cfg: Any) -> 
     return _save_hf(ViTForImageClassification(ViTConfig(**{**base, **cfg})), out, seed, save)
 
 
-def make_bert(out: Path, seed: int = 0, save: dict | None = None, **cfg: Any) -> Path:
-    """BertForSequenceClassification (Post-LN), 3 labels."""
-    from transformers import BertConfig, BertForSequenceClassification
+def make_bert(
+    out: Path,
+    seed: int = 0,
+    save: dict | None = None,
+    model: str = "BertForSequenceClassification",
+    pooler: bool = True,
+    **cfg: Any,
+) -> Path:
+    """BertForSequenceClassification (Post-LN), 3 labels; or another transformers BERT class
+    named by ``model`` (BertForMaskedLM, BertModel: ``pooler=False`` leaves its pooler out)."""
+    import transformers
+    from transformers import BertConfig
 
     base = dict(
         vocab_size=64,
@@ -113,7 +126,9 @@ def make_bert(out: Path, seed: int = 0, save: dict | None = None, **cfg: Any) ->
         num_labels=3,
     )
     torch.manual_seed(seed)
-    return _save_hf(BertForSequenceClassification(BertConfig(**{**base, **cfg})), out, seed, save)
+    kw = {} if pooler else {"add_pooling_layer": False}
+    net = getattr(transformers, model)(BertConfig(**{**base, **cfg}), **kw)
+    return _save_hf(net, out, seed, save)
 
 
 def load_hf(folder: Path, dtype: torch.dtype = torch.float32) -> Any:

@@ -335,3 +335,143 @@ def test_normtool_transformer_matches_reference(tmp_path, cfg):
             want = ref.to(dtype)(ids)
         # same maths in another op order: rounding only, relative to the logits' scale
         assert (got - want).abs().max().item() <= rel * max(1.0, want.abs().max().item())
+
+
+# ---- model classes of one family: computed as themselves, or refused ----------------------
+
+#: (factory kwargs, variant, outputs). Base models output what transformers names
+#: ``last_hidden_state`` (and ``pooler_output``); heads output ``logits``.
+VARIANTS = {
+    "bert_mlm": (make_bert, {"model": "BertForMaskedLM"}, "BertForMaskedLM", ["logits"]),
+    "bert_mlm_untied": (
+        make_bert,
+        {"model": "BertForMaskedLM", "tie_word_embeddings": False},
+        "BertForMaskedLM",
+        ["logits"],
+    ),
+    "bert_model": (
+        make_bert,
+        {"model": "BertModel"},
+        "BertModel",
+        ["last_hidden_state", "pooler_output"],
+    ),
+    "bert_model_no_pooler": (
+        make_bert,
+        {"model": "BertModel", "pooler": False},
+        "BertModel",
+        ["last_hidden_state"],
+    ),
+    "gpt2_model": (make_gpt2, {"model": "GPT2Model"}, "GPT2Model", ["last_hidden_state"]),
+}
+
+
+@pytest.fixture(scope="module")
+def variant_dir(tmp_path_factory):
+    made: dict[str, Path] = {}
+
+    def get(case: str) -> Path:
+        if case not in made:
+            make, kw, _, _ = VARIANTS[case]
+            made[case] = make(tmp_path_factory.mktemp(case) / "model", **kw)
+        return made[case]
+
+    return get
+
+
+def _variant_errors(model, ref, dtype: torch.dtype) -> dict[str, float]:
+    """Max-abs error of every graph output against the transformers output of the same name."""
+    ids = torch.randint(0, 64, (3, 16), generator=torch.Generator().manual_seed(0))
+    got = run_graph(model.graph, model.weights(), {"input_ids": ids}, dtype=dtype)
+    with torch.no_grad():
+        want = ref(input_ids=ids)
+    names = model.graph.output_names()
+    errs = {}
+    for value, name in names.items():
+        assert got[value].shape == want[name].shape, name
+        assert want[name].abs().max() > 0.1  # not a comparison of two near-zero tensors
+        errs[name] = (got[value] - want[name]).abs().max().item()
+    return errs
+
+
+@pytest.mark.parametrize("case", VARIANTS)
+def test_model_class_is_computed_as_itself(case, variant_dir):
+    """Detected from config.json and with ``--arch``: the graph computes that class's outputs."""
+    path = variant_dir(case)
+    _, _, variant, outputs = VARIANTS[case]
+    for arch in (None, "bert" if case.startswith("bert") else "gpt2"):
+        model = load_model(path, arch=arch)
+        assert model.graph.info["variant"] == variant
+        assert list(model.graph.output_names().values()) == outputs
+    if case == "gpt2_model":  # no head invented: nothing reads the tied embedding twice
+        assert "head.weight" not in model.graph.tensors
+    ref = load_hf(path, torch.float32)
+    if case == "bert_model_no_pooler":
+        ref.pooler = None  # transformers initialises the missing pooler at random
+    # fp32 bound as for the heads above (1e-4 max-abs on outputs of magnitude ~1-5); BERT and
+    # GPT-2 run entirely in fp64 when asked, so fp64 agrees to rounding
+    assert max(_variant_errors(model, ref, torch.float32).values()) <= 1e-4
+    ref64 = load_hf(path, torch.float64)
+    if case == "bert_model_no_pooler":
+        ref64.pooler = None
+    assert max(_variant_errors(model, ref64, torch.float64).values()) <= 1e-12
+
+
+def test_gpt2_model_without_config_is_the_base_model(variant_dir, tmp_path):
+    """No config: unprefixed keys and no lm_head are a GPT2Model's, computed as one."""
+    path = tmp_path / "bare.safetensors"
+    shutil.copy(variant_dir("gpt2_model") / "model.safetensors", path)
+    model = load_model(path, arch="gpt2", heads=4)
+    assert model.graph.info["variant"] == "GPT2Model"
+    errs = _variant_errors(model, load_hf(variant_dir("gpt2_model")), torch.float32)
+    assert errs["last_hidden_state"] <= 1e-4
+
+
+def test_head_class_with_a_missing_tensor_names_it(hf_dir, tmp_path, capsys):
+    """BertForSequenceClassification without its pooler: one line naming it (was a KeyError)."""
+    path = tmp_path / "nopool"
+    shutil.copytree(hf_dir("bert"), path)
+    sd = load_file(str(path / "model.safetensors"))
+    del sd["bert.pooler.dense.weight"], sd["bert.pooler.dense.bias"]
+    save_file(sd, str(path / "model.safetensors"))
+    code, _, err = cli(capsys, "inspect", path, "--arch", "bert")
+    assert code == 2 and "'bert.pooler.dense'" in err and "KeyError" not in err
+    assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("make", "cls", "arch"),
+    [
+        # a classifier but no pooler: not the sequence classifier
+        (make_bert, "BertForTokenClassification", "bert"),
+        # a score head on the last token, not the tied LM head
+        (make_gpt2, "GPT2ForSequenceClassification", "gpt2"),
+    ],
+)
+def test_unsupported_class_of_the_family_is_refused(make, cls, arch, tmp_path, capsys):
+    path = make(tmp_path / "m", model=cls)
+    for args in ((), ("--arch", arch)):
+        code, _, err = cli(capsys, "inspect", path, *args)
+        assert code == 2 and len(err.strip().splitlines()) == 1
+    assert cls in err and "computes only" in err
+
+
+def test_base_model_transforms_refuse_with_reasons(variant_dir, capsys):
+    code, out, _ = cli(capsys, "inspect", variant_dir("gpt2_model"), "--json")
+    transforms = json.loads(out)["transforms"]
+    assert code == 0
+    assert "graph output" in json.dumps(transforms["convert-ln-to-rms"])
+    assert "logits" in json.dumps(transforms["loki-head"])
+    code, _, err = cli(capsys, "convert-ln-to-rms", variant_dir("gpt2_model"))
+    assert code == 2 and "norm_f" in err and "graph output" in err
+
+
+def test_barrier_refuses_a_base_model(variant_dir, tmp_path, capsys):
+    """A loss over hidden states would be a number without meaning: refused by name."""
+    import numpy as np
+
+    data = tmp_path / "d.npz"
+    np.savez(data, inputs=np.zeros((4, 8), np.int64), labels=np.zeros((4, 8), np.int64))
+    path = variant_dir("gpt2_model")
+    code, _, err = cli(capsys, "barrier", path, path, "--data", data, "--steps", 2)
+    assert code == 2 and "logits" in err and "last_hidden_state" in err
+    assert len(err.strip().splitlines()) == 1

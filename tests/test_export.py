@@ -517,3 +517,101 @@ def test_cli_export_portable(checkpoint, tmp_path):
     r = cli("export", checkpoint("gpt2"), "-o", out, "--portable")
     assert r.returncode == 0, r.stderr
     assert all(n.domain == "" for n in onnx.load(str(out)).graph.node)
+
+
+# ---- base models and model classes: their own outputs -----------------------------------------
+@pytest.mark.parametrize(
+    ("make", "kw", "names"),
+    [
+        (fh.make_bert, {"model": "BertModel"}, ["last_hidden_state", "pooler_output"]),
+        (fh.make_gpt2, {"model": "GPT2Model"}, ["last_hidden_state"]),
+        (fh.make_bert, {"model": "BertForMaskedLM"}, ["logits"]),
+    ],
+)
+def test_model_class_exports_its_own_outputs(make, kw, names, tmp_path):
+    """The ONNX file outputs what transformers outputs, under transformers' names; ``verify``
+    of checkpoint against export passes."""
+    folder = make(tmp_path / "model", **kw)
+    out = tmp_path / "m.onnx"
+    export_model(load_model(folder), out)
+    sess = create_session(out, "cpu")
+    assert sess.output_names == names
+    ref = fh.load_hf(folder)
+    for batch, seq in ((1, 16), (3, 5)):
+        ids = torch.randint(0, 64, (batch, seq), generator=torch.Generator().manual_seed(seq))
+        got = sess.run({"input_ids": ids.numpy()})
+        with torch.no_grad():
+            want = ref(input_ids=ids)
+        for name in names:
+            assert got[name].shape == tuple(want[name].shape)
+            assert float(np.abs(got[name] - want[name].numpy()).max()) <= ATOL_FP32, name
+    r = cli("verify", folder, out, "--json")
+    assert r.returncode == 0, r.stderr
+    assert [o["name"] for o in json.loads(r.stdout)["outputs"]] == names
+
+
+# ---- image size: free where the model allows, fixed where positions need it --------------------
+def _input_dims(path: Path) -> list[int | str]:
+    dims = onnx.load(str(path), load_external_data=False).graph.input[0].type.tensor_type.shape
+    return [d.dim_param or d.dim_value for d in dims.dim]
+
+
+def test_resnet_export_takes_any_image_size(checkpoint, tmp_path):
+    """One export runs at 224×224 and 160×192 and matches transformers' ResNet at both."""
+    from transformers import ResNetForImageClassification
+
+    folder = checkpoint("resnet")
+    out = tmp_path / "r.onnx"
+    export_model(load_model(folder), out)
+    assert _input_dims(out) == ["batch", 3, "height", "width"]
+    sess = create_session(out, "cpu")
+    ref = ResNetForImageClassification.from_pretrained(folder).eval()
+    for h, w in ((224, 224), (160, 192)):
+        x = torch.randn(2, 3, h, w, generator=torch.Generator().manual_seed(h + w))
+        with torch.no_grad():
+            want = ref(pixel_values=x).logits.numpy()
+        got = sess.run({"pixel_values": x.numpy()})["logits"]
+        assert np.abs(want).max() > 1e-2
+        assert float(np.abs(got - want).max()) <= ATOL_FP32, (h, w)
+
+
+def test_small_cnn_export_takes_any_image_size(checkpoint, tmp_path):
+    from normtool.nn.save import load_reference
+
+    path = checkpoint("cnn_ws")
+    out = tmp_path / "c.onnx"
+    export_model(load_model(path), out)
+    assert _input_dims(out) == ["batch", 3, "height", "width"]
+    sess = create_session(out, "cpu")
+    ref = load_reference(path)
+    for h, w in ((16, 16), (24, 20)):
+        x = torch.randn(3, 3, h, w, generator=torch.Generator().manual_seed(h + w))
+        with torch.no_grad():
+            want = ref(x).numpy()
+        got = sess.run({"input": x.numpy()})["logits"]
+        assert float(np.abs(got - want).max()) <= ATOL_FP32, (h, w)
+
+
+@pytest.mark.parametrize("family", ["vit", "timm_vit"])
+def test_vit_export_keeps_its_trained_image_size(family, checkpoint, tmp_path):
+    """A position table with one row per patch fixes the image size; the export says so."""
+    out = tmp_path / "v.onnx"
+    export_model(load_model(checkpoint(family), heads=4), out)
+    assert _input_dims(out) == ["batch", 3, 16, 16]
+
+
+def test_verify_and_bench_pick_the_signature_image_size(checkpoint, tmp_path):
+    """An export with free height/width is verified (and timed) at the size its stored
+    signature gives: 224×224, transformers' ResNet default, for a config without image_size."""
+    from normtool.bench import prepare
+
+    folder = checkpoint("resnet")
+    out = tmp_path / "r.onnx"
+    export_model(load_model(folder), out)
+    assert input_signature(onnx.load(str(out)))[0].shape == ("batch", 3, 224, 224)
+    assert prepare([out], tmp_path, "fp32", None, None, None)[0].signature[0].shape[2:] == (
+        224,
+        224,
+    )
+    r = cli("verify", folder, out, "--samples", "2")
+    assert r.returncode == 0, r.stderr

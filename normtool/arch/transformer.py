@@ -20,8 +20,17 @@ Layout keys
                 images ``patch`` (conv prefix), ``cls``, ``pos``.
 ``block``       prefixes with ``{i}``: norm1, norm2, q/k/v or fused ``qkv``, o, fc1, fc2;
                 ``conv1d``: linears stored ``[in, out]`` (GPT-2).
-``norm_f``, ``project_out``, ``head`` (``linear``, ``tied`` key, ``pooler``, ``pooler_act``).
+``norm_f``, ``project_out``, ``head`` (``linear``, ``tied`` key, ``bias`` key when the head's
+                bias is stored apart from it, ``pooler``, ``pooler_act``, an MLM ``transform``
+                linear and ``transform_norm``). A head without ``linear`` is a base model's: the
+                outputs are ``last_hidden_state`` and, with a pooler, ``pooler_output``.
 ``optional``    parts used only when present; ``ignore``: key templates that are not weights.
+``variants``    by config architecture (``BertForMaskedLM``, ``GPT2Model``…): the ``head``,
+                ``optional`` parts and ``settings`` that differ from the common layout. The
+                config's architecture chooses; without one, the first variant holding any of
+                its ``keys`` (the one without ``keys`` otherwise). A config of this family
+                naming an architecture no variant computes is refused: a base model must not
+                gain an invented head, nor a head class lose its own.
 ``base_prefix`` the base model's key prefix (``transformer.``); checkpoints saved from the base
                 model (as on the Hub: ``h.0.attn.c_attn.weight``) are read without it.
 
@@ -110,12 +119,14 @@ _LAYOUT_KEYS = {
         "head",
         "optional",
         "ignore",
+        "variants",
     },
     "detect": {"architectures", "model_type", "keys"},
     "embed": {"tok", "pos", "type", "norm", "project_in", "patch", "cls"},
     "block": {"norm1", "norm2", "q", "k", "v", "qkv", "o", "fc1", "fc2", "conv1d"},
-    "head": {"linear", "tied", "pooler", "pooler_act"},
+    "head": {"linear", "tied", "bias", "pooler", "pooler_act", "transform", "transform_norm"},
 }
+_VARIANT_KEYS = {"keys", "settings", "head", "optional"}
 _SETTING_KEYS = {"config", "default", "map", "nonzero"}
 
 
@@ -135,8 +146,14 @@ def check_layout(d: dict[str, Any], where: str) -> None:
     needed = {"norm1", "o", "fc1", "fc2"} | ({"qkv"} if "qkv" in block else {"q", "k", "v"})
     problems += [f"block lacks {k}" for k in sorted(needed - set(block))]
     problems += [f"lacks {k}" for k in ("name", "description", "detect", "head") if k not in d]
-    if "linear" not in d.get("head", {}):
-        problems.append("head lacks linear")
+    for name, v in d.get("variants", {}).items():
+        problems += [f"unknown key variants.{name}.{k}" for k in sorted(set(v) - _VARIANT_KEYS)]
+        unknown = sorted(set(v.get("head", {})) - _LAYOUT_KEYS["head"])
+        problems += [f"unknown key variants.{name}.head.{k}" for k in unknown]
+        if name not in d.get("detect", {}).get("architectures", ()):
+            problems.append(f"variant {name} is not in detect.architectures")
+    if "variants" in d and sum(not v.get("keys") for v in d["variants"].values()) != 1:
+        problems.append("variants need exactly one without keys (the fallback)")
     if problems:
         raise ValueError(f"family layout {where}: " + "; ".join(problems))
 
@@ -257,6 +274,32 @@ def detect(layout: dict, ck: Checkpoint) -> bool:
         return cfg["model_type"] in rule.get("model_type", ())
     keys = rule.get("keys")
     return bool(keys) and all(_fill(k, 0) in ck for k in keys)
+
+
+def _with_variant(layout: dict, ck: Checkpoint) -> dict:
+    """``layout`` with the variant ``ck`` is merged in (see ``variants``), or NormtoolError for
+    a config of this family that names an architecture the layout does not compute."""
+    cfg = model_config(ck) or {}
+    archs = cfg.get("architectures") if isinstance(cfg.get("architectures"), list) else []
+    known = layout["detect"].get("architectures", [])
+    ours = cfg.get("model_type") in layout["detect"].get("model_type", ())
+    if ours and archs and not set(archs) & set(known):
+        raise NormtoolError(
+            f"config architectures {archs}: the {layout['name']} adapter computes only "
+            f"{', '.join(known)}; refusing rather than computing another model",
+            ck.path,
+        )
+    variants = layout.get("variants")
+    if not variants:
+        return layout
+    name = next((a for a in archs if a in variants), None)
+    if name is None:
+        keyed = (n for n, v in variants.items() if any(k in ck for k in v.get("keys", ())))
+        name = next(keyed, None) or next(n for n, v in variants.items() if not v.get("keys"))
+    v = variants[name]
+    settings = {**layout.get("settings", {}), **v.get("settings", {})}
+    rest = {k: x for k, x in v.items() if k not in ("keys", "settings")}
+    return {**layout, **rest, "settings": settings, "variant": name}
 
 
 def _block_count(layout: dict, ck: Checkpoint) -> int:
@@ -485,8 +528,9 @@ class _Build:
             x = self.norm(f"{pre}.{last}", x, t[last])
         return x
 
-    def head(self, x: str) -> None:
-        b, s, ck, lay = self.b, self.s, self.ck, self.layout
+    def head(self, x: str) -> list[str]:
+        """The final norm, projection and head; returns the graph's outputs."""
+        b, s, lay = self.b, self.s, self.layout
         if self.present("norm_f", lay.get("norm_f")):
             x = self.norm("norm_f", x, lay["norm_f"])
         width = "resid"
@@ -494,25 +538,61 @@ class _Build:
             width = "emb"
             x = self.linear("project_out", x, lay["project_out"], "emb", "resid")
         h = lay["head"]
-        if s.classify:
-            x = b.op("select", "pool", [x], width, index=0)
+        if "linear" not in h:  # a base model: its hidden states (and pooler) are the outputs
+            outputs = [self.rename(x, "last_hidden_state")]
+            if "pooler" in h and self.present("pooler", h["pooler"]):
+                outputs.append(self.pooler(outputs[0], width, h, "pooler_output")[0])
+            return outputs
         if "pooler" in h:
-            pool_space = b.space("pooler", ck.shape(h["pooler"] + ".weight")[0], "hidden")
-            x = self.linear("pooler", x, h["pooler"], pool_space, width)
-            x = b.op("act", "pooler.act", [x], pool_space, fn=h["pooler_act"])
-            width = pool_space
-        tied = s.tie and "tied" in h
-        wk = h["tied"] if tied else h["linear"] + ".weight"
-        if wk not in ck:
-            raise NormtoolError(f"expected head tensor {wk!r} is missing", ck.path)
-        out_space = b.space("logits" if s.classify else "vocab", ck.shape(wk)[0], "output")
-        if tied:
-            params = {"weight": b.tensor("head.weight", wk, (out_space, width))}
-            self.described.add(h["linear"] + ".weight")  # a stored copy of the tied matrix
-            b.ops.append(Op("head", "linear", (x,), "logits", params))
-            b.value_spaces["logits"] = out_space
-        else:
-            self.linear("head", x, h["linear"], out_space, width, output="logits")
+            self.present("pooler", h["pooler"])
+            x, width = self.pooler(x, width, h, "pooler.act")
+        elif s.classify:
+            x = b.op("select", "pool", [x], width, index=0)
+        if "transform" in h:  # BERT's MLM head: dense → act → LayerNorm before the decoder
+            x = self.linear("head.transform", x, h["transform"], width, width)
+            x = b.op("act", "head.transform.act", [x], width, fn=s.act)
+            x = self.norm("head.transform.norm", x, h["transform_norm"])
+        self.logits(x, width, h, "logits" if s.classify or "pooler" in h else "vocab")
+        return ["logits"]
+
+    def rename(self, value: str, name: str) -> str:
+        """Give ``value`` (the newest op's output, read by nothing yet) the output ``name``."""
+        op = self.b.ops[-1]
+        assert op.output == value and not self.b.value_spaces.get(name)
+        op.output = name
+        self.b.value_spaces[name] = self.b.value_spaces.pop(value)
+        return name
+
+    def pooler(self, x: str, width: str, h: dict, output: str) -> tuple[str, str]:
+        """BERT's pooler: ``act(dense(x[:, 0]))``; returns its output value and space."""
+        b, ck = self.b, self.ck
+        pool_space = b.space("pooler", ck.shape(h["pooler"] + ".weight")[0], "hidden")
+        x = b.op("select", "pool", [x], width, index=0)
+        x = self.linear("pooler", x, h["pooler"], pool_space, width)
+        b.ops.append(Op("pooler.act", "act", (x,), output, {}, {"fn": h["pooler_act"]}))
+        b.value_spaces[output] = pool_space
+        return output, pool_space
+
+    def logits(self, x: str, width: str, h: dict, space: str) -> None:
+        """The output linear ``head`` → ``logits``. When the config ties it, its weight is
+        ``h["tied"]`` and its bias ``h["bias"]`` (where given), and any stored copies of them
+        under the head's own names are not read; untied, those are its own tensors (BERT's
+        ``cls.predictions.bias`` is then a parameter its forward does not use)."""
+        b, ck = self.b, self.ck
+        tied = self.s.tie and "tied" in h
+        own = h["linear"]
+        wk = h["tied"] if tied else own + ".weight"
+        bk = h["bias"] if tied and "bias" in h else own + ".bias"
+        for key in (wk, bk) if "bias" in h else (wk,):
+            if key not in ck:
+                raise NormtoolError(f"expected head tensor {key!r} is missing", ck.path)
+        self.described.update({own + ".weight", own + ".bias", h.get("bias", wk)})
+        out_space = b.space(space, ck.shape(wk)[0], "output")
+        params = {"weight": b.tensor("head.weight", wk, (out_space, width))}
+        if bk in ck:
+            params["bias"] = b.tensor("head.bias", bk, (out_space,))
+        b.ops.append(Op("head", "linear", (x,), "logits", params))
+        b.value_spaces["logits"] = out_space
         b.info["tied_head"] = tied
 
     def check_described(self) -> None:
@@ -564,7 +644,7 @@ def _without_base_prefix(layout: dict, ck: Checkpoint) -> dict:
 
 def build(layout: dict, ck: Checkpoint, opts: BuildOptions) -> Graph:
     """The canonical graph of ``ck`` read through ``layout``."""
-    layout = _without_base_prefix(layout, ck)
+    layout = _without_base_prefix(_with_variant(layout, ck), ck)
     s = _settings(layout, ck, opts, _block_count(layout, ck))
     run = _Build(layout, ck, s)
     b, e = run.b, layout["embed"]
@@ -583,7 +663,7 @@ def build(layout: dict, ck: Checkpoint, opts: BuildOptions) -> Graph:
         x = run.norm("emb_norm", x, e["norm"])
     for i in range(s.layers):
         x = run.block(i, x, d_ff)
-    run.head(x)
+    outputs = run.head(x)
     run.check_described()
     norms = sorted({o.kind for o in b.ops if o.kind in NORM_PARAMS})
     b.info.update(
@@ -597,8 +677,9 @@ def build(layout: dict, ck: Checkpoint, opts: BuildOptions) -> Graph:
         act=s.act,
         causal=s.causal,
         norm=",".join(norms),
+        variant=layout.get("variant", layout["name"]),
     )
-    return b.build(["logits"])
+    return b.build(outputs)
 
 
 def _family(layout: dict) -> Family:

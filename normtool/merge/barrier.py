@@ -6,6 +6,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from normtool.errors import NormtoolError
 from normtool.merge.checks import check_same_architecture
 from normtool.merge.data import load_data
 from normtool.merge.matching import SweepWrapper
@@ -37,6 +38,12 @@ def measure_barrier(
     """Loss/accuracy curves along the linear path for ``method`` (match, average or both)."""
     check_same_architecture([a, b])
     graph = a.graph
+    outputs = list(graph.output_names().values())
+    if "logits" not in outputs:  # a base model's hidden states are not a distribution to score
+        raise NormtoolError(
+            f"barrier measures a loss on logits; this model outputs {', '.join(outputs)}",
+            a.checkpoint.path if a.checkpoint else None,
+        )
     x, y = load_data(data, graph, need_labels=True)
     wa, wb = load_weights(a), load_weights(b)
     curves: dict[str, PathCurve] = {}

@@ -25,7 +25,11 @@ Forms (all exact rewrites of the op table's semantics):
   FastGelu taking a linear's bias); ``normtool.runtime.onnx_fuse`` plans them. Target
   ``portable`` writes standard ONNX ops only, for any runtime.
 * dynamic axes: Reshape uses 0-copy dims; positions and the causal mask are sliced / built from
-  ``Shape`` of the running activation, so batch and sequence length stay free.
+  ``Shape`` of the running activation, so batch and sequence length stay free. An image input
+  gets free ``height``/``width`` axes when every op reading its feature maps works at any size
+  up to a global pooling (CNNs, ResNets); a patch embedding keeps them fixed (ViT: the position
+  table holds one row per patch of the trained size). The stored signature keeps the concrete
+  size, which verify and bench use.
 
 fp16: weights and activations are fp16; norm statistics and softmax run in fp32 (``Cast`` around
 them, or the op's own fp32 stash/precision), matching the torch executor's precision policy.
@@ -669,6 +673,35 @@ def _input_type(spec: InputSpec, act: int) -> int:
     return TensorProto.INT64 if spec.kind == "tokens" else act
 
 
+#: Ops that compute a [B, C, H, W] feature map the same way at any height and width.
+_SIZE_FREE = frozenset(
+    {"conv2d", "ws_conv2d", "batchnorm", "unorm", "affine", "act", "add", "maxpool2d"}
+)
+
+
+def size_free(graph: Graph, spec: InputSpec) -> bool:
+    """Whether image input ``spec`` can take any height and width: everything reading its
+    feature maps is a size-free op (``_SIZE_FREE``) or the global pooling that ends them."""
+    if spec.kind != "pixels" or len(spec.shape) != 4:
+        return False
+    maps = {spec.name}
+    for op in graph.ops:
+        if not maps.intersection(op.inputs) or op.kind == "global_avgpool":
+            continue
+        if op.kind not in _SIZE_FREE:
+            return False
+        maps.add(op.output)
+    return not maps.intersection(graph.outputs)
+
+
+def _input_dims(graph: Graph, spec: InputSpec) -> list[int | str]:
+    """The ONNX input's dims: named axes stay symbolic, H and W too where the model allows."""
+    dims: list[int | str] = [d if isinstance(d, str) else int(d) for d in spec.shape]
+    if size_free(graph, spec):
+        dims[2:] = ["height", "width"]
+    return dims
+
+
 def _output_dims(graph: Graph, value: str, rank: int) -> list[int | str | None]:
     """``[batch, ?, …, channels]``: the batch axis named, the channel width where known."""
     dims: list[int | str | None] = [None] * rank
@@ -704,7 +737,7 @@ def emit_onnx(
     env: dict[str, str] = {}
     inputs = []
     for spec in graph.inputs:
-        dims = [d if isinstance(d, str) else int(d) for d in spec.shape]
+        dims = _input_dims(graph, spec)
         inputs.append(helper.make_tensor_value_info(spec.name, _input_type(spec, em.act), dims))
         env[spec.name] = spec.name
         em.rank[spec.name] = len(dims)
