@@ -557,7 +557,11 @@ def _remove(p: Path) -> None:
         p.unlink(missing_ok=True)
 
 
-def battery(tree: Path, quick: bool, limit: float, workers: int) -> list[dict]:
+def battery(
+    tree: Path, quick: bool, limit: float, workers: int, only: list[str] | None = None
+) -> list[dict]:
+    """Build every case in a temporary folder and run it through ``tree``'s CLI; ``only``:
+    substrings of the case names to keep."""
     with tempfile.TemporaryDirectory(prefix="normtool-battery-") as tmp:
         base = Path(tmp)
         good = _reference(base / "good.safetensors", 0)
@@ -569,7 +573,11 @@ def battery(tree: Path, quick: bool, limit: float, workers: int) -> list[dict]:
         )  # fmt: skip
         metric = base / "tree.tsv"
         metric.write_text("child\tparent\n" + "".join(f"c{i}\troot\n" for i in range(48)))
-        cases = build_cases(base / "cases", good, rms)
+        cases = [
+            c
+            for c in build_cases(base / "cases", good, rms)
+            if not only or any(o in c.name for o in only)
+        ]
         jobs = [(c, cmd) for c in cases for cmd in (c.commands[:2] if quick else c.commands)]
         with ThreadPoolExecutor(workers) as pool:
             return list(pool.map(lambda j: run_one(tree, j[0], j[1], good, metric, limit), jobs))
@@ -605,13 +613,14 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="two commands per case")
     ap.add_argument("--limit", type=float, default=60.0, help="seconds before a run is a hang")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--only", action="append", help="run the cases whose name contains this")
     ap.add_argument("--json", type=Path, default=ROOT / "bench" / "hostile_battery.json")
     ap.add_argument("--no-md", action="store_true", help="do not update BENCHMARKS.md")
     a = ap.parse_args()
     trees = a.tree or [ROOT]
     labels = a.label or [str(t) for t in trees]
     results = [
-        (lbl, battery(t.resolve(), a.quick, a.limit, a.workers))
+        (lbl, battery(t.resolve(), a.quick, a.limit, a.workers, a.only))
         for lbl, t in zip(labels, trees, strict=True)
     ]
     payload = {lbl: {"summary": summary(runs), "runs": runs} for lbl, runs in results}
