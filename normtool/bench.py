@@ -16,7 +16,7 @@ import shutil
 import subprocess
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ import onnxruntime
 import torch
 
 from normtool import __version__
+from normtool.arch.family import Assumption
 from normtool.errors import NormtoolError
 from normtool.export import export_model
 from normtool.graph import InputSpec
@@ -42,6 +43,7 @@ class Prepared:
     label: str
     onnx_path: Path
     signature: list[InputSpec]
+    assumptions: list[Assumption] = field(default_factory=list)  # of a checkpoint's graph
 
 
 def _signature(path: Path) -> list[InputSpec]:
@@ -74,11 +76,14 @@ def prepare(
     arch: str | None,
     heads: int | None,
     act: str | None,
+    pn_groups: int | None = None,
+    eps: float | None = None,
 ) -> list[Prepared]:
     """ONNX files are used as they are; checkpoints are exported into ``workdir``."""
     out = []
     for i, p in enumerate(paths):
         p = Path(p)
+        assumptions: list[Assumption] = []
         if p.suffix.lower() == ".onnx":
             if not p.is_file():
                 raise NormtoolError("no such file", p)
@@ -86,8 +91,10 @@ def prepare(
             onnx_path = p
         else:
             onnx_path = workdir / f"{i}-{p.stem}.onnx"
-            export_model(load_model(p, arch, heads, act), onnx_path, dtype=dtype, inputs=[p])
-        out.append(Prepared(p.name, onnx_path, _signature(onnx_path)))
+            model = load_model(p, arch, heads, act, pn_groups, eps)
+            assumptions = model.assumptions
+            export_model(model, onnx_path, dtype=dtype, inputs=[p])
+        out.append(Prepared(p.name, onnx_path, _signature(onnx_path), assumptions))
     return out
 
 
@@ -222,6 +229,8 @@ def run_bench(
     keep_times: bool = False,
     sessions: int = 1,
     ci_level: float = 0.95,
+    pn_groups: int | None = None,
+    eps: float | None = None,
 ) -> dict[str, Any]:
     """Time every model at every (batch, seq) shape; ratios are to the first model.
 
@@ -248,7 +257,7 @@ def run_bench(
         raise NormtoolError(f"--cuda-graph needs the CUDA provider, not --provider {provider}")
     options = {"enable_cuda_graph": "1"} if cuda_graph else None
     with tempfile.TemporaryDirectory(prefix="normtool-bench-") as work:
-        prepared = prepare(paths, Path(work), dtype, arch, heads, act)
+        prepared = prepare(paths, Path(work), dtype, arch, heads, act, pn_groups, eps)
 
         def open_sessions(k: int = 0) -> list[Session]:
             """Set ``k``'s sessions, created starting at model ``k``: the later-created of two
@@ -330,4 +339,9 @@ def run_bench(
         "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "models": [str(p) for p in paths],
         "results": results,
+        "assumptions": [
+            {"file": str(path), **a.to_dict()}
+            for path, p in zip(paths, prepared, strict=True)
+            for a in p.assumptions
+        ],
     }

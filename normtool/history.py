@@ -23,6 +23,8 @@ def entry(
     errors: dict[str, float] | None,
     summary: str,
 ) -> dict[str, Any]:
+    """One history record; ``assumptions`` are the values ``source``'s graph was built with that
+    no file recorded (the output's graph stores the values, this says they were guesses)."""
     ck = source.checkpoint
     return {
         "transform": transform,
@@ -31,6 +33,7 @@ def entry(
         "source_sha256": None if ck is None else PendingDigest(ck.sha256_async()),
         "errors": errors,
         "summary": summary,
+        "assumptions": [a.to_dict() for a in source.assumptions],
         "normtool": __version__,
         "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
     }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from normtool.arch.family import BuildOptions
@@ -17,9 +18,20 @@ HISTORY_KEY = "normtool.history"
 
 
 def load_model(
-    path: str | Path, arch: str | None = None, heads: int | None = None, act: str | None = None
+    path: str | Path,
+    arch: str | None = None,
+    heads: int | None = None,
+    act: str | None = None,
+    pn_groups: int | None = None,
+    eps: float | None = None,
 ) -> Model:
-    """Open ``path`` and describe it as a Model. normtool outputs carry their own graph."""
+    """Open ``path`` and describe it as a Model. normtool outputs carry their own graph.
+
+    ``pn_groups`` and ``eps`` state what a state dict cannot (PowerNorm's group count, a norm's
+    eps); without them such values are assumed, and the Model lists each assumption. Like
+    ``heads``, they do not apply to normtool outputs, whose graph records the values used.
+    """
+    _check_options(path, pn_groups, eps)
     ck = open_checkpoint(path)
     if GRAPH_KEY in ck.metadata and arch is None:
         try:
@@ -43,5 +55,13 @@ def load_model(
                     f"tensor {key!r} has shape {ck.shape(key)}, graph says {spec.shape}", path
                 )
         return Model(graph, ck, {}, history)
-    graph = build_graph(ck, arch, BuildOptions(heads=heads, act=act))
-    return Model(graph, ck, {}, [])
+    opts = BuildOptions(heads=heads, act=act, pn_groups=pn_groups, eps=eps)
+    graph = build_graph(ck, arch, opts)
+    return Model(graph, ck, {}, [], list(opts.assumed))
+
+
+def _check_options(path: str | Path, pn_groups: int | None, eps: float | None) -> None:
+    if pn_groups is not None and pn_groups < 1:
+        raise NormtoolError(f"--pn-groups {pn_groups}: expected a positive integer", path)
+    if eps is not None and not (math.isfinite(eps) and eps > 0):
+        raise NormtoolError(f"--eps {eps}: expected a finite number > 0", path)

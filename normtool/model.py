@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from normtool.arch.family import Assumption
 from normtool.graph import Graph, Source
 from normtool.io.store import Checkpoint
 
@@ -65,6 +66,10 @@ class Model:
     checkpoint: Checkpoint | None = None
     overrides: dict[str, Override] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)
+    #: What building the graph assumed rather than read (``BuildOptions.assumed``); a derived
+    #: model rests on the same values. Empty for normtool outputs: their graph records the
+    #: values as data and their history keeps these records.
+    assumptions: list[Assumption] = field(default_factory=list)
     #: The last stored tensor read for a sliced view, kept for its sibling views: fused
     #: weights (GPT-2's ``c_attn`` holds q, k and v) are then read once, not once per view.
     _fused: dict[str, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
@@ -100,7 +105,7 @@ class Model:
         """
         merged = {k: v for k, v in self.overrides.items() if k in graph.tensors}
         merged.update(overrides)
-        return Model(graph, self.checkpoint, merged, [*self.history, entry])
+        return Model(graph, self.checkpoint, merged, [*self.history, entry], self.assumptions)
 
     def param_count(self) -> int:
         n = 0

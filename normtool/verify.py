@@ -52,6 +52,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from normtool.arch.family import Assumption
 from normtool.errors import NormtoolError
 from normtool.graph import InputSpec
 from normtool.inputs import max_seq, random_inputs
@@ -113,6 +114,7 @@ class Runner(Protocol):
     label: str
     inputs: list[InputSpec] | None  # None: an ONNX file without a stored signature (yet)
     outputs: list[str]
+    assumptions: list[Assumption]  # what a checkpoint's graph assumed (load_model); ONNX: none
 
     def run(self, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
 
@@ -128,6 +130,7 @@ class TorchRunner:
         self.graph = model.graph
         self.dtype = DTYPES[dtype_name(dtype)]
         self.label = label or (str(model.checkpoint.path) if model.checkpoint else "model")
+        self.assumptions = model.assumptions
         self.inputs = list(model.graph.inputs)
         self._names = model.graph.output_names()
         self.outputs = list(self._names.values())
@@ -158,6 +161,7 @@ class OnnxRunner:
         from normtool.runtime.ort import create_session
 
         self.label = str(path)
+        self.assumptions: list[Assumption] = []
         try:
             proto = onnx.load(str(path), load_external_data=False)
         except Exception as e:  # noqa: BLE001 - onnx raises several untyped parse errors
@@ -435,6 +439,8 @@ def open_runners(
     heads: int | None = None,
     act: str | None = None,
     provider: str = "auto",
+    pn_groups: int | None = None,
+    eps: float | None = None,
 ) -> tuple[list[Runner], str]:
     """Runners for checkpoints (torch executor) and ``.onnx`` files (ONNX Runtime), and the dtype.
 
@@ -445,7 +451,9 @@ def open_runners(
     """
     onnx_runners = {p: OnnxRunner(p, provider) for p in paths if p.suffix.lower() == ".onnx"}
     models = {
-        p: load_model(p, arch=arch, heads=heads, act=act) for p in paths if p not in onnx_runners
+        p: load_model(p, arch=arch, heads=heads, act=act, pn_groups=pn_groups, eps=eps)
+        for p in paths
+        if p not in onnx_runners
     }
     precisions = [r.precision for r in onnx_runners.values()]
     precisions += [stored_precision(m) for m in models.values()]

@@ -191,25 +191,29 @@ class PowerNorm(nn.Module):
         return self.weight * x / torch.sqrt(self.running_phi.reshape(-1) + self.eps) + self.bias
 
 
-def _norm(kind: str, d: int, heads: int) -> nn.Module:
+def _norm(kind: str, d: int, groups: int, eps: float | None) -> nn.Module:
+    """``eps`` None: the defaults (timm's LayerNorm 1e-6, UN/PowerNorm 1e-5); ``groups``:
+    PowerNorm's group count (the head count in the official transformer layers)."""
     if kind == "layernorm":
-        return nn.LayerNorm(d, eps=1e-6)  # timm's ViT uses eps 1e-6
+        return nn.LayerNorm(d, eps=1e-6 if eps is None else eps)
     if kind == "un":
-        return UN(d)
+        return UN(d, 1e-5 if eps is None else eps)
     if kind == "powernorm":
-        return PowerNorm(d, heads)
+        return PowerNorm(d, groups, 1e-5 if eps is None else eps)
     raise ValueError(kind)
 
 
 class TimmBlock(nn.Module):
-    def __init__(self, d: int, heads: int, hidden: int, norm: str) -> None:
+    def __init__(
+        self, d: int, heads: int, hidden: int, norm: str, groups: int, eps: float | None
+    ) -> None:
         super().__init__()
         self.heads = heads
-        self.norm1 = _norm(norm, d, heads)
+        self.norm1 = _norm(norm, d, groups, eps)
         self.attn = nn.Module()
         self.attn.qkv = nn.Linear(d, 3 * d)
         self.attn.proj = nn.Linear(d, d)
-        self.norm2 = _norm(norm, d, heads)
+        self.norm2 = _norm(norm, d, groups, eps)
         self.mlp = nn.Module()
         self.mlp.fc1 = nn.Linear(d, hidden)
         self.mlp.fc2 = nn.Linear(hidden, d)
@@ -239,14 +243,19 @@ class TimmStyleViT(nn.Module):
         hidden: int = 64,
         classes: int = 5,
         norm: str = "layernorm",
+        pn_groups: int | None = None,
+        eps: float | None = None,
     ) -> None:
         super().__init__()
+        groups = heads if pn_groups is None else pn_groups
         self.patch_embed = nn.Module()
         self.patch_embed.proj = nn.Conv2d(chans, d, patch, stride=patch)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, d))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + (img // patch) ** 2, d))
-        self.blocks = nn.ModuleList(TimmBlock(d, heads, hidden, norm) for _ in range(depth))
-        self.norm = _norm(norm, d, heads)
+        self.blocks = nn.ModuleList(
+            TimmBlock(d, heads, hidden, norm, groups, eps) for _ in range(depth)
+        )
+        self.norm = _norm(norm, d, groups, eps)
         self.head = nn.Linear(d, classes)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -286,8 +295,11 @@ def make_timm_vit(
     return path
 
 
-def load_timm_vit(path: Path, heads: int, dtype: torch.dtype = torch.float32) -> TimmStyleViT:
-    """Rebuild the reference module from a file written by ``make_timm_vit``."""
+def load_timm_vit(
+    path: Path, heads: int, dtype: torch.dtype = torch.float32, **norm: Any
+) -> TimmStyleViT:
+    """Rebuild the reference module from a file written by ``make_timm_vit`` (``norm``: the
+    ``pn_groups``/``eps`` it was made with, which the state dict does not record)."""
     sd = load_file(str(path))
     d = sd["cls_token"].shape[-1]
     chans, patch = sd["patch_embed.proj.weight"].shape[1], sd["patch_embed.proj.weight"].shape[-1]
@@ -303,6 +315,7 @@ def load_timm_vit(path: Path, heads: int, dtype: torch.dtype = torch.float32) ->
         hidden=sd["blocks.0.mlp.fc1.weight"].shape[0],
         classes=sd["head.weight"].shape[0],
         norm=_norm_kind(set(sd)),
+        **norm,
     )
     model.load_state_dict(sd)
     return model.to(dtype).eval()

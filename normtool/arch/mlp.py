@@ -56,6 +56,8 @@ def build(ck: Checkpoint, opts: BuildOptions) -> Graph:
         )
     b = GraphBuilder("mlp", ck)
     act = opts.act or "relu"
+    if opts.act is None:
+        opts.assume("mlp activation", act, "a state dict does not record it, pass --act")
     b.info.update(act=act, layers=len(layers))
     n_in = ck.shape(layers[0][0])[1]
     x = b.input(InputSpec("input", "features", ("batch", n_in)), b.space("input", n_in, "input"))

@@ -12,9 +12,14 @@ Layout keys
 ``detect``      ``architectures`` / ``model_type`` matched against the config, or (no config)
                 ``keys`` that must all exist.
 ``settings``    each a constant or ``{"config": key, "default": v, "map": {...}, "nonzero": b}``:
-                heads, layers, eps, stat_eps (UN/PowerNorm/BatchNorm eps), act, tie, placement
-                (pre|post), parallel, causal, norm (a kind, or ``auto``: recognised from buffers),
-                classify (head on token 0), pos_offset, type_index.
+                heads, layers, eps, stat_eps (UN/PowerNorm/BatchNorm eps), pn_groups (PowerNorm's
+                group count; the head count when absent), act, tie, placement (pre|post),
+                parallel, causal, norm (a kind, or ``auto``: recognised from buffers), classify
+                (head on token 0), pos_offset, type_index. ``"assumed": why`` marks a setting the
+                files usually do not record (timm's eps, PowerNorm's groups): unless the config
+                has its key, the value is an assumption — stated to the user and recorded — and
+                the matching flag (``--eps``, ``--pn-groups``) replaces it. A flag that
+                contradicts a recorded value is refused.
 ``require``     config values the builder supports (anything else is refused by name).
 ``embed``       ``tok``/``pos``/``type`` tensor keys, ``norm`` and ``project_in`` prefixes; or for
                 images ``patch`` (conv prefix), ``cls``, ``pos``.
@@ -127,7 +132,7 @@ _LAYOUT_KEYS = {
     "head": {"linear", "tied", "bias", "pooler", "pooler_act", "transform", "transform_norm"},
 }
 _VARIANT_KEYS = {"keys", "settings", "head", "optional"}
-_SETTING_KEYS = {"config", "default", "map", "nonzero"}
+_SETTING_KEYS = {"config", "default", "map", "nonzero", "assumed"}
 
 
 def check_layout(d: dict[str, Any], where: str) -> None:
@@ -167,6 +172,7 @@ class Settings:
     layers: int
     eps: float
     stat_eps: float
+    pn_groups: int
     act: str
     tie: bool
     placement: str
@@ -208,6 +214,16 @@ def _setting(layout: dict, name: str, cfg: dict, ck: Checkpoint) -> Any:
     return value
 
 
+def _assumed(layout: dict, ck: Checkpoint) -> dict[str, str]:
+    """Setting name → why, for the settings marked ``assumed`` that the config does not record."""
+    cfg = model_config(ck) or {}
+    return {
+        name: spec["assumed"]
+        for name, spec in layout["settings"].items()
+        if isinstance(spec, dict) and "assumed" in spec and spec["config"] not in cfg
+    }
+
+
 def _settings(layout: dict, ck: Checkpoint, opts: BuildOptions, block_count: int) -> Settings:
     cfg = model_config(ck) or {}
     for key, want in layout.get("require", {}).items():
@@ -238,6 +254,8 @@ def _settings(layout: dict, ck: Checkpoint, opts: BuildOptions, block_count: int
             raise NormtoolError(f"config lacks {name!r}", ck.path)
     if s["stat_eps"] is _MISSING:
         s["stat_eps"] = s["eps"]
+    if s["pn_groups"] is _MISSING:
+        s["pn_groups"] = heads
     if s["placement"] not in ("pre", "post"):
         raise NormtoolError(f"norm placement {s['placement']!r} is not pre or post", ck.path)
     if s["norm"] != "auto" and s["norm"] not in NORM_NAMES:
@@ -246,6 +264,7 @@ def _settings(layout: dict, ck: Checkpoint, opts: BuildOptions, block_count: int
         **{
             **s,
             "heads": int(heads),
+            "pn_groups": int(s["pn_groups"]),
             "layers": block_count,
             "act": activation(str(s["act"]), ck),
             "tie": bool(s["tie"]),
@@ -321,8 +340,9 @@ def _block_count(layout: dict, ck: Checkpoint) -> int:
 class _Build:
     """One graph build: the builder plus the layout, settings and keys described so far."""
 
-    def __init__(self, layout: dict, ck: Checkpoint, s: Settings) -> None:
-        self.layout, self.ck, self.s = layout, ck, s
+    def __init__(self, layout: dict, ck: Checkpoint, s: Settings, opts: BuildOptions) -> None:
+        self.layout, self.ck, self.s, self.opts = layout, ck, s, opts
+        self.assumed = _assumed(layout, ck)
         self.b = GraphBuilder(layout["name"], ck)
         self.described: set[str] = set()
 
@@ -390,10 +410,38 @@ class _Build:
             elif required:
                 raise NormtoolError(f"expected tensor {key!r} is missing ({kind})", self.ck.path)
         self.described.update(f"{prefix}.{buf}" for buf in buffers)
-        attrs: dict[str, Any] = {"eps": self.s.eps if kind in _AFFINE_EPS else self.s.stat_eps}
+        setting = "eps" if kind in _AFFINE_EPS else "stat_eps"
+        eps = self.stated(setting, f"{kind} eps", "--eps", self.opts.eps)
+        attrs: dict[str, Any] = {"eps": eps}
         if kind == "powernorm":
-            attrs.update(groups=self.s.heads, gs_eps=GS_EPS)
+            groups = self.stated(
+                "pn_groups", "powernorm groups", "--pn-groups", self.opts.pn_groups
+            )
+            width = self.b.spaces["resid"].size
+            if width % groups:
+                raise NormtoolError(
+                    f"powernorm groups {groups} do not divide the width {width} (--pn-groups)",
+                    self.ck.path,
+                )
+            attrs.update(groups=groups, gs_eps=GS_EPS)
         return self.b.op(kind, name, [x], "resid", params, **attrs)
+
+    def stated(self, setting: str, what: str, flag: str, given: float | None) -> Any:
+        """The value of ``setting`` as used: the user's flag where the files do not record it,
+        else the recorded one (a contradicting flag is refused); an unrecorded value the user
+        did not give is recorded as an assumption."""
+        value = getattr(self.s, setting)
+        if given is None:
+            if setting in self.assumed:
+                self.opts.assume(what, value, self.assumed[setting])
+            return value
+        if setting not in self.assumed and given != value:
+            raise NormtoolError(
+                f"{flag} {given:g} contradicts the {what} {value:g} this "
+                f"{self.layout['name']} checkpoint defines (config or architecture)",
+                self.ck.path,
+            )
+        return given
 
     def _norm_kind(self, prefix: str) -> str:
         if self.s.norm != "auto":
@@ -646,7 +694,7 @@ def build(layout: dict, ck: Checkpoint, opts: BuildOptions) -> Graph:
     """The canonical graph of ``ck`` read through ``layout``."""
     layout = _without_base_prefix(_with_variant(layout, ck), ck)
     s = _settings(layout, ck, opts, _block_count(layout, ck))
-    run = _Build(layout, ck, s)
+    run = _Build(layout, ck, s, opts)
     b, e = run.b, layout["embed"]
     o_key = _fill(layout["block"]["o"], 0) + ".weight"
     conv1d = bool(layout["block"].get("conv1d"))

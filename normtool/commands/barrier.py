@@ -10,10 +10,13 @@ import typer
 from normtool.commands.common import (
     ActOpt,
     ArchOpt,
+    EpsOpt,
     ForceOpt,
     HeadsOpt,
     JsonOpt,
     PathArg,
+    PnGroupsOpt,
+    assumed,
     emit,
     load,
     progress,
@@ -43,6 +46,8 @@ def barrier(
     seed: SeedOpt = 0,
     arch: ArchOpt = None,
     heads: HeadsOpt = None,
+    pn_groups: PnGroupsOpt = None,
+    eps: EpsOpt = None,
     act: ActOpt = None,
     force: ForceOpt = False,
     as_json: JsonOpt = False,
@@ -50,7 +55,7 @@ def barrier(
     """Measure the loss barrier between A and B, naively and after weight matching."""
     if method not in METHODS:
         raise NormtoolError(f"--method must be one of {', '.join(METHODS)}, not {method!r}")
-    ma, mb = load(a, arch, heads, act), load(b, arch, heads, act)
+    ma, mb = load(a, arch, heads, act, pn_groups, eps), load(b, arch, heads, act, pn_groups, eps)
     r = measure_barrier(
         ma,
         mb,
@@ -68,6 +73,7 @@ def barrier(
         "samples": r.samples,
         "sweeps": r.sweeps,
         "plot": str(plot) if plot else None,
+        "assumptions": assumed(ma, mb),
         **{
             label: {
                 "barrier": c.barrier,

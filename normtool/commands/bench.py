@@ -11,9 +11,11 @@ from normtool.commands.common import (
     STATE,
     ActOpt,
     ArchOpt,
+    EpsOpt,
     HeadsOpt,
     JsonOpt,
     MemoryLimitOpt,
+    PnGroupsOpt,
     TimeLimitOpt,
     bound_onnx_runs,
     emit,
@@ -76,6 +78,8 @@ def bench(
     memory_limit: MemoryLimitOpt = None,
     arch: ArchOpt = None,
     heads: HeadsOpt = None,
+    pn_groups: PnGroupsOpt = None,
+    eps: EpsOpt = None,
     act: ActOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
@@ -110,6 +114,8 @@ def bench(
         cuda_graph=cuda_graph,
         sessions=sessions,
         ci_level=ci_level,
+        pn_groups=pn_groups,
+        eps=eps,
     )
     graph = ", CUDA graphs" if r["cuda_graph"] else ""
     exact = ", ".join(r["results"][0]["models"][0]["providers"])

@@ -13,6 +13,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 from tqdm import tqdm
 
+from normtool.arch.family import Assumption
 from normtool.load import load_model
 from normtool.model import Model
 
@@ -35,6 +36,22 @@ HeadsOpt = Annotated[
 ]
 ActOpt = Annotated[
     str | None, typer.Option("--act", help="MLP activation: relu (default), gelu, tanh, silu.")
+]
+PnGroupsOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--pn-groups",
+        help="PowerNorm group count, where the checkpoint lacks it (default: the head count, "
+        "stated as an assumption).",
+    ),
+]
+EpsOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--eps",
+        help="Norm eps, where the checkpoint lacks it (timm-style ViT; default: the family's, "
+        "stated as an assumption).",
+    ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing output.")]
@@ -83,8 +100,25 @@ def bound_onnx_runs(time_limit: float | None, memory_limit: str | None) -> None:
     ort.set_limits(ort.DEFAULT_TIME_LIMIT if time_limit is None else time_limit, memory)
 
 
-def load(path: Path, arch: str | None, heads: int | None, act: str | None = None) -> Model:
-    return load_model(path, arch=arch, heads=heads, act=act)
+def load(
+    path: Path,
+    arch: str | None,
+    heads: int | None,
+    act: str | None = None,
+    pn_groups: int | None = None,
+    eps: float | None = None,
+) -> Model:
+    return load_model(path, arch=arch, heads=heads, act=act, pn_groups=pn_groups, eps=eps)
+
+
+def assumed(*models: Model) -> list[dict[str, Any]]:
+    """The models' assumptions for the payload's ``assumptions`` (``emit`` states them), each
+    naming its file."""
+    return [
+        {"file": str(m.checkpoint.path) if m.checkpoint else None, **a.to_dict()}
+        for m in models
+        for a in m.assumptions
+    ]
 
 
 def progress(items: Iterable[T], desc: str, total: int | None = None) -> Iterator[T]:
@@ -93,8 +127,19 @@ def progress(items: Iterable[T], desc: str, total: int | None = None) -> Iterato
     yield from tqdm(items, desc=desc, total=total, disable=off, leave=False)
 
 
-def emit(as_json: bool, payload: dict[str, Any], lines: Iterable[str]) -> None:
-    """Print either the JSON payload or the human lines (never both)."""
+def emit(
+    as_json: bool, payload: dict[str, Any], lines: Iterable[str], announce: bool = True
+) -> None:
+    """Print either the JSON payload or the human lines (never both); first, unless
+    ``announce`` is false, one stderr line per entry of ``payload["assumptions"]``.
+
+    Why here: a command states its assumptions with its result, ``--quiet`` or not (a warning
+    that the result may compute another function, not progress); a command that fails before
+    it has a result prints only its one error line.
+    """
+    for a in payload.get("assumptions", ()) if announce else ():
+        stated = Assumption(a["what"], a["value"], a["why"])
+        print(f"normtool: assuming {stated.line()} for {a['file']}", file=sys.stderr)
     if as_json:
         print(json.dumps(payload, indent=2, default=str))
     else:

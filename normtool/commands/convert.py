@@ -12,12 +12,15 @@ import typer
 from normtool import history, selfcheck
 from normtool.commands.common import (
     ArchOpt,
+    EpsOpt,
     ForceOpt,
     HeadsOpt,
     JsonOpt,
     MaxShardOpt,
     OutOpt,
     PathArg,
+    PnGroupsOpt,
+    assumed,
     default_output,
     emit,
     load,
@@ -37,6 +40,8 @@ def convert_ln_to_rms(
     ] = False,
     arch: ArchOpt = None,
     heads: HeadsOpt = None,
+    pn_groups: PnGroupsOpt = None,
+    eps: EpsOpt = None,
     no_verify: Annotated[
         bool, typer.Option("--no-verify", help="Skip the fp64/fp32 self-check before writing.")
     ] = False,
@@ -46,7 +51,7 @@ def convert_ln_to_rms(
 ) -> None:
     """Rewrite a Pre-LN transformer to Pre-RMSNorm (or Pre-CRMSNorm), computing the same function."""
     shard = parse_size(max_shard_size)
-    model = load(path, arch, heads)
+    model = load(path, arch, heads, None, pn_groups, eps)
     out = output or default_output(path, ".crms.safetensors" if compressed else ".rms.safetensors")
     check_output_path(out, [path], force)  # fail before the work, not after it
     try:
@@ -91,6 +96,7 @@ def convert_ln_to_rms(
         "verified": errors is not None,
         "errors": errors,
         "summary": summary,
+        "assumptions": assumed(model),
     }
     lines = [f"{path} -> {out}", f"  {summary}"]
     lines += [f"  untied {a} from {b}: each is now its own tensor" for a, b in conv.untied]

@@ -6,14 +6,18 @@ from typing import Annotated
 
 import typer
 
+from normtool import history
 from normtool.commands.common import (
     ActOpt,
     ArchOpt,
+    EpsOpt,
     ForceOpt,
     HeadsOpt,
     JsonOpt,
     OutOpt,
     PathArg,
+    PnGroupsOpt,
+    assumed,
     default_output,
     emit,
     load,
@@ -36,6 +40,8 @@ def export(
     dtype: DtypeOpt = "fp32",
     arch: ArchOpt = None,
     heads: HeadsOpt = None,
+    pn_groups: PnGroupsOpt = None,
+    eps: EpsOpt = None,
     act: ActOpt = None,
     force: ForceOpt = False,
     portable: Annotated[
@@ -56,7 +62,10 @@ def export(
     opts = EmitOptions(opset or default_opset(), dtype, target=target)
     opts.check()  # refuse a bad --opset/--dtype before reading anything
     out = output or default_output(path, ".onnx")
-    model = load(path, arch, heads, act)
+    model = load(path, arch, heads, act, pn_groups, eps)
+    if model.assumptions:  # the ONNX file must say which values were guessed, as outputs do
+        summary = f"ONNX opset {opts.opset}, {dtype}"
+        model.history.append(history.entry("export", model, {"dtype": dtype}, None, summary))
     res = export_model(model, out, opts.opset, dtype, [path], force, target=target)
     payload = {
         "output": str(res.path),
@@ -65,6 +74,7 @@ def export(
         "dtype": res.dtype,
         "nodes": res.nodes,
         "weight_bytes": res.weight_bytes,
+        "assumptions": assumed(model),
     }
     extra = f", weights in {res.data_path}" if res.data_path else ""
     line = f"wrote {res.path} (opset {res.opset}, {res.dtype}, {res.nodes} nodes{extra})"

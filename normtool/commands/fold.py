@@ -11,12 +11,15 @@ import typer
 from normtool import history, selfcheck
 from normtool.commands.common import (
     ArchOpt,
+    EpsOpt,
     ForceOpt,
     HeadsOpt,
     JsonOpt,
     MaxShardOpt,
     OutOpt,
     PathArg,
+    PnGroupsOpt,
+    assumed,
     default_output,
     emit,
     load,
@@ -63,6 +66,8 @@ def fold(
     ] = None,
     arch: ArchOpt = None,
     heads: HeadsOpt = None,
+    pn_groups: PnGroupsOpt = None,
+    eps: EpsOpt = None,
     no_verify: Annotated[
         bool, typer.Option("--no-verify", help="Skip the fp64/fp32 self-check before writing.")
     ] = False,
@@ -79,7 +84,7 @@ def fold(
     """
     kinds = list(SELECTORS) if only is None else [k.strip() for k in only.split(",") if k.strip()]
     shard = parse_size(max_shard_size)
-    model = load(path, arch, heads)
+    model = load(path, arch, heads, None, pn_groups, eps)
     out = output or default_output(path, ".folded.safetensors")
     check_output_path(out, [path], force)  # fail before the work, not after it
     try:
@@ -94,7 +99,7 @@ def fold(
         if bad:
             raise CheckFailed("self-verification failed, nothing written: " + "; ".join(bad), path)
     summary = result.summary()
-    params = {"only": kinds, "heads": heads}
+    params = {"only": kinds, "heads": heads, "pn_groups": pn_groups, "eps": eps}
     result.model.history.append(history.entry("fold", model, params, errors, summary))
     out = save_model(result.model, out, [Path(path)], force, max_shard_size=shard)
     payload: dict[str, Any] = {
@@ -107,6 +112,7 @@ def fold(
         "notes": result.notes,
         "scale_range": result.scale_range,
         "verified": errors is not None,
+        "assumptions": assumed(model),
         "errors": errors,
         "summary": summary,
     }

@@ -11,11 +11,14 @@ import typer
 from normtool.commands.common import (
     ActOpt,
     ArchOpt,
+    EpsOpt,
     ForceOpt,
     HeadsOpt,
     JsonOpt,
     OutOpt,
     PathArg,
+    PnGroupsOpt,
+    assumed,
     default_output,
     emit,
     load,
@@ -61,6 +64,8 @@ def loki_head(
     ] = "auto",
     arch: ArchOpt = None,
     heads: HeadsOpt = None,
+    pn_groups: PnGroupsOpt = None,
+    eps: EpsOpt = None,
     act: ActOpt = None,
     output: OutOpt = None,
     eval_data: Annotated[
@@ -78,7 +83,7 @@ def loki_head(
     as_json: JsonOpt = False,
 ) -> None:
     """Add a Loki head: output 'prediction' = argmin_y Σ p_i d(y, λ_i)² (ties: lowest label index)."""
-    model = load(path, arch, heads, act)
+    model = load(path, arch, heads, act, pn_groups, eps)
     reasons = check(model.graph)
     if reasons:
         raise NormtoolError("cannot add a Loki head: " + "; ".join(reasons), path)
@@ -117,6 +122,7 @@ def loki_head(
         "duplicate_labels_masked": new.graph.info["loki"]["duplicate_labels_masked"],
         "verified": errors is not None,
         "errors": errors,
+        "assumptions": assumed(model),
     }
     lines = [
         f"{path} -> {out}",

@@ -11,11 +11,14 @@ import typer
 from normtool.commands.common import (
     ActOpt,
     ArchOpt,
+    EpsOpt,
     ForceOpt,
     HeadsOpt,
     JsonOpt,
     MaxShardOpt,
     OutOpt,
+    PnGroupsOpt,
+    assumed,
     emit,
     load,
     progress,
@@ -71,6 +74,8 @@ def merge(
     ] = None,
     arch: ArchOpt = None,
     heads: HeadsOpt = None,
+    pn_groups: PnGroupsOpt = None,
+    eps: EpsOpt = None,
     act: ActOpt = None,
     force: ForceOpt = False,
     max_shard_size: MaxShardOpt = "5GB",
@@ -78,7 +83,7 @@ def merge(
 ) -> None:
     """Merge models: permute each into a shared basis (weight matching), then interpolate."""
     shard = parse_size(max_shard_size)
-    loaded = [load(p, arch, heads, act) for p in models]
+    loaded = [load(p, arch, heads, act, pn_groups, eps) for p in models]
     opts = MergeOptions(
         method=method,
         weights=parse_weights(weights, len(models)) if len(models) > 1 else None,
@@ -106,6 +111,7 @@ def merge(
         "skipped_spaces": r.skipped,
         "permutation_rel_err": r.permutation_error,
         **r.params,
+        "assumptions": assumed(*loaded),
     }
     lines = [
         f"{out}: merged {len(models)} {r.model.graph.family} models "

@@ -13,9 +13,11 @@ import typer
 from normtool.commands.common import (
     ActOpt,
     ArchOpt,
+    EpsOpt,
     HeadsOpt,
     JsonOpt,
     MemoryLimitOpt,
+    PnGroupsOpt,
     TimeLimitOpt,
     bound_onnx_runs,
     emit,
@@ -85,16 +87,24 @@ def verify(
     memory_limit: MemoryLimitOpt = None,
     arch: ArchOpt = None,
     heads: HeadsOpt = None,
+    pn_groups: PnGroupsOpt = None,
+    eps: EpsOpt = None,
     act: ActOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Compare A (reference) and B on seeded random inputs; exit 0 equivalent, 1 not."""
     if any(p.suffix.lower() == ".onnx" for p in (a, b)):
         bound_onnx_runs(time_limit, memory_limit)
-    (ra, rb), name = open_runners([a, b], dtype, arch, heads, act, provider)
+    (ra, rb), name = open_runners([a, b], dtype, arch, heads, act, provider, pn_groups, eps)
     report = compare(
         ra, rb, name, samples, seed, atol, rtol, lambda plan: progress(plan, "verify", len(plan))
     )
-    emit(as_json, report.to_dict(), report_lines(report))
+    assumed = [(r.label, x) for r in (ra, rb) for x in r.assumptions]
+    assumptions = [{"file": f, **x.to_dict()} for f, x in assumed]
+    lines = report_lines(report)
+    # a failed comparison keeps stderr to its one error line; the report names the assumptions,
+    # which may be why the models differ
+    lines += [f"  assumed for {f}: {x.line()}" for f, x in assumed]
+    emit(as_json, report.to_dict() | {"assumptions": assumptions}, lines, announce=report.ok)
     if not report.ok:
         raise CheckFailed("not equivalent: " + "; ".join(report.failures()), b)
