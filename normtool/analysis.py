@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 from normtool.graph import NORM_KINDS, Graph, Op
 
 
@@ -23,3 +26,44 @@ def norm_placement(graph: Graph, op: Op) -> str:
 def norms(graph: Graph) -> list[tuple[Op, str]]:
     """Every norm op with its placement, in graph order."""
     return [(o, norm_placement(graph, o)) for o in graph.ops if o.kind in NORM_KINDS]
+
+
+#: Param roles that hold running statistics or a derived constant (Loki's squared distances),
+#: not trained weights: buffers, as torch's ``parameters()`` and Hugging Face count them.
+BUFFER_ROLES = frozenset({"running_mean", "running_var", "running_phi", "d2"})
+
+
+def parameter_count(graph: Graph) -> int:
+    """Trained parameter elements as stored, each once.
+
+    Graph tensors are views of stored tensors: a tied LM head and its embedding are one stored
+    matrix (counted once), GPT-2's fused ``c_attn`` is three slices of one (each counted).
+    Buffers (``BUFFER_ROLES``) are left out, and stored tensors no op reads (position ids,
+    attention masks, ``num_batches_tracked``) never enter the graph.
+    """
+    buffers = {t for o in graph.ops for role, t in o.params.items() if role in BUFFER_ROLES}
+    stored = {
+        (spec.source.key, spec.source.slice): math.prod(spec.shape)
+        for name, spec in graph.tensors.items()
+        if name not in buffers
+    }
+    return sum(stored.values())
+
+
+def tied_head(graph: Graph) -> bool:
+    """Whether a linear reads the very stored matrix an embedding does (a tied LM head)."""
+    tables = {graph.tensors[o.params["weight"]].source for o in graph.ops_of("embed")}
+    return any(graph.tensors[o.params["weight"]].source in tables for o in graph.ops_of("linear"))
+
+
+def current_info(graph: Graph) -> dict[str, Any]:
+    """``graph.info`` with the facts a transform changes read from the graph itself: which norms
+    it has and whether its head is tied. An adapter records them at load time, and a converted
+    model's stored info would otherwise still describe the model it came from."""
+    info = dict(graph.info)
+    if "norm" in info:
+        kinds = sorted({o.kind for o in graph.ops if o.kind in NORM_KINDS})
+        info["norm"] = ",".join(kinds) or "none"
+    if "tied_head" in info:
+        info["tied_head"] = tied_head(graph)
+    return info

@@ -281,8 +281,7 @@ def test_cli_batchnorm_alone_after_unbaked_ws_is_skipped(tmp_path):
     path = make_ws_cnn(tmp_path, "std")
     r = cli("fold", path, "--only", "batchnorm", "-o", tmp_path / "o.safetensors")
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
-    assert "blocks.0.bn: follows blocks.0.conv, a weight-standardised conv" in r.stderr
-    assert "add ws to --only" in r.stderr
+    assert "blocks.0.bn: after WS conv blocks.0.conv: add ws to --only" in r.stderr
     assert not (tmp_path / "o.safetensors").exists()
 
 

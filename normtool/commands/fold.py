@@ -27,7 +27,7 @@ from normtool.commands.common import (
 from normtool.errors import CheckFailed, NormtoolError
 from normtool.io.atomic import check_output_path
 from normtool.io.writer import parse_size, save_model
-from normtool.passes.fold import SELECTORS, WS_NOTE, FoldResult, fold_norms
+from normtool.passes.fold import SELECTORS, FoldResult, fold_norms
 from normtool.selfcheck import self_check
 
 
@@ -88,11 +88,9 @@ def fold(
     out = output or default_output(path, ".folded.safetensors")
     check_output_path(out, [path], force)  # fail before the work, not after it
     try:
-        result = fold_norms(model, kinds)
+        result = fold_norms(model, None if only is None else kinds)
     except NormtoolError as e:
         raise type(e)(e.message, e.path or path) from e
-    if only is None:  # the WS note answers an explicit request; by default it is noise
-        result.notes = [n for n in result.notes if n != WS_NOTE]
     errors = None
     if not no_verify:
         errors, bad = self_check(model, result.exact, result.model)

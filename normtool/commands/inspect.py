@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from typing import Any
 
-from normtool.analysis import norms
+from normtool.analysis import current_info, norms, parameter_count
 from normtool.commands.common import (
     ActOpt,
     ArchOpt,
@@ -36,10 +36,10 @@ def describe(model) -> dict[str, Any]:
         transforms[name] = {"applies": not reasons, "reasons": reasons}
     return {
         "family": g.family,
-        "info": g.info,
+        "info": current_info(g),
         "inputs": [{"name": i.name, "kind": i.kind, "shape": list(i.shape)} for i in g.inputs],
         "outputs": g.outputs,
-        "parameters": model.param_count(),
+        "parameters": parameter_count(g),
         "dtypes": dict(dtypes),
         "norms": norm_list,
         "norm_summary": dict(Counter(f"{n['kind']}/{n['placement']}" for n in norm_list)),
@@ -75,6 +75,14 @@ def _assumption_lines(d: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _transform_lines(name: str, reasons: list[str]) -> list[str]:
+    """``name: applies``, or why not: one reason inline, several one per line (the full list
+    that a refusal's one line points to)."""
+    if len(reasons) <= 1:
+        return [f"  {name}: " + (f"does not apply: {reasons[0]}" if reasons else "applies")]
+    return [f"  {name}: does not apply ({len(reasons)} reasons):"] + [f"    - {r}" for r in reasons]
+
+
 def inspect(
     path: PathArg,
     arch: ArchOpt = None,
@@ -106,10 +114,7 @@ def inspect(
         )
     lines += _assumption_lines(d)
     for name, t in d["transforms"].items():
-        lines.append(
-            f"  {name}: "
-            + ("applies" if t["applies"] else "does not apply: " + "; ".join(t["reasons"]))
-        )
+        lines += _transform_lines(name, t["reasons"])
     bad = d["non_finite"]
     lines.append(
         "  non-finite: "

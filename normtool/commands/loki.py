@@ -31,6 +31,7 @@ from normtool.loki.evaluate import evaluate
 from normtool.loki.head import add_loki_head, check
 from normtool.loki.labels import read_label_file, resolve_labels
 from normtool.loki.metric_files import KINDS, load_metric
+from normtool.refusal import refusal
 
 
 def loki_head(
@@ -86,7 +87,7 @@ def loki_head(
     model = load(path, arch, heads, act, pn_groups, eps)
     reasons = check(model.graph)
     if reasons:
-        raise NormtoolError("cannot add a Loki head: " + "; ".join(reasons), path)
+        raise refusal("cannot add a Loki head", reasons, path)
     out = output or default_output(path, ".loki.safetensors")
     check_output_path(out, [path, metric], force)  # fail before the work, not after it
     label_names = read_label_file(labels) if labels else None

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections import Counter
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field, replace
 
@@ -58,6 +59,7 @@ from normtool.passes.rebase import (
     through_norm,
 )
 from normtool.passes.weight_math import fold_forward
+from normtool.refusal import refusal
 from normtool.runtime.torch_exec import run_graph
 
 #: ``--only`` selector → graph op kind.
@@ -67,12 +69,10 @@ SELECTORS: dict[str, str] = {
     "batchnorm": "batchnorm",
     "ws": "ws_conv2d",
 }
+#: The skip reason of a norm ``--only`` leaves out.
+NOT_SELECTED = "not selected by --only"
 #: The norms folded; ``ws_conv2d`` is a conv, baked (not a norm that leaves the graph).
 FOLDABLE = frozenset({"unorm", "powernorm", "batchnorm"})
-WS_NOTE = (
-    "ws: nothing to bake — no weight-standardised convolution (ws_conv2d) in this graph; "
-    "its convolutions store plain weights"
-)
 FP16_MAX = float(torch.finfo(torch.float16).max)
 #: Headroom asked of a re-based fp16 stream: the check sees seeded random inputs, not every
 #: input, so its peak must stay 4× below the fp16 limit.
@@ -155,10 +155,35 @@ def inference_map(
 def _not_foldable_reason(op: Op) -> str:
     if op.kind == "group_rmsnorm":
         return "a weightless group RMS scaling (already folded)"
-    return (
-        f"{op.kind} normalises each token by its own statistics: not a fixed affine map at "
-        "inference (convert-ln-to-rms handles LayerNorm)"
-    )
+    also = "; convert-ln-to-rms handles LayerNorm" if op.kind == "layernorm" else ""
+    return f"{op.kind} uses each token's own statistics, not a fixed affine map{also}"
+
+
+def _nothing_foldable(graph: Graph) -> str | None:
+    """The one reason fold does not apply when the graph holds nothing of a foldable kind
+    (None when it does), naming the norms it has instead: computed from the graph, so it
+    never speaks of convolutions or norms the model lacks."""
+    if any(o.kind in FOLDABLE or o.kind == "ws_conv2d" for o in graph.ops):
+        return None
+    kinds = Counter(o.kind for o in graph.ops if o.kind in NORM_KINDS)
+    has = ", ".join(f"{k} ×{n}" for k, n in kinds.items()) or "none"
+    also = "; convert-ln-to-rms handles LayerNorm" if "layernorm" in kinds else ""
+    return f"no UN, PowerNorm, BatchNorm or WS conv (norms: {has}{also})"
+
+
+def ws_note(graph: Graph) -> str:
+    """Why ``--only ws`` bakes nothing, from what the graph has."""
+    convs = sum(1 for o in graph.ops if o.kind == "conv2d")
+    plain = f"its {convs} convolutions store plain weights" if convs else "the graph has no conv"
+    return f"ws: nothing to bake — no ws_conv2d; {plain}"
+
+
+def _ordered(notes: list[str], skips: list[SkippedNorm]) -> list[str]:
+    """Why nothing folds, most telling first: the answers to an explicit ``--only`` request,
+    then the norms that could not fold, then those ``--only`` left out (the user knows why)."""
+    chosen = [f"{s.name}: {s.reason}" for s in skips if s.reason != NOT_SELECTED]
+    left_out = [f"{s.name}: {s.reason}" for s in skips if s.reason == NOT_SELECTED]
+    return [*notes, *chosen, *left_out]
 
 
 # ---- planning -------------------------------------------------------------------------------
@@ -556,21 +581,21 @@ def _after_ws(graph: Graph, op: Op) -> str | None:
     prod = graph.producer(op.inputs[0])
     if prod is None or prod.kind != "ws_conv2d":
         return None
-    return (
-        f"follows {prod.name}, a weight-standardised conv left unbaked by --only: it re-"
-        "standardises its weight, so the BatchNorm cannot fold into it (add ws to --only)"
-    )
+    # short (a refusal shows the first reason in one line): the conv re-standardises its weight,
+    # so a BatchNorm's scale folded into it would be divided out again
+    return f"after WS conv {prod.name}: add ws to --only"
 
 
-def fold_norms(model: Model, only: Collection[str] = tuple(SELECTORS)) -> FoldResult:
+def fold_norms(model: Model, only: Collection[str] | None = None) -> FoldResult:
     """Bake every selected WS conv, then fold every selected UN / PowerNorm / BatchNorm that can
-    be folded exactly.
+    be folded exactly. ``only``: the ``SELECTORS`` keys to act on (None: all of them; an
+    explicit ``ws`` without a WS conv gets a note saying so).
 
     Returns the new model (no history entry yet: the caller verifies first) and what was baked,
     folded or skipped, with reasons. NormtoolError when nothing can be baked or folded.
     """
     where = model.checkpoint.path if model.checkpoint else None
-    kinds = _selected(only)
+    kinds = _selected(SELECTORS if only is None else only)
     has_ws = any(model.graph.ops_of("ws_conv2d"))
     baked, baked_work, untied_ws = [], {}, []
     source = model
@@ -585,7 +610,7 @@ def fold_norms(model: Model, only: Collection[str] = tuple(SELECTORS)) -> FoldRe
         if op.kind not in FOLDABLE:
             skipped[op.name] = _not_foldable_reason(op)
         elif op.kind not in kinds:
-            skipped[op.name] = "not selected by --only"
+            skipped[op.name] = NOT_SELECTED
         elif reason := _after_ws(g, op):
             skipped[op.name] = reason
         else:
@@ -598,11 +623,12 @@ def fold_norms(model: Model, only: Collection[str] = tuple(SELECTORS)) -> FoldRe
     skipped.update(kept)
     kind_of = {o.name: o.kind for o in g.ops}
     skips = [SkippedNorm(o.name, o.kind, skipped[o.name]) for o in g.ops if o.name in skipped]
-    notes = [WS_NOTE] if "ws" in only and not has_ws else []
+    notes = [ws_note(g)] if only is not None and "ws" in only and not has_ws else []
     if not p.folded and not baked:
-        detail = "; ".join(f"{s.name}: {s.reason}" for s in skips[:6]) or "the graph has no norms"
-        more = f" (and {len(skips) - 6} more)" if len(skips) > 6 else ""
-        raise NormtoolError(f"nothing to fold: {'; '.join([detail + more, *notes])}", where)
+        why = _nothing_foldable(g)
+        reasons = [why] if why else _ordered(notes, skips)
+        # inspect lists what stops the default fold, not what an --only selection left out
+        raise refusal("nothing to fold", reasons, where, listed=only is None)
     graph, exact, untied = _apply(source, p)
     # baked weights no norm folded into are written as Ŵ; the others are in ``exact`` already
     exact = {**{k: v for k, v in baked_work.items() if k in graph.tensors}, **exact}
@@ -633,15 +659,23 @@ def fold_norms(model: Model, only: Collection[str] = tuple(SELECTORS)) -> FoldRe
 
 
 def applicability(graph: Graph) -> list[str]:
-    """Why ``fold`` does not apply (empty: a WS conv bakes or a norm folds), from the structure."""
+    """Why ``fold`` does not apply (empty: a WS conv bakes or a norm folds), from the structure:
+    the reasons a refusal of ``normtool fold`` names first, all of them."""
     if any(graph.ops_of("ws_conv2d")):
         return []
+    if why := _nothing_foldable(graph):
+        return [why]
     maps = {}
     for op in graph.ops:
         if op.kind in FOLDABLE:
             c = graph.tensors[op.params["weight"]].shape[0]
             maps[op.name] = (torch.ones(c, dtype=F64), torch.ones(c, dtype=F64))
-    if not maps:
-        return ["no UN, PowerNorm, BatchNorm or weight-standardised conv in the graph"]
     p, kept = plan(graph, maps, set(maps))
-    return [] if p.folded else [f"{n}: {r}" for n, r in kept.items()]
+    if p.folded:
+        return []
+    skips = [
+        SkippedNorm(o.name, o.kind, kept.get(o.name) or _not_foldable_reason(o))
+        for o in graph.ops
+        if o.kind in NORM_KINDS and (o.name in kept or o.kind not in FOLDABLE)
+    ]
+    return _ordered([], skips)

@@ -32,6 +32,7 @@ from normtool.graph import Graph, Op, Source, Space, TensorSpec
 from normtool.io.safetensors_format import DTYPES
 from normtool.model import Model, Override, RowBlocks
 from normtool.passes import weight_math as wm
+from normtool.refusal import refusal
 
 #: Ops the stream flows *through* unchanged in its mean: sums, prepending a token, picking one.
 STREAM_OPS = frozenset({"add", "cls_concat", "select"})
@@ -186,10 +187,7 @@ def find_stream(graph: Graph) -> tuple[Stream | None, list[str]]:
             if w is None:
                 reasons.append(f"graph input {u!r} is added into the residual stream directly")
             elif w.kind in ("layernorm", "rmsnorm", "crmsnorm") and w.inputs[0] in stream:
-                reasons.append(
-                    f"Post-LN: norm {w.name!r} normalises the residual sum and its output is the "
-                    "stream (convertible only with the norm before each branch)"
-                )
+                reasons.append(f"Post-LN: norm {w.name!r} normalises the stream (Pre-LN only)")
             elif w.kind in ("layernorm", "rmsnorm", "crmsnorm"):
                 reasons.append(f"norm {w.name!r} sits after a branch, writing into the stream")
             elif w.kind not in WRITER_OPS:
@@ -444,10 +442,8 @@ def convert_ln_to_rms(model: Model, compressed: bool = False) -> Conversion:
     g = model.graph
     stream, reasons = find_stream(g)
     if stream is None:
-        more = (
-            f" (and {len(reasons) - 1} more; 'normtool inspect' lists all)" if reasons[1:] else ""
-        )
-        raise NormtoolError(f"cannot convert to RMSNorm: {reasons[0]}{more}")
+        where = model.checkpoint.path if model.checkpoint else None
+        raise refusal("cannot convert to RMSNorm", reasons, where)
     new = g.copy()
     space = stream.space
     d = g.spaces[space].size
