@@ -54,6 +54,7 @@ loki               d2[K,N]                      logits[B,K] → argmin_y Σ p_i 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field, is_dataclass
 from typing import Any
@@ -101,6 +102,53 @@ ACTIVATIONS = frozenset({"relu", "gelu", "gelu_tanh", "tanh", "silu", "quick_gel
 
 #: Outputs of base models (no head), named as transformers names them.
 BASE_OUTPUTS = frozenset({"last_hidden_state", "pooler_output"})
+
+#: Tensor dtypes a graph's ops compute with (safetensors names): every op needs float weights.
+FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
+
+INPUT_KINDS = frozenset({"tokens", "pixels", "features"})
+
+#: Op kind → attributes holding a norm's eps (each a finite number > 0: eps 0 turns a zero
+#: variance into 0/0, a negative one into the root of a negative number — NaN either way).
+_EPS_ATTRS = {
+    "layernorm": ("eps",),
+    "rmsnorm": ("eps",),
+    "crmsnorm": ("eps",),
+    "group_rmsnorm": ("eps",),
+    "unorm": ("eps",),
+    "powernorm": ("eps", "gs_eps"),
+    "batchnorm": ("eps",),
+}
+
+#: Op kind → integer attributes and their least value (absent ones take the executor's default).
+_INT_ATTRS = {
+    "patch_embed": {"patch": 1},
+    "conv2d": {"stride": 1, "padding": 0, "dilation": 1, "groups": 1},
+    "ws_conv2d": {"stride": 1, "padding": 0, "dilation": 1, "groups": 1},
+    "maxpool2d": {"kernel": 1, "stride": 1, "padding": 0},
+    "positions": {"offset": 0},
+    "row": {"index": 0},
+    "select": {"index": 0},
+}
+
+#: Attributes an op cannot run without.
+_REQUIRED_ATTRS = {
+    "attention": ("heads",),
+    "act": ("fn",),
+    "group_rmsnorm": ("groups",),
+    "powernorm": ("groups",),
+    "patch_embed": ("patch",),
+    "maxpool2d": ("kernel",),
+    "ws_conv2d": ("variant", "eps"),
+}
+
+
+def _is_int(x: object) -> bool:
+    return type(x) is int
+
+
+def _positive_finite(x: object) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x) and x > 0
 
 
 @dataclass(frozen=True)
@@ -224,10 +272,17 @@ class Graph:
         """Check internal consistency; raise NormtoolError naming the first problem.
 
         Catches adapter bugs and tampered metadata before anything runs: ops in topological
-        order, known kinds and params, tensor shapes agreeing with the sizes of their spaces.
+        order, known kinds and params, tensor shapes agreeing with the sizes of their spaces,
+        and every value an op computes with in its domain (eps finite and > 0, head and group
+        counts positive integers dividing their width, known activations): a graph that passes
+        never makes the executor raise or compute NaN from its metadata.
         """
+        self._validate_spaces()
+        self._validate_inputs()
         defined = {i.name for i in self.inputs}
         for o in self.ops:
+            if o.output in defined:
+                raise NormtoolError(f"graph op {o.name!r} writes {o.output!r}, already defined")
             if o.kind not in OP_KINDS:
                 raise NormtoolError(f"graph op {o.name!r} has unknown kind {o.kind!r}")
             required, optional, n_in = OP_KINDS[o.kind]
@@ -245,11 +300,16 @@ class Graph:
             for t in o.params.values():
                 if t not in self.tensors:
                     raise NormtoolError(f"graph op {o.name!r} uses unknown tensor {t!r}")
+            problem = self._attr_problem(o)
+            if problem:
+                raise NormtoolError(f"graph op {o.name!r} ({o.kind}): {problem}")
             defined.add(o.output)
         for out in self.outputs:
             if out not in defined:
                 raise NormtoolError(f"graph output {out!r} is never computed")
         for name, spec in self.tensors.items():
+            if not all(_is_int(n) and n >= 0 for n in spec.shape):
+                raise NormtoolError(f"tensor {name!r} has a bad shape {list(spec.shape)}")
             if len(spec.axes) != len(spec.shape):
                 raise NormtoolError(
                     f"tensor {name!r}: {len(spec.axes)} axis labels, shape {spec.shape}"
@@ -264,6 +324,105 @@ class Graph:
                         f"tensor {name!r} axis {ax} has size {spec.shape[ax]} "
                         f"but space {s!r} has size {self.spaces[s].size}"
                     )
+
+    def _validate_spaces(self) -> None:
+        for key, sp in self.spaces.items():
+            if sp.name != key or sp.kind not in SPACE_KINDS:
+                raise NormtoolError(f"space {key!r}: name {sp.name!r} or kind {sp.kind!r} wrong")
+            if not (_is_int(sp.size) and sp.size >= 0 and _is_int(sp.heads) and sp.heads >= 0):
+                raise NormtoolError(
+                    f"space {key!r}: size {sp.size!r} and heads {sp.heads!r} must be integers ≥ 0"
+                )
+            if sp.kind in ("heads_qk", "heads_vo") and not self._divides(sp.heads, sp.size):
+                raise NormtoolError(
+                    f"space {key!r}: {sp.heads!r} heads do not divide its size {sp.size}"
+                )
+
+    def _validate_inputs(self) -> None:
+        for i in self.inputs:
+            dims_ok = all(d in ("batch", "seq") or (_is_int(d) and d >= 0) for d in i.shape)
+            counts_ok = _is_int(i.vocab) and i.vocab >= 0 and _is_int(i.max_len) and i.max_len >= 0
+            if i.kind not in INPUT_KINDS or not dims_ok or not counts_ok:
+                raise NormtoolError(
+                    f"graph input {i.name!r}: kind {i.kind!r}, shape {list(i.shape)}, "
+                    f"vocab {i.vocab!r}, max_len {i.max_len!r} not valid"
+                )
+            if i.kind == "tokens" and i.vocab < 1:
+                raise NormtoolError(f"graph input {i.name!r}: token ids need a vocab ≥ 1")
+
+    @staticmethod
+    def _divides(parts: object, width: int) -> bool:
+        return _is_int(parts) and parts >= 1 and width % parts == 0
+
+    def _width(self, value: str) -> int | None:
+        space = self.spaces.get(self.value_spaces.get(value, ""))
+        return None if space is None else space.size
+
+    def _attr_problem(self, o: Op) -> str | None:
+        """Why op ``o``'s attributes cannot be run (None: they can)."""
+        missing = [a for a in _REQUIRED_ATTRS.get(o.kind, ()) if a not in o.attrs]
+        if missing:
+            return f"attribute {missing[0]!r} missing"
+        for a in _EPS_ATTRS.get(o.kind, ()):
+            if not _positive_finite(o.attrs.get(a)):
+                return f"{a} {o.attrs.get(a)!r} is not a finite number > 0"
+        for a, least in _INT_ATTRS.get(o.kind, {}).items():
+            v = o.attrs.get(a, least)
+            if o.kind == "maxpool2d" and a == "stride" and v is None:
+                continue  # None: the kernel size, as in torch
+            if not (_is_int(v) and v >= least):
+                return f"{a} {v!r} is not an integer ≥ {least}"
+        if o.kind == "ws_conv2d":
+            from normtool.nn.ws_conv import ws_problem  # noqa: PLC0415 - torch-side module
+
+            w = self.tensors[o.params["weight"]].shape
+            return ws_problem(o.attrs["variant"], o.attrs["eps"], math.prod(w[1:]))
+        return self._op_specific_problem(o)
+
+    def _op_specific_problem(self, o: Op) -> str | None:
+        """Attribute checks that relate an op's attributes to widths and tensor sizes."""
+        a = o.attrs
+        if o.kind == "act" and a["fn"] not in ACTIVATIONS:
+            return f"unknown activation {a['fn']!r}"
+        if o.kind == "attention":
+            widths = (self._width(o.inputs[0]), self._width(o.inputs[2]))
+            if None in widths or not all(self._divides(a["heads"], w) for w in widths):
+                return f"heads {a['heads']!r} is not a positive integer dividing widths {widths}"
+            if a.get("scale") is not None and not _positive_finite(a["scale"]):
+                return f"scale {a['scale']!r} is not a finite number > 0"
+        if o.kind in ("group_rmsnorm", "powernorm"):
+            width = self._width(o.inputs[0])
+            if width is None or not self._divides(a["groups"], width):
+                return f"groups {a['groups']!r} is not a positive integer dividing width {width}"
+        if o.kind == "maxpool2d" and a.get("padding", 0) > a["kernel"] // 2:
+            return f"padding {a.get('padding')} exceeds half the kernel {a['kernel']}"
+        if o.kind in ("embed", "row", "positions"):
+            return self._table_problem(o)
+        if o.kind == "select" and a.get("index", 0) != 0:
+            # sequences may be one token long (verify runs them): only the first is always there
+            return f"index {a['index']!r}: only 0 (the first token) exists in every input"
+        return None
+
+    def _table_problem(self, o: Op) -> str | None:
+        """An embedding-like op must only read rows its table has: token ids below the vocab,
+        positions ``offset .. offset + max_len − 1`` of token inputs (without ``max_len``
+        verify would run sequences longer than the table), the ``row`` index."""
+        rows = self.tensors[o.params["weight"]].shape[0]
+        spec = next((i for i in self.inputs if i.name == o.inputs[0]), None)
+        if o.kind == "embed":
+            need = spec.vocab if spec is not None and spec.kind == "tokens" else 0
+            first, what = 0, "token ids"
+        elif o.kind == "positions":
+            if spec is None:  # an image's patches: as many as its fixed size gives
+                return None
+            if spec.kind != "tokens" or spec.max_len < 1:
+                return "positions of a token input need its max_len ≥ 1"
+            first, need, what = o.attrs.get("offset", 0), spec.max_len, "positions"
+        else:
+            first, need, what = o.attrs.get("index", 0), 1, "row"
+        if first + need > rows:
+            return f"{what} read rows {first}..{first + need - 1} of a {rows}-row table"
+        return None
 
     # ---- serialisation ---------------------------------------------------------------------
     def to_json(self) -> str:

@@ -17,9 +17,11 @@ An output passes when ``max_abs <= atol + rtol · scale``: a tolerance relative 
 reason), with ``atol`` as a floor for outputs whose scale is ~0. Integer outputs (e.g. a Loki
 head's predicted labels) must agree exactly. Any NaN fails.
 
-Which dtype (``--dtype``, else the default): the lowest precision either model is stored or
-exported in (a checkpoint's lowest float storage dtype, an ONNX file's export dtype). Both run
-in it and its tolerances apply; ``--dtype fp64`` runs two checkpoints (almost) exactly.
+Which dtype (``--dtype``, else the default): the lower of the two models' precisions, the
+precision each computes in — an ONNX file's export dtype; a checkpoint's, the stored dtype of
+most of its weights (``checkpoint_precision``, from the safetensors header, never from
+metadata). Both run in it and its tolerances apply; ``--dtype fp64`` runs two checkpoints
+(almost) exactly. The report says which precision and why (``precision``, ``precision_reason``).
 
 Default tolerances per run dtype (unit roundoff u: fp64 1.1e-16, fp32 6.0e-8, fp16 4.9e-4,
 bf16 3.9e-3). They sit above the rounding noise of an equal computation done differently
@@ -44,6 +46,7 @@ bf16     1e-2     5e-2     ~13·u: bf16 keeps 8 mantissa bits; both sides rounde
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -54,8 +57,9 @@ import torch
 
 from normtool.arch.family import Assumption
 from normtool.errors import NormtoolError
-from normtool.graph import InputSpec
-from normtool.inputs import max_seq, random_inputs
+from normtool.graph import Graph, InputSpec
+from normtool.inputs import input_shape, max_seq, random_inputs
+from normtool.io.safetensors_format import DTYPE_NAMES
 from normtool.load import load_model
 from normtool.model import Model
 from normtool.runtime.torch_exec import run_graph_batches
@@ -329,6 +333,102 @@ class _Acc:
         return OutputReport(name, dtype, self.max_abs, self.scale, rel, limit, agreement, ok)
 
 
+#: Live copies of the largest activation assumed at the peak: an op's input and output, the
+#: residual stream kept for the next add, and one temporary (norm statistics, a cast).
+LIVE_ACTIVATIONS = 4
+#: The default memory limit, as a fraction of physical memory: verify shares the machine (CI
+#: runners run jobs side by side) and the weights it reads per op come on top.
+MEMORY_FRACTION = 0.25
+
+
+def memory_limit() -> int:
+    """The default memory bound in bytes: ``MEMORY_FRACTION`` of physical memory."""
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * MEMORY_FRACTION)
+
+
+def largest_activation(graph: Graph, batch: int, seq: int) -> int:
+    """Elements of the largest tensor the executor makes for one batch: every op's output
+    (positions per row × the width of its space) and attention's score matrices.
+
+    Positions per row: a token sequence's length, a feature row's 1, an image's H·W, divided
+    by each conv, pool or patch stride squared, 1 after pooling. Computed from the declared
+    shapes alone, before anything is allocated.
+    """
+    pos: dict[str, int] = {}
+    for spec in graph.inputs:
+        shape = input_shape(spec, 1, seq)
+        rows = {"tokens": shape[1:], "pixels": shape[2:]}.get(spec.kind, shape[1:-1])
+        pos[spec.name] = math.prod(rows)
+    biggest = max((math.prod(input_shape(s, batch, seq)) for s in graph.inputs), default=0)
+    for op in graph.ops:
+        n = max((pos.get(v, 1) for v in op.inputs), default=1)
+        step = {
+            "conv2d": op.attrs.get("stride", 1),
+            "ws_conv2d": op.attrs.get("stride", 1),
+            "maxpool2d": op.attrs.get("stride") or op.attrs.get("kernel", 1),
+            "patch_embed": op.attrs.get("patch", 1),
+        }.get(op.kind, 1)
+        n = -(-n // (step * step))
+        if op.kind in ("global_avgpool", "select", "loki", "row"):
+            n = 1
+        elif op.kind == "cls_concat":
+            n += 1
+        elif op.kind == "attention":
+            biggest = max(biggest, batch * op.attrs.get("heads", 1) * n * n)
+        pos[op.output] = n
+        space = graph.spaces.get(graph.value_spaces.get(op.output, ""))
+        biggest = max(biggest, batch * n * (space.size if space else 1))
+    return biggest
+
+
+def _batch_bytes(
+    specs: list[InputSpec], graphs: list[Graph], batch: int, seq: int, itemsize: int
+) -> tuple[int, int]:
+    """(bytes of one batch's random inputs as made, bytes of the live activations at the peak)."""
+    made = sum(math.prod(input_shape(s, batch, seq)) * 8 for s in specs)  # fp64 or int64
+    act = max((largest_activation(g, batch, seq) for g in graphs), default=0)
+    return made, LIVE_ACTIVATIONS * act * itemsize
+
+
+def check_memory(
+    a: Runner,
+    b: Runner,
+    specs: list[InputSpec],
+    plan: list[tuple[int, int | None]],
+    dtype: torch.dtype,
+    limit: int | None,
+    together: bool,
+) -> bool:
+    """Refuse a comparison whose declared sizes need more than ``limit`` bytes (default
+    ``memory_limit()``), before any input is made; returns whether the batches may run in one
+    pass (``together``: all batches' inputs and activations live at once) or must go one by one.
+
+    Why from declared sizes: a 300-byte checkpoint of zero-element tensors can declare
+    30,000,000 input features; its random inputs alone would take gigabytes per batch. ONNX
+    models' activations are not visible here; the executor's graph (the same function) stands
+    in for them, and where both are ONNX files only the inputs are counted.
+    """
+    limit = memory_limit() if limit is None else limit
+    graphs = [r.graph for r in (a, b) if isinstance(r, TorchRunner)]
+    sizes = [_batch_bytes(specs, graphs, bs, sq or 1, dtype.itemsize) for bs, sq in plan]
+    worst = max(range(len(plan)), key=lambda k: sum(sizes[k]))
+    made, act = sizes[worst]
+    if made + act > limit:
+        batch, seq = plan[worst]
+        shape = f"{batch}×{seq}" if seq is not None else str(batch)
+        raise NormtoolError(
+            f"comparing needs ~{_gib(made + act)} for one batch ({shape}: inputs {_gib(made)}, "
+            f"activations {_gib(act)}), above the limit of {_gib(limit)} "
+            "(--max-memory GIB; default a quarter of physical memory)",
+            a.label,
+        )
+    return together and sum(m + x for m, x in sizes) <= limit
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.3g} GiB"
+
+
 def compare(
     a: Runner,
     b: Runner,
@@ -340,14 +440,17 @@ def compare(
     each: Callable[[list[tuple[int, int | None]]], Iterable[tuple[int, int | None]]] = iter,
     plan: list[tuple[int, int | None]] | None = None,
     together: bool = False,
+    max_memory: int | None = None,
 ) -> Report:
     """Run ``a`` (the reference) and ``b`` on the same random inputs and measure the difference.
 
     ``dtype`` selects the default tolerances (and is recorded); the runners already run in
     their own dtype. ``each`` wraps the loop over input batches (the CLI's progress bar).
     ``plan``: the (batch, seq) shapes to run instead of ``batch_plan``'s ``samples``.
-    ``together``: run all batches in one pass of each executor model (``TorchRunner.run_all``).
-    Raises NormtoolError when the inputs, the outputs or their shapes differ.
+    ``together``: run all batches in one pass of each executor model (``TorchRunner.run_all``)
+    where they fit in ``max_memory`` bytes together, else one by one (``check_memory``).
+    Raises NormtoolError when the inputs, the outputs or their shapes differ, or when one batch
+    would need more than ``max_memory`` bytes. Inputs are made batch by batch as they run.
     """
     name = dtype_name(dtype)
     default = TOLERANCES[name]
@@ -367,8 +470,10 @@ def compare(
     if plan is None:
         plan = batch_plan(samples, max_seq(specs) if has_seq else None, seed)
     acc: dict[str, _Acc] = {}
-    feeds = [random_inputs(specs, batch, seq or 1, seed + k) for k, (batch, seq) in enumerate(plan)]
+    together = check_memory(a, b, specs, plan, DTYPES[name], max_memory, together)
+    feeds = (random_inputs(specs, batch, seq or 1, seed + k) for k, (batch, seq) in enumerate(plan))
     if together:
+        feeds = list(feeds)
         ys = [r.run_all(feeds) if isinstance(r, TorchRunner) else map(r.run, feeds) for r in (a, b)]
         results = iter(zip(*ys, strict=True))
     else:
@@ -420,16 +525,59 @@ def compare_models(
     )
 
 
-def stored_precision(model: Model) -> str:
-    """The precision a checkpoint's function is defined to: its lowest float storage dtype.
+@dataclass(frozen=True)
+class Precision:
+    """The dtype a comparison runs in (``fp32``…) and why, for the report."""
+
+    name: str
+    reason: str
+
+
+def checkpoint_precision(model: Model, label: str = "") -> Precision:
+    """The precision a checkpoint computes in: the stored dtype of most of its weight values.
 
     Why not always fp64: a transform's output stored in fp32 equals the original only up to the
     rounding of its rewritten weights to fp32 (~1e-7 of the output's scale), so two fp32 files
     are compared at fp32 tolerances even though the executor could run them in fp64.
+
+    Why the majority of values, not the lowest dtype present: the executor runs every op in one
+    dtype, casting each weight to it. A stray bf16 buffer in an fp32 model is widened to fp32
+    exactly, so the model still computes in fp32, and taking its dtype would loosen every
+    tolerance ~1000× and pass real changes. The other way round, a bf16 model that keeps its
+    norm weights in fp32 computes in bf16 — the precision of nearly all its arithmetic. The
+    cost of the rule is a false alarm, never a false pass: a rewrite that changes a minority
+    low-precision tensor rounds it at that precision, which the majority's tolerances may flag
+    (``--dtype`` then states the intended precision). Ties go to the more precise dtype.
+
+    Dtypes come from the safetensors header (``Checkpoint.dtype``); the graph's own record is
+    metadata a file may forge (``load_model`` refuses one that disagrees with the header).
+    Tied tensors (one stored key read by several graph tensors) count once.
     """
-    stored = {spec.dtype for spec in model.graph.tensors.values()}
-    names = [name for key, name in _STORAGE.items() if key in stored]
-    return min(names, key=_BITS.__getitem__) if names else "fp32"
+    counts: dict[str, int] = {}
+    seen: set[str] = set()
+    for spec in model.graph.tensors.values():
+        key = spec.source.key
+        if key in seen:
+            continue
+        seen.add(key)
+        ck = model.checkpoint
+        stored = DTYPE_NAMES[ck.dtype(key)] if ck is not None and key in ck else spec.dtype
+        counts[stored] = counts.get(stored, 0) + math.prod(spec.shape)
+    floats = {_STORAGE[k]: n for k, n in counts.items() if k in _STORAGE}
+    if not floats:
+        return Precision("fp32", f"{label}: no float weights; fp32 assumed")
+    name = max(floats, key=lambda d: (floats[d], _BITS[d]))
+    total = sum(floats.values())
+    if len(floats) == 1:
+        return Precision(name, f"{label}: every weight is stored in {name}")
+    rest = ", ".join(
+        f"{d} {n / total:.1%}" for d, n in sorted(floats.items(), key=lambda x: -x[1]) if d != name
+    )
+    return Precision(
+        name,
+        f"{label}: {floats[name] / total:.1%} of its {total} weight values are stored in {name} "
+        f"(also {rest}, widened or rounded to {name} to run)",
+    )
 
 
 def open_runners(
@@ -441,13 +589,15 @@ def open_runners(
     provider: str = "auto",
     pn_groups: int | None = None,
     eps: float | None = None,
-) -> tuple[list[Runner], str]:
-    """Runners for checkpoints (torch executor) and ``.onnx`` files (ONNX Runtime), and the dtype.
+) -> tuple[list[Runner], Precision]:
+    """Runners for checkpoints (torch executor) and ``.onnx`` files (ONNX Runtime), and the
+    precision to compare them in.
 
-    ``dtype`` None: the lowest of the models' precisions (``stored_precision`` for checkpoints,
-    the export dtype for ONNX files). An ONNX file computes in its exported dtype only, so a
-    ``dtype`` more precise than that is refused: the comparison would measure the export's
-    rounding against tolerances it cannot meet.
+    ``dtype`` None: the lowest of the models' precisions (``checkpoint_precision`` for
+    checkpoints, the export dtype for ONNX files): the comparison cannot be finer than the
+    coarser side computes. An ONNX file computes in its exported dtype only, so a ``dtype``
+    more precise than that is refused: the comparison would measure the export's rounding
+    against tolerances it cannot meet.
     """
     onnx_runners = {p: OnnxRunner(p, provider) for p in paths if p.suffix.lower() == ".onnx"}
     models = {
@@ -455,9 +605,23 @@ def open_runners(
         for p in paths
         if p not in onnx_runners
     }
-    precisions = [r.precision for r in onnx_runners.values()]
-    precisions += [stored_precision(m) for m in models.values()]
-    name = dtype_name(dtype) if dtype else min(precisions, key=_BITS.__getitem__)
+    precisions = [
+        Precision(
+            onnx_runners[p].precision, f"{p}: an ONNX model exported in {onnx_runners[p].precision}"
+        )
+        if p in onnx_runners
+        else checkpoint_precision(models[p], str(p))
+        for p in paths
+    ]
+    if dtype:
+        chosen = Precision(dtype_name(dtype), f"--dtype {dtype_name(dtype)} given")
+    else:
+        low = min(precisions, key=lambda x: _BITS[x.name])
+        why = "; ".join(x.reason for x in precisions)
+        if any(x.name != low.name for x in precisions):
+            why += f"; compared in the lower, {low.name}"
+        chosen = Precision(low.name, why)
+    name = chosen.name
     for p, r in onnx_runners.items():
         if _BITS[r.precision] < _BITS[name]:
             raise NormtoolError(
@@ -478,4 +642,4 @@ def open_runners(
                     p,
                 )
             r.inputs = list(known)
-    return runners, name
+    return runners, chosen

@@ -317,3 +317,253 @@ def test_nonfinite_refused_by_the_writer_without_verify(tmp_path, capsys, models
     name = _nonfinite(value)(models["ln"], bad)
     argv = ["convert-ln-to-rms", bad, "-o", outdir / "o.safetensors", "--no-verify"]
     _check_refused(capsys, argv, bad, f"{name!r} holds NaN or Inf", outdir)
+
+
+# ---- trust: metadata, dtypes and sizes are checked, never believed (issue 19 items 3-6) -----
+TRUST_COMMANDS = ("inspect", "verify", "export", "convert-ln-to-rms", "fold", "merge", "loki-head")
+
+
+@pytest.fixture(scope="module")
+def trusted(tmp_path_factory, models) -> dict[str, Path]:
+    """A normtool output (the ln model converted to RMSNorm: it carries graph metadata), a
+    second one to merge it with, a 5-class MLP (for loki-head) and a 5-leaf label tree."""
+    from tests.conftest import cli as run  # noqa: PLC0415 - in-process, no capsys here
+
+    d = tmp_path_factory.mktemp("trusted")
+    out = {"metric": d / "tree.tsv"}
+    out["metric"].write_text("".join(f"{c}\troot\n" for c in "abcde"))
+    for name in ("ln", "ln2"):
+        out[f"{name}.rms"] = d / f"{name}.rms.safetensors"
+        r = run("convert-ln-to-rms", models[name], "-o", out[f"{name}.rms"])
+        assert r.returncode == 0, r.stderr
+    torch.manual_seed(0)
+    mlp = torch.nn.Sequential(torch.nn.Linear(12, 16), torch.nn.ReLU(), torch.nn.Linear(16, 5))
+    out["mlp"] = d / "mlp.safetensors"
+    save_file({k: v.contiguous() for k, v in mlp.state_dict().items()}, str(out["mlp"]))
+    return out
+
+
+def _trust_argv(command: str, bad: Path, good: Path, out: Path, metric: Path) -> list[object]:
+    """``command`` run on ``bad`` (the second model where it takes two, after ``good``)."""
+    if command == "inspect":
+        return [command, bad]
+    if command == "verify":
+        return [command, good, bad]
+    if command == "merge":
+        return [command, good, bad, "-o", out]
+    if command == "loki-head":
+        return [command, bad, "--metric", metric, "-o", out]
+    return [command, bad, "-o", out]
+
+
+def _edit_graph(edit: Callable[[dict], None]) -> Callable[[bytes], bytes]:
+    """Bytes → the same file with ``edit`` applied to its ``normtool.graph`` metadata."""
+
+    def tamper(raw: bytes) -> bytes:
+        h, data = _split(raw)
+        g = json.loads(h["__metadata__"]["normtool.graph"])
+        edit(g)
+        h["__metadata__"]["normtool.graph"] = json.dumps(g)
+        return _join(h, data)
+
+    return tamper
+
+
+def _op(kind: str) -> Callable[[dict], dict]:
+    return lambda g: next(o for o in g["ops"] if o["kind"] == kind)
+
+
+def _set(get: Callable[[dict], dict], key: str, value: object) -> Callable[[dict], None]:
+    return lambda g: get(g).__setitem__(key, value)
+
+
+def _attrs(kind: str) -> Callable[[dict], dict]:
+    return lambda g: _op(kind)(g)["attrs"]
+
+
+def _tensor(name: str) -> Callable[[dict], dict]:
+    return lambda g: g["tensors"][name]
+
+
+def _history(raw: bytes) -> bytes:
+    h, data = _split(raw)
+    h["__metadata__"]["normtool.history"] = '{"transform": "fold"}'
+    return _join(h, data)
+
+
+#: name → (bytes of the rms output → tampered bytes, words the one-line error must contain).
+#: Before these were checked, eps NaN/−1 made NaN models that export wrote with exit 0, a head
+#: count or table offset that does not fit ended in an "unexpected" error, a forged dtype
+#: loosened verify's tolerances.
+TAMPERED: dict[str, tuple[Callable[[bytes], bytes], str]] = {
+    "eps_nan": (_edit_graph(_set(_attrs("rmsnorm"), "eps", float("nan"))), "eps nan"),
+    "eps_negative": (_edit_graph(_set(_attrs("rmsnorm"), "eps", -1e-5)), "eps -1e-05"),
+    "eps_zero": (_edit_graph(_set(_attrs("rmsnorm"), "eps", 0)), "eps 0"),
+    "heads_not_dividing": (_edit_graph(_set(_attrs("attention"), "heads", 3)), "heads 3"),
+    "heads_zero": (_edit_graph(_set(_attrs("attention"), "heads", 0)), "heads 0"),
+    "heads_text": (_edit_graph(_set(_attrs("attention"), "heads", "4")), "heads '4'"),
+    "unknown_kind": (_edit_graph(_set(_op("rmsnorm"), "kind", "fancynorm")), "unknown kind"),
+    "unknown_act": (_edit_graph(_set(_attrs("act"), "fn", "exp")), "unknown activation"),
+    "positions_offset": (_edit_graph(_set(_attrs("positions"), "offset", 8)), "16-row table"),
+    "vocab_beyond_table": (
+        _edit_graph(lambda g: g["inputs"][0].__setitem__("vocab", 4096)),
+        "token ids read rows 0..4095",
+    ),
+    "dtype_claim": (_edit_graph(_set(_tensor("head.weight"), "dtype", "F16")), "header says F32"),
+    "slice_out_of_bounds": (
+        _edit_graph(_set(lambda g: _tensor("head.weight")(g)["source"], "slice", [0, 0, 999])),
+        "does not give graph tensor 'head.weight'",
+    ),
+    "reshape_wrong_size": (
+        _edit_graph(_set(lambda g: _tensor("head.weight")(g)["source"], "reshape", [7, 7])),
+        "does not give graph tensor 'head.weight'",
+    ),
+    "space_size_lie": (
+        _edit_graph(lambda g: g["spaces"]["resid"].__setitem__("size", 17)),
+        "space 'resid' has size 17",
+    ),
+    "ops_not_a_list": (_edit_graph(lambda g: g.__setitem__("ops", 5)), "not iterable"),
+    "history_not_a_list": (_history, "normtool.history is not a list of records"),
+}
+
+
+@pytest.mark.parametrize("command", TRUST_COMMANDS)
+@pytest.mark.parametrize("case", sorted(TAMPERED))
+def test_tampered_graph_metadata(tmp_path, capsys, trusted, command, case):
+    tamper, words = TAMPERED[case]
+    bad_dir, outdir = _dirs(tmp_path)
+    bad = bad_dir / f"{case}.safetensors"
+    bad.write_bytes(tamper(trusted["ln.rms"].read_bytes()))
+    out = outdir / ("o.onnx" if command == "export" else "o.safetensors")
+    argv = _trust_argv(command, bad, trusted["ln2.rms"], out, trusted["metric"])
+    _check_refused(capsys, argv, bad, "corrupt normtool graph metadata", outdir)
+    _, _, err = cli(capsys, *argv)
+    assert words.lower() in err.lower(), err
+
+
+@pytest.mark.parametrize("command", TRUST_COMMANDS)
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int8, torch.int64, torch.bool])
+def test_non_float_weights_refused_by_name(tmp_path, capsys, models, trusted, command, dtype):
+    """An integer or boolean weight is refused at load, naming it and the op that uses it:
+    before, inspect and export accepted it (an ONNX file ORT cannot load) and the others ended
+    in "unexpected RuntimeError"."""
+    bad_dir, outdir = _dirs(tmp_path)
+    src, key, op, extra = {
+        "fold": (models["un"], "blocks.1.attn.q.weight", "linear op 'blocks.1.attn.q'", []),
+        "loki-head": (trusted["mlp"], "2.weight", "linear op 'logits'", ["--act", "relu"]),
+    }.get(command, (models["ln"], "blocks.1.attn.q.weight", "linear op 'blocks.1.attn.q'", []))
+    tensors = load_file(src)
+    tensors[key] = (tensors[key] * 4).to(dtype)
+    bad = bad_dir / f"int_{str(dtype).removeprefix('torch.')}.safetensors"
+    save_file(tensors, str(bad), metadata=_metadata(src))
+    out = outdir / ("o.onnx" if command == "export" else "o.safetensors")
+    argv = _trust_argv(command, bad, models["ln2"], out, trusted["metric"]) + extra
+    stored = {torch.uint8: "U8", torch.int8: "I8", torch.int64: "I64", torch.bool: "BOOL"}[dtype]
+    words = f"tensor {key!r} is stored as {stored}; {op} needs floating-point weights"
+    _check_refused(capsys, argv, bad, words, outdir)
+
+
+def _metadata(src: Path) -> dict[str, str]:
+    from safetensors import safe_open  # noqa: PLC0415 - only these helpers keep the metadata
+
+    with safe_open(str(src), "pt") as f:
+        return f.metadata() or {}
+
+
+def test_unused_integer_tensors_are_still_accepted(tmp_path, capsys):
+    """Integer buffers no op reads (BatchNorm's num_batches_tracked) are not weights: kept."""
+    from tests.factories_ref import make_cnn  # noqa: PLC0415
+
+    cnn = make_cnn(tmp_path)
+    assert any(t.dtype == torch.int64 for t in load_file(cnn).values())
+    for argv in (["inspect", cnn], ["export", cnn, "-o", tmp_path / "cnn.onnx"]):
+        code, _, err = cli(capsys, *argv)
+        assert code == 0, err
+
+
+#: name → (state dict of the MLP → a hostile variant, words of the one-line error)
+ODD_TORCH: dict[str, tuple[Callable[[dict], dict], str]] = {
+    "int_key": (lambda sd: {0: sd.pop("0.weight"), **sd}, "key 0 (int) is not a tensor name"),
+    "sparse": (lambda sd: {**sd, "0.weight": sd["0.weight"].to_sparse()}, "is sparse_coo"),
+    "sparse_csr": (
+        lambda sd: {**sd, "0.weight": sd["0.weight"].to_sparse_csr()},
+        "is sparse_csr",
+    ),
+    "meta": (
+        lambda sd: {**sd, "0.weight": torch.empty(sd["0.weight"].shape, device="meta")},
+        "'0.weight' is a meta tensor",
+    ),
+}
+
+
+@pytest.mark.filterwarnings("ignore:Sparse CSR tensor support is in beta")
+@pytest.mark.parametrize("command", ["inspect", "verify", "export", "merge", "loki-head"])
+@pytest.mark.parametrize("case", sorted(ODD_TORCH))
+def test_odd_torch_state_dicts(tmp_path, capsys, trusted, command, case):
+    make, words = ODD_TORCH[case]
+    bad_dir, outdir = _dirs(tmp_path)
+    bad = bad_dir / f"{case}.pt"
+    torch.save(make(load_file(trusted["mlp"])), bad)
+    out = outdir / ("o.onnx" if command == "export" else "o.pt")
+    argv = _trust_argv(command, bad, trusted["mlp"], out, trusted["metric"]) + ["--act", "relu"]
+    _check_refused(capsys, argv, bad, words, outdir)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_loki_head_refuses_nonfinite_weights(tmp_path, capsys, trusted, value):
+    """Like every other writer: before, a NaN bias was written and called "verified"."""
+    bad_dir, outdir = _dirs(tmp_path)
+    tensors = load_file(trusted["mlp"])
+    tensors["2.bias"][1] = value
+    bad = bad_dir / "nonfinite.safetensors"
+    save_file(tensors, str(bad))
+    out = outdir / "o.safetensors"
+    argv = ["loki-head", bad, "--metric", trusted["metric"], "-o", out, "--act", "relu"]
+    _check_refused(capsys, argv, bad, "'1.bias' (stored as '2.bias') holds NaN or Inf", outdir)
+
+
+def _wide(path: Path, features: int) -> Path:
+    """An MLP checkpoint of zero-element tensors declaring ``features`` input features."""
+    save_file(
+        {
+            "0.weight": torch.zeros(0, features),
+            "0.bias": torch.zeros(0),
+            "2.weight": torch.zeros(5, 0),
+            "2.bias": torch.zeros(5),
+        },
+        str(path),
+    )
+    return path
+
+
+def test_declared_sizes_bound_verify_memory(tmp_path):
+    """A few hundred bytes declaring 30,000,000 input features: verify computes what one batch
+    would take from the declared sizes and refuses before allocating it — with the numbers.
+
+    Before, every batch's inputs were made up front (27 rows × 30M × 8 bytes = 6.5 GB) and the
+    run died in the allocator. Measured in a child process: its peak RSS must stay far below
+    the 1.9 GB that one batch of 16 rows would take (a bare CLI start is ~0.4 GB).
+    """
+    import resource  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+
+    from tests.conftest import run_cli  # noqa: PLC0415
+
+    bad = _wide(tmp_path / "wide.safetensors", 30_000_000)
+    assert bad.stat().st_size < 400
+    r = run_cli("verify", bad, bad, "--act", "relu", "--max-memory", "2")
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    # one batch of 16 rows: 16 × 30M fp64 inputs = 3.58 GiB, fp32 activations 4 × 1.79 GiB
+    assert "needs ~10.7 GiB for one batch (16:" in lines[0], lines[0]
+    assert "inputs 3.58 GiB" in lines[0] and "limit of 2 GiB" in lines[0], lines[0]
+    if sys.platform == "linux":  # ru_maxrss of children: KiB on Linux
+        assert resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss < 1_000_000
+
+
+def test_declared_sizes_bound_verify_memory_by_default(tmp_path, capsys):
+    """Without --max-memory the bound is a quarter of physical memory: 3·10⁹ declared features
+    (384 GB for one batch of inputs) are refused on any machine."""
+    bad = _wide(tmp_path / "wider.safetensors", 3_000_000_000)
+    code, _, err = cli(capsys, "verify", bad, bad, "--act", "relu")
+    assert code == 2 and "above the limit of" in err and "quarter of physical memory" in err, err

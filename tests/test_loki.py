@@ -392,3 +392,22 @@ def test_bad_metric_from_outside(tmp_path):
     r = run_cli("loki-head", src, "--metric", tmp_path / "t.tsv")
     assert r.returncode == 2 and "t.tsv" in r.stderr and "roots" in r.stderr
     assert "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("-inf")])
+def test_nonfinite_weights_are_refused(tmp_path, value):
+    """``add_loki_head`` refuses NaN/Inf weights like every transform (the CLI case is in
+    test_hostile): a NaN logit makes every risk NaN, and the self-check, run against the same
+    NaN logits, called the result "verified"."""
+    from normtool.errors import NormtoolError
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    sd = {k: v.detach().clone() for k, v in net.state_dict().items()}
+    sd["2.bias"][0] = value
+    path = tmp_path / "m.safetensors"
+    save_file(sd, str(path))
+    names = ["a", "b", "c"]
+    space = resolve_labels(MatrixMetric(names, 1.0 - np.eye(3)), 3, None, names)
+    with pytest.raises(NormtoolError, match=r"'1\.bias' \(stored as '2\.bias'\) holds NaN or Inf"):
+        add_loki_head(load_model(path, act="relu"), space, {})

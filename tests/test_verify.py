@@ -221,8 +221,8 @@ def test_family_export_and_perturbed(family, tmp_path):
     moved = _perturb_copy(ckpt, key, tmp_path / "moved")
 
     def check(a: Path, b: Path, dtype: str | None = None) -> Report:
-        (ra, rb), name = open_runners([a, b], dtype, **opts)
-        return compare(ra, rb, name)
+        (ra, rb), precision = open_runners([a, b], dtype, **opts)
+        return compare(ra, rb, precision.name)
 
     exported = check(ckpt, onnx_path)
     assert exported.ok, exported.to_dict()
@@ -288,3 +288,104 @@ def test_half_precision_runs(mlp_path, mlp_pair, dtype):
         and json.loads(r.stdout)["outputs"][0]["dtype"]
         == {"fp16": "float16", "bf16": "bfloat16"}[dtype]
     )
+
+
+# ---- precision: from the header, following most weights; memory bounded by declared sizes ----
+def _cast(src: Path, out: Path, dtype: torch.dtype, keep: dict[str, torch.dtype]) -> Path:
+    """A copy of ``src`` with every tensor in ``dtype`` except those named in ``keep``."""
+    with safe_open(str(src), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - not a dict
+    save_file({k: v.to(keep.get(k, dtype)) for k, v in tensors.items()}, str(out))
+    return out
+
+
+def test_one_bf16_tensor_does_not_relax_an_fp32_comparison(mlp_pair, tmp_path):
+    """An fp32 MLP with its last bias stored in bf16 still computes in fp32 (the executor widens
+    bf16 exactly), so the 1e-3 move stays caught: before, the stray tensor set bf16 tolerances
+    (atol 1e-2) and the move passed as "equivalent (bf16 …)"."""
+    a, b = (_cast(p, tmp_path / f"{p.stem}.mixed.safetensors", torch.float32,
+                  {"4.bias": torch.bfloat16}) for p in mlp_pair[:2])  # fmt: skip
+    r = verify_cli(a, b, "--json")
+    assert r.returncode == 1, r.stdout + r.stderr
+    d = json.loads(r.stdout)
+    assert d["precision"] == d["dtype"] == "fp32"
+    # 12·32+32 + 32·16+16 + 16·5+5 = 1029 values, 5 of them (4.bias) bf16: 1024/1029 = 99.5 %
+    want = f"{a}: 99.5% of its 1029 weight values are stored in fp32 (also bf16 0.5%"
+    assert d["precision_reason"].startswith(want), d["precision_reason"]
+
+
+def test_a_bf16_model_with_fp32_norms_stays_bf16(mlp_path, tmp_path):
+    """The other way round: bf16 weights with one fp32 tensor compute in bf16."""
+    m = _cast(mlp_path, tmp_path / "bf16.safetensors", torch.bfloat16, {"4.bias": torch.float32})
+    r = verify_cli(m, m, "--json")
+    assert r.returncode == 0, r.stderr
+    d = json.loads(r.stdout)
+    assert d["precision"] == "bf16" and "(also fp32 0.5%" in d["precision_reason"]
+
+
+def test_precision_reason_names_the_lower_side_and_given_dtype(mlp_path, tmp_path):
+    fp16 = export_model(load_model(mlp_path), tmp_path / "m16.onnx", dtype="fp16").path
+    d = json.loads(verify_cli(mlp_path, fp16, "--json").stdout)
+    assert d["precision"] == "fp16"
+    assert d["precision_reason"] == (
+        f"{mlp_path}: every weight is stored in fp32; {fp16}: an ONNX model exported in fp16; "
+        "compared in the lower, fp16"
+    )
+    d = json.loads(verify_cli(mlp_path, mlp_path, "--json", "--dtype", "fp64").stdout)
+    assert (d["precision"], d["precision_reason"]) == ("fp64", "--dtype fp64 given")
+
+
+def test_metadata_dtype_claim_cannot_loosen_tolerances(tmp_path):
+    """A normtool output moved by 1e-3 fails verify (exit 1); the same file whose graph
+    metadata claims F16 for one tensor (header: F32) was "equivalent (fp16 …)" with exit 0.
+    Now the claim is checked against the header on load: exit 2, naming both."""
+    src = fr.make_reference_transformer(tmp_path)
+    rms = tmp_path / "rms.safetensors"
+    assert cli("convert-ln-to-rms", src, "-o", rms).returncode == 0
+    moved = _perturb_copy(rms, "blocks.0.mlp.fc1.weight", tmp_path / "moved")
+    assert verify_cli(rms, moved).returncode == 1
+    raw = moved.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    graph = json.loads(header["__metadata__"]["normtool.graph"])
+    graph["tensors"]["tok_emb.weight"]["dtype"] = "F16"
+    header["__metadata__"]["normtool.graph"] = json.dumps(graph)
+    text = json.dumps(header).encode()
+    forged = tmp_path / "forged.safetensors"
+    forged.write_bytes(len(text).to_bytes(8, "little") + text + raw[8 + n :])
+    r = verify_cli(rms, forged)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "graph says tensor 'tok_emb.weight' is F16, the header says F32" in r.stderr
+
+
+@pytest.mark.parametrize("family", ["ref_transformer", "vit", "cnn"])
+def test_largest_activation_bounds_what_the_executor_makes(family, tmp_path, monkeypatch):
+    """The static estimate (declared shapes only) against the largest tensor any op actually
+    returns, recorded by wrapping every op of the executor: never below it, at most 4× above
+    (attention scores and the input, which no op returns, may be the largest)."""
+    from normtool.runtime import torch_exec  # noqa: PLC0415
+    from normtool.verify import largest_activation  # noqa: PLC0415
+
+    make, opts, _, _ = FAMILIES[family]
+    model = load_model(make(tmp_path), **opts)
+    seen = [0]
+
+    def spy(fn):
+        def run(op, xs, p):
+            y = fn(op, xs, p)
+            seen[0] = max(seen[0], y.numel())
+            return y
+
+        return run
+
+    monkeypatch.setattr(torch_exec, "OPS", {k: spy(f) for k, f in torch_exec.OPS.items()})
+    batch, seq = 3, 5
+    torch_exec.run_graph(model.graph, model.weights(), random_inputs(model.graph, batch, seq, 0))
+    estimate = largest_activation(model.graph, batch, seq)
+    assert seen[0] <= estimate <= 4 * seen[0], (seen[0], estimate)
+
+
+def test_max_memory_must_be_positive(mlp_path):
+    for bad in ("0", "-1", "nan"):
+        r = verify_cli(mlp_path, mlp_path, "--max-memory", bad)
+        assert r.returncode == 2 and "expected a number of GiB > 0" in r.stderr, r.stderr

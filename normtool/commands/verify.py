@@ -5,6 +5,7 @@ The CI gate: exit 0 equivalent, 1 not (CheckFailed), 2 when they cannot be compa
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated
 
@@ -23,7 +24,7 @@ from normtool.commands.common import (
     emit,
     progress,
 )
-from normtool.errors import CheckFailed
+from normtool.errors import CheckFailed, NormtoolError
 from normtool.verify import DEFAULT_SAMPLES, Report, compare, open_runners
 
 ModelArg = Annotated[Path, typer.Argument(help="Checkpoint, model folder or .onnx file.")]
@@ -85,6 +86,14 @@ def verify(
     ] = "auto",
     time_limit: TimeLimitOpt = None,
     memory_limit: MemoryLimitOpt = None,
+    max_memory: Annotated[
+        float | None,
+        typer.Option(
+            "--max-memory",
+            help="Refuse when one batch of inputs and activations would need more GiB "
+            "(default: a quarter of physical memory).",
+        ),
+    ] = None,
     arch: ArchOpt = None,
     heads: HeadsOpt = None,
     pn_groups: PnGroupsOpt = None,
@@ -95,16 +104,30 @@ def verify(
     """Compare A (reference) and B on seeded random inputs; exit 0 equivalent, 1 not."""
     if any(p.suffix.lower() == ".onnx" for p in (a, b)):
         bound_onnx_runs(time_limit, memory_limit)
-    (ra, rb), name = open_runners([a, b], dtype, arch, heads, act, provider, pn_groups, eps)
+    if max_memory is not None and not (math.isfinite(max_memory) and max_memory > 0):
+        raise NormtoolError(f"--max-memory {max_memory}: expected a number of GiB > 0")
+    (ra, rb), prec = open_runners([a, b], dtype, arch, heads, act, provider, pn_groups, eps)
+    name = prec.name
+    limit = None if max_memory is None else int(max_memory * 2**30)
     report = compare(
-        ra, rb, name, samples, seed, atol, rtol, lambda plan: progress(plan, "verify", len(plan))
+        ra,
+        rb,
+        name,
+        samples,
+        seed,
+        atol,
+        rtol,
+        lambda plan: progress(plan, "verify", len(plan)),
+        max_memory=limit,
     )
     assumed = [(r.label, x) for r in (ra, rb) for x in r.assumptions]
     assumptions = [{"file": f, **x.to_dict()} for f, x in assumed]
+    extra = {"precision": prec.name, "precision_reason": prec.reason, "assumptions": assumptions}
     lines = report_lines(report)
+    lines.insert(2, f"  precision {prec.name}: {prec.reason}")
     # a failed comparison keeps stderr to its one error line; the report names the assumptions,
     # which may be why the models differ
     lines += [f"  assumed for {f}: {x.line()}" for f, x in assumed]
-    emit(as_json, report.to_dict() | {"assumptions": assumptions}, lines, announce=report.ok)
+    emit(as_json, report.to_dict() | extra, lines, announce=report.ok)
     if not report.ok:
         raise CheckFailed("not equivalent: " + "; ".join(report.failures()), b)

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from normtool.errors import CheckFailed, NormtoolError
+from normtool.finite import require_finite
 from normtool.graph import Graph, Op, Source, Space, TensorSpec
 from normtool.history import entry
 from normtool.inputs import max_seq, random_inputs
@@ -121,10 +122,13 @@ def add_loki_head(
 ) -> Model:
     """A copy of ``model`` whose graph also outputs ``prediction`` (int64 index into the N
     labels); ``logits`` and every other tensor are untouched. Self-verified unless ``verify``
-    is false (the achieved error goes into the history entry)."""
+    is false (the achieved error goes into the history entry). Non-finite weights are refused
+    like every transform does: a NaN logit makes every risk NaN and ``argmin`` a meaningless
+    label, and the self-check (which compares against the same NaN logits) cannot see it."""
     reasons = check(model.graph)
     if reasons:
         raise NormtoolError("cannot add a Loki head: " + "; ".join(reasons))
+    require_finite(model)
     g = model.graph.copy()
     logits_space = g.value_spaces["logits"]
     k = g.spaces[logits_space].size
