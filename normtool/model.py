@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 
+from normtool.analysis import parameter_count
 from normtool.arch.family import Assumption
 from normtool.graph import Graph, Source
 from normtool.io.store import Checkpoint
@@ -108,13 +109,8 @@ class Model:
         return Model(graph, self.checkpoint, merged, [*self.history, entry], self.assumptions)
 
     def param_count(self) -> int:
-        n = 0
-        for spec in self.graph.tensors.values():
-            k = 1
-            for s in spec.shape:
-                k *= s
-            n += k
-        return n
+        """Trained parameter elements, each stored tensor once (``analysis.parameter_count``)."""
+        return parameter_count(self.graph)
 
 
 class _LazyWeights(Mapping[str, torch.Tensor]):

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
+from normtool.load import load_model
 from normtool.nn.transformer import ReferenceTransformer, transformer_config
 from normtool.refusal import MIN_REASON, WIDTH, refusal_line
 from tests.conftest import cli
@@ -156,7 +157,9 @@ def test_parameter_count_is_the_original_models(models, name):
     BatchNorms carry running statistics (counted as parameters)."""
     r = cli("inspect", models / name, "--json")
     assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout)["parameters"] == _torch_count(load_hf(models / name))
+    want = _torch_count(load_hf(models / name))
+    assert json.loads(r.stdout)["parameters"] == want
+    assert load_model(models / name).param_count() == want  # the figure scripts report
 
 
 @pytest.mark.parametrize("norm, name", [("un", "ref_un"), ("powernorm", "ref_pn")])
