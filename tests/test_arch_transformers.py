@@ -475,3 +475,24 @@ def test_barrier_refuses_a_base_model(variant_dir, tmp_path, capsys):
     code, _, err = cli(capsys, "barrier", path, path, "--data", data, "--steps", 2)
     assert code == 2 and "logits" in err and "last_hidden_state" in err
     assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize(
+    ("case", "key"),
+    [
+        ("gpt2", "transformer.h.1.ln_2.weight"),
+        ("bert", "bert.encoder.layer.0.output.LayerNorm.bias"),
+        ("opt_pre", "model.decoder.final_layer_norm.bias"),
+        ("vit", "vit.layernorm.weight"),
+    ],
+)
+def test_missing_norm_parameter_is_named(case, key, hf_dir, tmp_path, capsys):
+    """Hugging Face LayerNorms always store γ and β: a missing one is refused by name, never
+    read as 1 or 0 (which computes another model)."""
+    path = tmp_path / case
+    shutil.copytree(hf_dir(case), path)
+    sd = load_file(str(path / "model.safetensors"))
+    del sd[key]
+    save_file(sd, str(path / "model.safetensors"))
+    code, _, err = cli(capsys, "inspect", path)
+    assert code == 2 and repr(key) in err and len(err.strip().splitlines()) == 1

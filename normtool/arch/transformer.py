@@ -15,11 +15,13 @@ Layout keys
                 heads, layers, eps, stat_eps (UN/PowerNorm/BatchNorm eps), pn_groups (PowerNorm's
                 group count; the head count when absent), act, tie, placement (pre|post),
                 parallel, causal, norm (a kind, or ``auto``: recognised from buffers), classify
-                (head on token 0), pos_offset, type_index. ``"assumed": why`` marks a setting the
-                files usually do not record (timm's eps, PowerNorm's groups): unless the config
-                has its key, the value is an assumption — stated to the user and recorded — and
-                the matching flag (``--eps``, ``--pn-groups``) replaces it. A flag that
-                contradicts a recorded value is refused.
+                (head on token 0), pos_offset, type_index, affine (every norm stores its
+                weight and bias: a missing one is refused, not read as 1 and 0; off for
+                normtool's models, whose norms may be weightless). ``"assumed": why`` marks a
+                setting the files usually do not record (timm's eps, PowerNorm's groups): unless
+                the config has its key, the value is an assumption — stated to the user and
+                recorded — and the matching flag (``--eps``, ``--pn-groups``) replaces it. A flag
+                that contradicts a recorded value is refused.
 ``require``     config values the builder supports (anything else is refused by name).
 ``embed``       ``tok``/``pos``/``type`` tensor keys, ``norm`` and ``project_in`` prefixes; or for
                 images ``patch`` (conv prefix), ``cls``, ``pos``.
@@ -182,6 +184,7 @@ class Settings:
     classify: bool
     pos_offset: int
     type_index: int
+    affine: bool
 
 
 _DEFAULTS: dict[str, Any] = {
@@ -192,6 +195,7 @@ _DEFAULTS: dict[str, Any] = {
     "classify": False,
     "pos_offset": 0,
     "type_index": 0,
+    "affine": False,
 }
 
 _MISSING = object()
@@ -407,7 +411,7 @@ class _Build:
             key = f"{prefix}.{role}"
             if key in self.ck:
                 params[role] = self.b.tensor(f"{name}.{role}", key, ("resid",), squeeze=True)
-            elif required:
+            elif required or self.s.affine:
                 raise NormtoolError(f"expected tensor {key!r} is missing ({kind})", self.ck.path)
         self.described.update(f"{prefix}.{buf}" for buf in buffers)
         setting = "eps" if kind in _AFFINE_EPS else "stat_eps"
