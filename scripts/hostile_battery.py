@@ -25,6 +25,7 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -33,7 +34,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -79,8 +80,7 @@ class Case:
     must_fail: set[str] = field(default_factory=lambda: set(COMMANDS))
     extra: list[str] = field(default_factory=list)  # options for the writing commands
     commands: tuple[str, ...] = COMMANDS
-    dir: Path = Path()  # the case's folder: the commands run there, and it is watched
-    built: set[str] = field(default_factory=set)  # what the folder held before any run
+    dir: Path = Path()  # the case's folder: each run gets a copy, runs there, and is watched
 
 
 # ---- good models the cases start from -------------------------------------------------------
@@ -144,9 +144,7 @@ def build_cases(base: Path, good: Path, rms: Path) -> list[Case]:
 
     def add(name: str, make: Callable[[Path], Path], **kw) -> None:
         d = folder(name)
-        case = Case(name, make(d), **kw)
-        case.dir, case.built = d, {p.name for p in d.iterdir()}
-        cases.append(case)
+        cases.append(Case(name, make(d), dir=d, **kw))
 
     raw = good.read_bytes()
     add("truncated", lambda d: _write(d / "m.safetensors", raw[: len(raw) // 2]))
@@ -501,6 +499,7 @@ def classify(
         return "data written wrongly"
     lines = err.strip().splitlines()
     names = {Path(a).name for a in args if a} | {"-o", "--", "output"}
+    names |= {n.encode("unicode_escape").decode() for n in names}  # escaped control characters
     if "Traceback" in err or rc not in (0, 1, 2, 3):
         return "traceback"
     if "unexpected " in err:
@@ -514,8 +513,27 @@ def classify(
     return "clean refusal"
 
 
+def _clone(src: Path, dst: Path) -> None:
+    """Copy a case folder as built: FIFOs made anew (never opened), links kept as links."""
+    dst.mkdir(parents=True)
+    for p in src.iterdir():
+        q = dst / p.name
+        if p.is_symlink():
+            q.symlink_to(os.readlink(p))
+        elif p.is_dir():
+            _clone(p, q)
+        elif p.is_file():
+            shutil.copy2(p, q)
+        else:
+            os.mkfifo(q)
+
+
 def run_one(tree: Path, case: Case, command: str, good: Path, metric: Path, limit: float) -> dict:
-    d = case.dir
+    """Run ``command`` on a fresh copy of the case's folder (runs never see each other's
+    outputs, and may run in parallel), classify it, remove the copy."""
+    d = case.dir.with_name(f"{case.dir.name}.{command}")
+    _clone(case.dir, d)
+    case = replace(case, dir=d, model=d / case.model.relative_to(case.dir))
     before = _hashes(d)
     env = {**os.environ, "PYTHONPATH": str(tree), "CI": "1"}
     args = argv(case, command, good, metric)
@@ -535,9 +553,7 @@ def run_one(tree: Path, case: Case, command: str, good: Path, metric: Path, limi
         )
     after = _hashes(d)
     cls = classify(case, command, args, rc, err, before, after)
-    for p in d.iterdir():  # each run starts from the case as built
-        if p.name not in case.built:
-            _remove(p)
+    shutil.rmtree(d, ignore_errors=True)
     return {
         "case": case.name,
         "command": command,
@@ -546,15 +562,6 @@ def run_one(tree: Path, case: Case, command: str, good: Path, metric: Path, limi
         "seconds": round(time.monotonic() - t0, 2),
         "stderr": err.strip().splitlines()[-1][:300] if err.strip() else "",
     }
-
-
-def _remove(p: Path) -> None:
-    import shutil
-
-    if p.is_dir() and not p.is_symlink():
-        shutil.rmtree(p, ignore_errors=True)
-    else:
-        p.unlink(missing_ok=True)
 
 
 def battery(
