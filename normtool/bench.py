@@ -26,6 +26,7 @@ import onnxruntime
 import torch
 
 from normtool import __version__
+from normtool.arch.convnets import DEFAULT_IMAGE_SIZE
 from normtool.arch.family import Assumption
 from normtool.errors import NormtoolError
 from normtool.export import export_model
@@ -57,13 +58,19 @@ def _signature(path: Path) -> list[InputSpec]:
     specs = []
     for i in proto.graph.input:
         t = i.type.tensor_type
+        # a float [B, C, H, W] input with free H/W is an image: timed at the usual size, not at
+        # the --seq lengths
+        tokens = t.elem_type == onnx.TensorProto.INT64
+        image = not tokens and len(t.shape.dim) == 4
         dims: list[int | str] = []
         for k, d in enumerate(t.shape.dim):
             if d.HasField("dim_value"):
                 dims.append(d.dim_value)
+            elif k == 0:
+                dims.append("batch")
             else:
-                dims.append("batch" if k == 0 else "seq")
-        kind = "tokens" if t.elem_type == onnx.TensorProto.INT64 else "features"
+                dims.append(DEFAULT_IMAGE_SIZE if image and k >= 2 else "seq")
+        kind = "tokens" if tokens else "pixels" if image else "features"
         # a foreign model's vocabulary is unknown: id 0..1 is valid for any embedding table
         specs.append(InputSpec(i.name, kind, tuple(dims), vocab=2 if kind == "tokens" else 0))
     return specs

@@ -615,3 +615,18 @@ def test_verify_and_bench_pick_the_signature_image_size(checkpoint, tmp_path):
     )
     r = cli("verify", folder, out, "--samples", "2")
     assert r.returncode == 0, r.stderr
+
+
+def test_bench_times_a_foreign_image_model_at_the_usual_size(checkpoint, tmp_path):
+    """An ONNX file without normtool's signature whose image input has free height/width is
+    timed at 224×224, not at the sequence lengths meant for token models."""
+    from normtool.bench import prepare
+
+    out = tmp_path / "r.onnx"
+    export_model(load_model(checkpoint("resnet")), out)
+    proto = onnx.load(str(out))
+    del proto.metadata_props[:]
+    foreign = tmp_path / "foreign.onnx"
+    onnx.save(proto, str(foreign))
+    spec = prepare([foreign], tmp_path, "fp32", None, None, None)[0].signature[0]
+    assert (spec.kind, spec.shape) == ("pixels", ("batch", 3, 224, 224))
