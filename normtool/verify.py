@@ -336,30 +336,39 @@ class _Acc:
 #: Live copies of the largest activation assumed at the peak: an op's input and output, the
 #: residual stream kept for the next add, and one temporary (norm statistics, a cast).
 LIVE_ACTIVATIONS = 4
-#: The default memory limit, as a fraction of physical memory: verify shares the machine (CI
-#: runners run jobs side by side) and the weights it reads per op come on top.
-MEMORY_FRACTION = 0.25
+#: Bytes per output element the comparison itself holds (``_Acc.add``): both outputs widened to
+#: float64, their difference, and a boolean mask.
+COMPARE_BYTES = 3 * 8 + 1
+#: ``verify``'s bound when ``--memory-limit`` is not given: the default ONNX Runtime is held to
+#: (``runtime.ort.DEFAULT_MEMORY_LIMIT``; not imported, onnxruntime costs every checkpoint-only
+#: run ~0.1 s): one limit, fixed rather than a share of RAM so CI runners refuse the same files.
+#: It holds GPT-2's batch of 2 × 1024 tokens (50,257-way logits: ~3.3 GB by ``batch_bytes``).
+VERIFY_MEMORY_LIMIT = 4 * 10**9
 
 
 def memory_limit() -> int:
-    """The default memory bound in bytes: ``MEMORY_FRACTION`` of physical memory."""
-    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * MEMORY_FRACTION)
+    """The bound of a comparison not given one (a transform's self-check): half of physical
+    memory. Why not ``VERIFY_MEMORY_LIMIT``: a self-check takes no flag, and refusing a model
+    that fits would stop a conversion that works; this only refuses what cannot run well."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
 
 
-def largest_activation(graph: Graph, batch: int, seq: int) -> int:
-    """Elements of the largest tensor the executor makes for one batch: every op's output
-    (positions per row × the width of its space) and attention's score matrices.
+def activation_sizes(graph: Graph, batch: int, seq: int) -> tuple[int, int]:
+    """(elements of the largest tensor the executor makes for one batch, elements of the
+    graph's outputs), from the declared shapes alone, before anything is allocated.
 
-    Positions per row: a token sequence's length, a feature row's 1, an image's H·W, divided
-    by each conv, pool or patch stride squared, 1 after pooling. Computed from the declared
-    shapes alone, before anything is allocated.
+    The largest tensor: a graph input, an op's output (positions per row × the width of its
+    space) or attention's score matrices. Positions per row: a token sequence's length, a
+    feature row's 1, an image's H·W, divided by each conv, pool or patch stride squared, 1
+    after pooling.
     """
     pos: dict[str, int] = {}
     for spec in graph.inputs:
         shape = input_shape(spec, 1, seq)
         rows = {"tokens": shape[1:], "pixels": shape[2:]}.get(spec.kind, shape[1:-1])
         pos[spec.name] = math.prod(rows)
-    biggest = max((math.prod(input_shape(s, batch, seq)) for s in graph.inputs), default=0)
+    size = {s.name: math.prod(input_shape(s, batch, seq)) for s in graph.inputs}
+    biggest = max(size.values(), default=0)
     for op in graph.ops:
         n = max((pos.get(v, 1) for v in op.inputs), default=1)
         step = {
@@ -377,17 +386,22 @@ def largest_activation(graph: Graph, batch: int, seq: int) -> int:
             biggest = max(biggest, batch * op.attrs.get("heads", 1) * n * n)
         pos[op.output] = n
         space = graph.spaces.get(graph.value_spaces.get(op.output, ""))
-        biggest = max(biggest, batch * n * (space.size if space else 1))
-    return biggest
+        size[op.output] = batch * n * (space.size if space else 1)
+        biggest = max(biggest, size[op.output])
+    return biggest, sum(size.get(o, 0) for o in graph.outputs)
 
 
-def _batch_bytes(
+def batch_bytes(
     specs: list[InputSpec], graphs: list[Graph], batch: int, seq: int, itemsize: int
 ) -> tuple[int, int]:
-    """(bytes of one batch's random inputs as made, bytes of the live activations at the peak)."""
+    """(bytes of one batch's random inputs as made, bytes of the rest at the peak): whichever
+    is larger of running a model (``LIVE_ACTIVATIONS`` copies of the largest tensor, beside
+    the other model's outputs) and comparing the outputs (both, and ``COMPARE_BYTES`` each)."""
     made = sum(math.prod(input_shape(s, batch, seq)) * 8 for s in specs)  # fp64 or int64
-    act = max((largest_activation(g, batch, seq) for g in graphs), default=0)
-    return made, LIVE_ACTIVATIONS * act * itemsize
+    sizes = [activation_sizes(g, batch, seq) for g in graphs] or [(0, 0)]
+    act, out = max(a for a, _ in sizes), max(o for _, o in sizes)
+    running = LIVE_ACTIVATIONS * act * itemsize + out * itemsize
+    return made, max(running, out * (2 * itemsize + COMPARE_BYTES))
 
 
 def check_memory(
@@ -400,8 +414,9 @@ def check_memory(
     together: bool,
 ) -> bool:
     """Refuse a comparison whose declared sizes need more than ``limit`` bytes (default
-    ``memory_limit()``), before any input is made; returns whether the batches may run in one
-    pass (``together``: all batches' inputs and activations live at once) or must go one by one.
+    ``memory_limit()``) for one batch, before any input is made; returns whether the batches
+    may run in one pass (``together``: all batches' inputs and activations live at once) or
+    must go one by one.
 
     Why from declared sizes: a 300-byte checkpoint of zero-element tensors can declare
     30,000,000 input features; its random inputs alone would take gigabytes per batch. ONNX
@@ -410,16 +425,16 @@ def check_memory(
     """
     limit = memory_limit() if limit is None else limit
     graphs = [r.graph for r in (a, b) if isinstance(r, TorchRunner)]
-    sizes = [_batch_bytes(specs, graphs, bs, sq or 1, dtype.itemsize) for bs, sq in plan]
+    sizes = [batch_bytes(specs, graphs, bs, sq or 1, dtype.itemsize) for bs, sq in plan]
     worst = max(range(len(plan)), key=lambda k: sum(sizes[k]))
-    made, act = sizes[worst]
-    if made + act > limit:
+    made, rest = sizes[worst]
+    if made + rest > limit:
         batch, seq = plan[worst]
         shape = f"{batch}×{seq}" if seq is not None else str(batch)
         raise NormtoolError(
-            f"comparing needs ~{_gib(made + act)} for one batch ({shape}: inputs {_gib(made)}, "
-            f"activations {_gib(act)}), above the limit of {_gib(limit)} "
-            "(--max-memory GIB; default a quarter of physical memory)",
+            f"comparing needs ~{_gib(made + rest)} for one batch ({shape}: inputs {_gib(made)}, "
+            f"activations and outputs {_gib(rest)}), above the limit of {_gib(limit)} "
+            "(--memory-limit)",
             a.label,
         )
     return together and sum(m + x for m, x in sizes) <= limit

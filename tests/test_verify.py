@@ -18,6 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from normtool.errors import NormtoolError
 from normtool.export import export_model
 from normtool.inputs import random_inputs
 from normtool.load import load_model
@@ -359,12 +360,13 @@ def test_metadata_dtype_claim_cannot_loosen_tolerances(tmp_path):
 
 
 @pytest.mark.parametrize("family", ["ref_transformer", "vit", "cnn"])
-def test_largest_activation_bounds_what_the_executor_makes(family, tmp_path, monkeypatch):
-    """The static estimate (declared shapes only) against the largest tensor any op actually
-    returns, recorded by wrapping every op of the executor: never below it, at most 4× above
-    (attention scores and the input, which no op returns, may be the largest)."""
+def test_activation_sizes_bound_what_the_executor_makes(family, tmp_path, monkeypatch):
+    """The static estimate (declared shapes only) against the tensors the ops actually return,
+    recorded by wrapping every op of the executor: the largest never above the estimate, at
+    most 4× below it (attention scores and the input, which no op returns, may be larger);
+    the outputs' element count exact."""
     from normtool.runtime import torch_exec  # noqa: PLC0415
-    from normtool.verify import largest_activation  # noqa: PLC0415
+    from normtool.verify import activation_sizes  # noqa: PLC0415
 
     make, opts, _, _ = FAMILIES[family]
     model = load_model(make(tmp_path), **opts)
@@ -380,12 +382,35 @@ def test_largest_activation_bounds_what_the_executor_makes(family, tmp_path, mon
 
     monkeypatch.setattr(torch_exec, "OPS", {k: spy(f) for k, f in torch_exec.OPS.items()})
     batch, seq = 3, 5
-    torch_exec.run_graph(model.graph, model.weights(), random_inputs(model.graph, batch, seq, 0))
-    estimate = largest_activation(model.graph, batch, seq)
-    assert seen[0] <= estimate <= 4 * seen[0], (seen[0], estimate)
+    x = random_inputs(model.graph, batch, seq, 0)
+    outs = torch_exec.run_graph(model.graph, model.weights(), x)
+    largest, outputs = activation_sizes(model.graph, batch, seq)
+    assert seen[0] <= largest <= 4 * seen[0], (seen[0], largest)
+    assert outputs == sum(y.numel() for y in outs.values())
 
 
-def test_max_memory_must_be_positive(mlp_path):
-    for bad in ("0", "-1", "nan"):
-        r = verify_cli(mlp_path, mlp_path, "--max-memory", bad)
-        assert r.returncode == 2 and "expected a number of GiB > 0" in r.stderr, r.stderr
+def test_verify_memory_default_is_onnx_runtimes():
+    """One limit for both sides of verify: the checkpoint side's default is ORT's."""
+    from normtool.runtime.ort import DEFAULT_MEMORY_LIMIT  # noqa: PLC0415
+    from normtool.verify import VERIFY_MEMORY_LIMIT  # noqa: PLC0415
+
+    assert VERIFY_MEMORY_LIMIT == DEFAULT_MEMORY_LIMIT
+
+
+def test_check_memory_runs_batches_together_only_when_all_fit(mlp_path):
+    """The mlp (12 → 32 → 16 → 5) in fp32, per row: inputs made in fp64 12·8 = 96 bytes; the
+    run 4 live copies of the widest value (32 floats) and the 5 outputs, 4·32·4 + 5·4 = 532
+    (above the comparison's 5·(2·4 + 25) = 165). Batches of 1 and 2 rows: 628 and 1256 bytes."""
+    from normtool.verify import TorchRunner, check_memory  # noqa: PLC0415
+
+    m = load_model(mlp_path, act="relu")
+    a, b = TorchRunner(m, "fp32"), TorchRunner(m, "fp32")
+    plan = [(1, None), (2, None)]
+
+    def check(limit: int) -> bool:
+        return check_memory(a, b, m.graph.inputs, plan, torch.float32, limit, together=True)
+
+    assert check(1884) is True  # both batches at once: 628 + 1256
+    assert check(1883) is False  # one by one
+    with pytest.raises(NormtoolError, match=r"one batch \(2: .*above the limit"):
+        check(1255)

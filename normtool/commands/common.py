@@ -78,25 +78,33 @@ MemoryLimitOpt = Annotated[
     typer.Option(
         "--memory-limit",
         help="ONNX Runtime's working memory, all models together (not weights), e.g. 4GB, "
-        "512MB: a larger declared or requested allocation is refused (exit 2; default 4GB).",
+        "512MB: a larger declared or requested allocation is refused (exit 2; default 4GB). "
+        "verify also holds one batch of a checkpoint's inputs and activations to it.",
     ),
 ]
 
 
-def bound_onnx_runs(time_limit: float | None, memory_limit: str | None) -> None:
-    """Apply ``--time-limit``/``--memory-limit`` to the ONNX Runtime sessions made after this."""
+def memory_limit_bytes(memory_limit: str | None) -> int | None:
+    """``--memory-limit`` in bytes (None when not given); NormtoolError for anything else."""
     from normtool.errors import NormtoolError
     from normtool.io.writer import parse_size
+
+    if memory_limit is None:
+        return None
+    try:
+        return parse_size(memory_limit)
+    except NormtoolError as e:
+        raise NormtoolError(
+            f"--memory-limit {memory_limit!r}: expected bytes or a size like 4GB, 512MB, 2GiB"
+        ) from e
+
+
+def bound_onnx_runs(time_limit: float | None, memory_limit: str | None) -> None:
+    """Apply ``--time-limit``/``--memory-limit`` to the ONNX Runtime sessions made after this."""
     from normtool.runtime import ort  # onnxruntime: paid only by commands that run ONNX
 
-    memory = ort.DEFAULT_MEMORY_LIMIT
-    if memory_limit is not None:
-        try:
-            memory = parse_size(memory_limit)
-        except NormtoolError as e:
-            raise NormtoolError(
-                f"--memory-limit {memory_limit!r}: expected bytes or a size like 4GB, 512MB, 2GiB"
-            ) from e
+    memory = memory_limit_bytes(memory_limit)
+    memory = ort.DEFAULT_MEMORY_LIMIT if memory is None else memory
     ort.set_limits(ort.DEFAULT_TIME_LIMIT if time_limit is None else time_limit, memory)
 
 

@@ -5,7 +5,6 @@ The CI gate: exit 0 equivalent, 1 not (CheckFailed), 2 when they cannot be compa
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Annotated
 
@@ -22,10 +21,17 @@ from normtool.commands.common import (
     TimeLimitOpt,
     bound_onnx_runs,
     emit,
+    memory_limit_bytes,
     progress,
 )
-from normtool.errors import CheckFailed, NormtoolError
-from normtool.verify import DEFAULT_SAMPLES, Report, compare, open_runners
+from normtool.errors import CheckFailed
+from normtool.verify import (
+    DEFAULT_SAMPLES,
+    VERIFY_MEMORY_LIMIT,
+    Report,
+    compare,
+    open_runners,
+)
 
 ModelArg = Annotated[Path, typer.Argument(help="Checkpoint, model folder or .onnx file.")]
 
@@ -86,14 +92,6 @@ def verify(
     ] = "auto",
     time_limit: TimeLimitOpt = None,
     memory_limit: MemoryLimitOpt = None,
-    max_memory: Annotated[
-        float | None,
-        typer.Option(
-            "--max-memory",
-            help="Refuse when one batch of inputs and activations would need more GiB "
-            "(default: a quarter of physical memory).",
-        ),
-    ] = None,
     arch: ArchOpt = None,
     heads: HeadsOpt = None,
     pn_groups: PnGroupsOpt = None,
@@ -104,11 +102,9 @@ def verify(
     """Compare A (reference) and B on seeded random inputs; exit 0 equivalent, 1 not."""
     if any(p.suffix.lower() == ".onnx" for p in (a, b)):
         bound_onnx_runs(time_limit, memory_limit)
-    if max_memory is not None and not (math.isfinite(max_memory) and max_memory > 0):
-        raise NormtoolError(f"--max-memory {max_memory}: expected a number of GiB > 0")
+    limit = memory_limit_bytes(memory_limit)
     (ra, rb), prec = open_runners([a, b], dtype, arch, heads, act, provider, pn_groups, eps)
     name = prec.name
-    limit = None if max_memory is None else int(max_memory * 2**30)
     report = compare(
         ra,
         rb,
@@ -118,7 +114,7 @@ def verify(
         atol,
         rtol,
         lambda plan: progress(plan, "verify", len(plan)),
-        max_memory=limit,
+        max_memory=VERIFY_MEMORY_LIMIT if limit is None else limit,
     )
     assumed = [(r.label, x) for r in (ra, rb) for x in r.assumptions]
     assumptions = [{"file": f, **x.to_dict()} for f, x in assumed]
