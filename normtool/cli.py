@@ -76,8 +76,14 @@ def _root(
     """Exact, verified post-hoc rewrites of trained networks."""
 
 
+#: Said under every command's options: the two flags the entry point takes anywhere on the line.
+GLOBAL_FLAGS = (
+    "Anywhere on the line: --debug (a traceback instead of the one-line error), "
+    "--quiet (no progress bars)."
+)
+
 for _name, _fn in COMMANDS:
-    app.command(_name, cls=_Command)(_fn)
+    app.command(_name, cls=_Command, epilog=GLOBAL_FLAGS)(_fn)
 
 
 def _usage_text(e: Exception) -> str:

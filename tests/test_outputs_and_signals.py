@@ -353,6 +353,7 @@ def test_version_bare_and_help():
     for command in ("fold", "verify", "export", "bench", "merge", "loki-head"):
         text = run_cli(command, "--help").stdout
         assert "<bool>" not in text and "{" not in text.splitlines()[0], text
+        assert "--debug" in text and "--quiet" in text, text
 
 
 def test_memory_limit_too_small_is_one_line(tmp_path, ln):
