@@ -415,3 +415,28 @@ def test_ctrl_c_while_importing(ln):
     _, err = p.communicate(timeout=120)
     r = subprocess.CompletedProcess(p.args, p.returncode, "", err)
     _one_clean_line(r, "interrupted", code=130)
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [
+        ("n_head", 0),
+        ("n_head", -4),
+        ("n_head", None),
+        ("n_head", "x"),
+        ("n_head", 3.5),
+        ("layer_norm_epsilon", -1.0),
+        ("layer_norm_epsilon", None),
+        ("layer_norm_epsilon", 0),
+    ],
+)
+def test_config_values_are_checked_where_read(tmp_path, key, value):
+    """Before: ZeroDivisionError, negative shapes or TypeError deep in the executor ("unexpected
+    …"), 3.5 heads silently read as 3, a negative eps computed into NaN outputs."""
+    src = make_gpt2(tmp_path / "m")
+    cfg = json.loads((src / "config.json").read_text())
+    cfg[key] = value
+    (src / "config.json").write_text(json.dumps(cfg))
+    for command in ("inspect", "verify"):
+        args = [src, src] if command == "verify" else [src]
+        _one_clean_line(cli(command, *args), "m", f"config {key} = ")

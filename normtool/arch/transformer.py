@@ -228,6 +228,31 @@ def _assumed(layout: dict, ck: Checkpoint) -> dict[str, str]:
     }
 
 
+def _named(layout: dict, name: str) -> str:
+    """How the user knows a setting: the config key it is read from, else its own name."""
+    spec = layout["settings"].get(name)
+    return f"config {spec['config']}" if isinstance(spec, dict) else name
+
+
+def _count(value: Any, what: str, ck: Checkpoint) -> int:
+    """A head or group count from a config (any JSON value): a positive integer, or refused.
+
+    Why checked here: 0 divides by zero, -4 makes negative shapes, null or "x" fail deep in
+    the executor — a config from a stranger must fail at the line that read it."""
+    whole = isinstance(value, int | float) and not isinstance(value, bool)
+    if not whole or not math.isfinite(value) or value != int(value) or value < 1:
+        raise NormtoolError(f"{what} = {value!r} is not a positive integer", ck.path)
+    return int(value)
+
+
+def _check_eps(value: Any, what: str, ck: Checkpoint) -> None:
+    """A norm's eps: a finite number above 0 (a negative one can make the variance plus eps
+    zero or negative: NaN outputs), or refused."""
+    number = isinstance(value, int | float) and not isinstance(value, bool)
+    if not number or not math.isfinite(value) or value <= 0:
+        raise NormtoolError(f"{what} = {value!r} is not a finite number above 0", ck.path)
+
+
 def _settings(layout: dict, ck: Checkpoint, opts: BuildOptions, block_count: int) -> Settings:
     cfg = model_config(ck) or {}
     for key, want in layout.get("require", {}).items():
@@ -264,11 +289,13 @@ def _settings(layout: dict, ck: Checkpoint, opts: BuildOptions, block_count: int
         raise NormtoolError(f"norm placement {s['placement']!r} is not pre or post", ck.path)
     if s["norm"] != "auto" and s["norm"] not in NORM_NAMES:
         raise NormtoolError(f"norm {s['norm']!r} is not supported", ck.path)
+    for name in ("eps", "stat_eps"):
+        _check_eps(s[name], _named(layout, name), ck)
     return Settings(
         **{
             **s,
-            "heads": int(heads),
-            "pn_groups": int(s["pn_groups"]),
+            "heads": _count(heads, _named(layout, "heads"), ck),
+            "pn_groups": _count(s["pn_groups"], _named(layout, "pn_groups"), ck),
             "layers": block_count,
             "act": activation(str(s["act"]), ck),
             "tie": bool(s["tie"]),
