@@ -130,7 +130,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
         "",
         f"{meta['when']}, torch {meta['torch']}. The folded model against the original run by "
         "its own code (normtool.nn modules, transformers, the timm-style module): fp64 max "
-        "error / logit scale (bar 1e-9), fp32 max-abs on the logits (bar 1e-4). |D|: range of "
+        "error / logit scale (bar 1e-9), fp32 max-abs on the logits (the self-check's bar: 1e-4, "
+        "or 4x the original's own fp32 error where larger). |D|: range of "
         "the accumulated scale of a re-based Post-Norm stream. Norms left: what runs at "
         "inference after the fold (PowerNorm keeps a weightless group RMS).",
         "",
