@@ -52,7 +52,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
 import torch
 
 from normtool.arch.family import Assumption
@@ -91,7 +90,8 @@ TOLERANCES: dict[str, Tolerance] = {
 #: Significand bits: orders the dtypes by precision.
 _BITS = {"fp64": 53, "fp32": 24, "fp16": 11, "bf16": 8}
 _STORAGE = {"F64": "fp64", "F32": "fp32", "F16": "fp16", "BF16": "bf16"}
-_NP_PRECISION = {np.float64: "fp64", np.float32: "fp32", np.float16: "fp16"}
+#: ONNX TensorProto element types (DOUBLE, FLOAT, FLOAT16, BFLOAT16) → precision.
+_ONNX_PRECISION = {11: "fp64", 1: "fp32", 10: "fp16", 16: "bf16"}
 
 DEFAULT_SAMPLES = 4
 #: Shapes of the first batches, as (batch, seq as a fraction of the longest): batch 1 at the
@@ -174,13 +174,30 @@ class OnnxRunner:
         self.inputs = input_signature(proto) if INPUTS_KEY in props else None
         self.session = create_session(path, provider)
         self.outputs = self.session.output_names
-        float_types = [t for t in self.session.input_types.values() if t in _NP_PRECISION]
-        self.precision = props.get("normtool.dtype") or (
-            _NP_PRECISION[float_types[0]] if float_types else "fp32"
-        )
+        self.precision = onnx_precision(proto)
 
     def run(self, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: torch.from_numpy(v) for k, v in self.session.run(feeds).items()}
+
+
+def onnx_precision(proto: Any) -> str:
+    """The precision an ONNX model computes in, from its graph's declared types: the lowest of
+    its float outputs' (what is compared), else of its float inputs', else fp32.
+
+    Why not the ``normtool.dtype`` metadata an export writes: a file may claim fp16 for an
+    fp32 graph and so loosen every tolerance ~1000×; the declared types are what ONNX Runtime
+    runs. A foreign model that computes in fp16 but casts its outputs to fp32 is then held to
+    fp32 tolerances: a false alarm (``--dtype fp16`` states the intent), never a false pass.
+    """
+    for values in (proto.graph.output, proto.graph.input):
+        found = [
+            _ONNX_PRECISION[v.type.tensor_type.elem_type]
+            for v in values
+            if v.type.tensor_type.elem_type in _ONNX_PRECISION
+        ]
+        if found:
+            return min(found, key=_BITS.__getitem__)
+    return "fp32"
 
 
 @dataclass
@@ -620,14 +637,14 @@ def open_runners(
         for p in paths
         if p not in onnx_runners
     }
-    precisions = [
-        Precision(
-            onnx_runners[p].precision, f"{p}: an ONNX model exported in {onnx_runners[p].precision}"
-        )
-        if p in onnx_runners
-        else checkpoint_precision(models[p], str(p))
-        for p in paths
-    ]
+
+    def precision_of(p: Path) -> Precision:
+        if p in onnx_runners:
+            name = onnx_runners[p].precision
+            return Precision(name, f"{p}: an ONNX model exported in {name}")
+        return checkpoint_precision(models[p], str(p))
+
+    precisions = [precision_of(p) for p in paths]
     if dtype:
         chosen = Precision(dtype_name(dtype), f"--dtype {dtype_name(dtype)} given")
     else:

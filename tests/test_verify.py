@@ -414,3 +414,21 @@ def test_check_memory_runs_batches_together_only_when_all_fit(mlp_path):
     assert check(1883) is False  # one by one
     with pytest.raises(NormtoolError, match=r"one batch \(2: .*above the limit"):
         check(1255)
+
+
+def test_onnx_dtype_claim_cannot_loosen_tolerances(mlp_pair, mlp_path, tmp_path):
+    """An fp32 export whose ``normtool.dtype`` metadata claims fp16: the 1e-3 move (inside
+    fp16 tolerances, see test_half_precision_runs) must still fail. Before, the claim set the
+    precision and verify said "equivalent (fp16 …)", exit 0."""
+    proto = onnx.load(str(export_model(load_model(mlp_path), tmp_path / "m.onnx").path))
+    (prop,) = [p for p in proto.metadata_props if p.key == "normtool.dtype"]
+    prop.value = "fp16"
+    forged = tmp_path / "forged.onnx"
+    onnx.save(proto, str(forged))
+    r = verify_cli(mlp_pair[1], forged, "--json")
+    assert r.returncode == 1, r.stdout + r.stderr
+    d = json.loads(r.stdout)
+    assert (
+        d["precision"] == "fp32"
+        and f"{forged}: an ONNX model exported in fp32" in (d["precision_reason"])
+    )
