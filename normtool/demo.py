@@ -22,7 +22,7 @@ import inspect
 import io
 import json
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -265,20 +265,17 @@ STEPS: list[Step] = [
 ]
 
 
-def _command_functions() -> dict[str, Callable[..., None]]:
-    # imported here: normtool.commands imports the demo command, which imports this module
-    from normtool.commands import COMMANDS
-
-    return dict(COMMANDS)
+#: Command name → the function ``normtool NAME`` runs (given by the CLI layer, which owns them).
+Commands = Mapping[str, Callable[..., None]]
 
 
-def run_step(step: Step, paths: dict[str, Path]) -> StepResult:
+def run_step(step: Step, paths: dict[str, Path], commands: Commands) -> StepResult:
     """Run one command with ``--json``; its stdout is captured and parsed, errors recorded."""
     buf = io.StringIO()
     t0 = time.perf_counter()
     output, error, key = None, None, ""
     try:
-        fn = _command_functions()[step.command]
+        fn = commands[step.command]
         args = step.args(paths)
         if step.model.startswith("mlp") and "act" in inspect.signature(fn).parameters:
             args["act"] = "relu"  # the demo built its MLP with ReLU: a fact, not an assumption
@@ -301,10 +298,15 @@ def run_step(step: Step, paths: dict[str, Path]) -> StepResult:
 
 def run_demo(
     root: Path,
+    commands: Commands,
     steps: list[Step] | None = None,
     each: Callable[[list[Step]], Iterable[Step]] = iter,
 ) -> list[StepResult]:
-    """Build the models in ``root`` and run ``steps`` (default ``STEPS``) in order; ``each``
-    wraps the iteration (the CLI passes a progress bar)."""
+    """Build the models in ``root`` and run ``steps`` (default ``STEPS``) in order with
+    ``commands``; ``each`` wraps the iteration (the CLI passes a progress bar).
+
+    Why the commands are passed in rather than imported: they sit above this module (the demo
+    command calls it), so importing them here would make an import cycle.
+    """
     paths = build_models(root)
-    return [run_step(step, paths) for step in each(STEPS if steps is None else steps)]
+    return [run_step(step, paths, commands) for step in each(STEPS if steps is None else steps)]

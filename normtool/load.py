@@ -10,12 +10,10 @@ from normtool.arch.family import BuildOptions
 from normtool.arch.registry import build_graph
 from normtool.errors import NormtoolError
 from normtool.graph import FLOAT_DTYPES, Graph, Source
+from normtool.io.keys import GRAPH_KEY, HISTORY_KEY
 from normtool.io.safetensors_format import DTYPE_NAMES
 from normtool.io.store import Checkpoint, open_checkpoint
 from normtool.model import Model
-
-GRAPH_KEY = "normtool.graph"
-HISTORY_KEY = "normtool.history"
 
 
 def load_model(
@@ -52,22 +50,32 @@ def load_model(
 
 
 def _require_float(graph: Graph, ck: Checkpoint) -> None:
-    """Every tensor an op uses must be stored as a float: the header decides, not metadata.
+    """Every tensor an op uses must be stored as a float, with at least one value: the header
+    decides, not metadata.
 
     Why at load: integer or boolean weights (U8, I64, BOOL) would be cast to floats by the
     executor but not by ONNX Runtime, and every transform's arithmetic assumes floats; a
-    quantized or mask tensor is not a weight these rewrites are defined for. Tensors that no
-    op uses (``position_ids``, ``num_batches_tracked``) are not checked.
+    quantized or mask tensor is not a weight these rewrites are defined for. A weight without
+    elements makes a layer of no units: a few hundred bytes that declare, say, 30,000,000 input
+    features and compute nothing. Tensors that no op uses (``position_ids``,
+    ``num_batches_tracked``) are not checked.
     """
     users = {t: o for o in graph.ops for t in o.params.values()}
     for name, spec in graph.tensors.items():
-        stored = DTYPE_NAMES[ck.dtype(spec.source.key)]
+        key = spec.source.key
+        stored = DTYPE_NAMES[ck.dtype(key)]
+        op = users.get(name)
+        user = f"{op.kind} op {op.name!r}" if op else "the graph"
         if stored not in FLOAT_DTYPES:
-            op = users.get(name)
-            user = f"{op.kind} op {op.name!r}" if op else "the graph"
             raise NormtoolError(
-                f"tensor {spec.source.key!r} is stored as {stored}; {user} needs floating-point "
+                f"tensor {key!r} is stored as {stored}; {user} needs floating-point "
                 "weights (F64, F32, F16 or BF16)",
+                ck.path,
+            )
+        if 0 in ck.shape(key):
+            raise NormtoolError(
+                f"tensor {key!r} has no elements (shape {list(ck.shape(key))}): {user} would "
+                "be a layer without units",
                 ck.path,
             )
 

@@ -65,12 +65,12 @@ def one_size(n: int, k: int) -> dict:
     """Measure one configuration (runs in its own process)."""
     import onnxruntime as ort
 
-    from normtool.io.writer import save_model
     from normtool.load import load_model
     from normtool.loki.head import add_loki_head
     from normtool.loki.labels import resolve_labels
     from normtool.loki.metric_files import load_metric
     from normtool.runtime.onnx_emit import EmitOptions, emit_onnx
+    from normtool.save import save_model
     from normtool.timing import interleaved, summarize
 
     res: dict = {"N": n, "K": k}

@@ -20,9 +20,9 @@ from normtool.arch.registry import family_names
 from normtool.arch.transformer import ORDER, check_layout, layouts
 from normtool.cli import main
 from normtool.errors import NormtoolError
-from normtool.io.writer import save_model
 from normtool.load import load_model
 from normtool.runtime.torch_exec import run_graph
+from normtool.save import save_model
 from tests.factories_hf import (
     load_hf,
     load_timm_vit,

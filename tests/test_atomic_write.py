@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from normtool.errors import NormtoolError
-from normtool.io.writer import save_model
 from normtool.load import load_model
 from normtool.runtime.torch_exec import run_graph
+from normtool.save import save_model
 
 
 def test_roundtrip_keeps_function_and_dtype(tmp_path, mlp_path):
@@ -68,8 +68,8 @@ def test_unwritable_folder(tmp_path, mlp_path):
 
 KILL_SCRIPT = """
 import sys, time
-from normtool.io.writer import save_model
 from normtool.load import load_model
+from normtool.save import save_model
 m = load_model(sys.argv[1])
 def slow(name):
     print("wrote", name, flush=True)

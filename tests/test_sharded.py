@@ -12,8 +12,9 @@ from safetensors.torch import save_file
 from normtool.errors import NormtoolError
 from normtool.io.safetensors_format import read_header
 from normtool.io.store import open_checkpoint
-from normtool.io.writer import parse_size, save_model
+from normtool.io.writer import parse_size
 from normtool.load import GRAPH_KEY, HISTORY_KEY, load_model
+from normtool.save import save_model
 from tests.conftest import run_cli
 from tests.factories_ref import make_reference_transformer
 

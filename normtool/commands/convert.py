@@ -27,8 +27,9 @@ from normtool.commands.common import (
 )
 from normtool.errors import CheckFailed, NormtoolError
 from normtool.io.atomic import check_output_path
-from normtool.io.writer import parse_size, save_model
+from normtool.io.writer import parse_size
 from normtool.passes.ln_to_rms import convert_ln_to_rms as convert
+from normtool.save import save_model
 from normtool.selfcheck import self_check
 
 

@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 
 from normtool.commands.common import JsonOpt, emit, progress
+from normtool.commands.table import WORK_COMMANDS
 from normtool.demo import StepResult, run_demo
 from normtool.errors import CheckFailed, NormtoolError
 
@@ -43,7 +44,11 @@ def demo(
     with tempfile.TemporaryDirectory(prefix="normtool-demo-") as tmp:
         root = Path(tmp) if dir is None else dir
         root.mkdir(parents=True, exist_ok=True)
-        results = run_demo(root, each=lambda steps: progress(steps, "demo", total=len(steps)))
+        results = run_demo(
+            root,
+            dict(WORK_COMMANDS),
+            each=lambda steps: progress(steps, "demo", total=len(steps)),
+        )
     failed = [r for r in results if not r.ok]
     total = time.perf_counter() - t0
     payload = {

@@ -26,8 +26,9 @@ from normtool.commands.common import (
 )
 from normtool.errors import CheckFailed, NormtoolError
 from normtool.io.atomic import check_output_path
-from normtool.io.writer import parse_size, save_model
+from normtool.io.writer import parse_size
 from normtool.passes.fold import SELECTORS, FoldResult, fold_norms
+from normtool.save import save_model
 from normtool.selfcheck import self_check
 
 

@@ -26,12 +26,12 @@ from normtool.commands.common import (
 )
 from normtool.errors import NormtoolError
 from normtool.io.atomic import check_output_path
-from normtool.io.writer import save_model
 from normtool.loki.evaluate import evaluate
 from normtool.loki.head import add_loki_head, check
 from normtool.loki.labels import read_label_file, resolve_labels
 from normtool.loki.metric_files import KINDS, load_metric
 from normtool.refusal import refusal
+from normtool.save import save_model
 
 
 def loki_head(

@@ -23,10 +23,11 @@ from normtool.commands.common import (
     load,
     progress,
 )
-from normtool.io.source_writer import default_output_name, save_like_source
+from normtool.io.source_writer import default_output_name
 from normtool.io.writer import parse_size
 from normtool.merge.interpolate import parse_weights
 from normtool.merge.merge import MergeOptions, merge_models, save_perms
+from normtool.save import save_like_source
 
 MethodOpt = Annotated[
     str, typer.Option("--method", help="match: weight matching first (default); average: naive.")

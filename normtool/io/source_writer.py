@@ -1,16 +1,12 @@
-"""Write a Model back in the format it was read from, under the checkpoint's own tensor names.
+"""Write tensors back in a checkpoint's own format, layout and tensor names.
 
 Why: a merged (or otherwise transformed) model is most useful where the original was — a Hugging
-Face folder that ``from_pretrained`` loads, a plain state dict the user's own code loads. Each
-stored tensor is re-assembled from the graph tensors whose ``TensorSpec.source`` points at it:
-views are un-reshaped, un-transposed and written into their slices (GPT-2's fused ``c_attn``), and every view
-is read back from the result and must equal the graph tensor it came from — so tied weights
-(one stored tensor, several graph tensors) are written once and must agree. Stored tensors the
-graph does not use are copied unchanged; so are the folder's non-weight files (``config.json``,
-tokenizer files). Sharded inputs keep their sharding; ``.bin`` weights are written as
-safetensors. Everything goes through ``atomic_path``.
-
-A normtool checkpoint (graph in its metadata) is written by ``normtool.io.writer.save_model``.
+Face folder that ``from_pretrained`` loads, a plain state dict the user's own code loads. This
+layer writes the bytes: a ``.pt`` state dict (nesting kept), one safetensors file, or a folder
+whose non-weight files (``config.json``, tokenizer files) are copied and whose sharding is kept;
+``.bin`` weights are written as safetensors. Everything goes through ``atomic_path``. Which
+values the stored tensors get (re-assembled from a Model's graph tensors) is decided above, in
+``normtool.save``.
 """
 
 from __future__ import annotations
@@ -18,20 +14,16 @@ from __future__ import annotations
 import json
 import math
 import shutil
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
 
-from normtool import history
-from normtool.errors import NormtoolError
 from normtool.io import provenance, reads
 from normtool.io.atomic import atomic_path
+from normtool.io.keys import GRAPH_KEY
 from normtool.io.safetensors_format import write_stream
 from normtool.io.store import TORCH_SUFFIXES, WEIGHT_FILES, Checkpoint
-from normtool.io.writer import DEFAULT_MAX_SHARD, save_model
-from normtool.load import GRAPH_KEY, HISTORY_KEY
-from normtool.model import Model, read_view
 
 #: Files in a model folder that hold weights: never copied (they would be stale).
 WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt", ".onnx"}
@@ -49,47 +41,6 @@ def default_output_name(ck: Checkpoint, tag: str) -> Path:
         return folder.parent / f"{folder.name}.{tag}"
     suffix = ".safetensors" if is_normtool(ck) else p.suffix
     return p.parent / f"{p.stem}.{tag}{suffix}"
-
-
-class _Assembler:
-    """Stored tensors of ``model.checkpoint`` rebuilt from the model's graph tensors."""
-
-    def __init__(self, model: Model) -> None:
-        if model.checkpoint is None:
-            raise ValueError("model has no source checkpoint")
-        self.model = model
-        self.ck = model.checkpoint
-        self.by_key: dict[str, list[str]] = {}
-        for name, spec in model.graph.tensors.items():
-            self.by_key.setdefault(spec.source.key, []).append(name)
-
-    def __call__(self, key: str) -> torch.Tensor:
-        names = self.by_key.get(key)
-        stored = self.ck.get(key)
-        if not names:
-            return stored
-        graph = self.model.graph
-        out = stored.clone()
-        values = {}
-        for name in names:
-            src = graph.tensors[name].source
-            v = self.model.tensor(name).to(stored.dtype)
-            values[name] = v
-            target = out
-            if src.slice is not None:
-                axis, start, stop = src.slice
-                target = out.narrow(axis, start, stop - start)
-            # undo read_view's steps in reverse: reshape, then transpose
-            view = v.reshape(target.t().shape if src.transpose else target.shape)
-            target.copy_(view.t() if src.transpose else view)
-        for name, v in values.items():
-            if not torch.equal(read_view(self.ck, graph.tensors[name].source, {key: out}), v):
-                others = [n for n in names if n != name]
-                raise NormtoolError(
-                    f"graph tensors {name!r} and {others} share the stored tensor {key!r} but "
-                    "now differ; untie them before writing"
-                )
-        return out
 
 
 def _folder_files(src: Path) -> list[Path]:
@@ -128,7 +79,11 @@ def _shards(ck: Checkpoint) -> list[tuple[str, list[str]]]:
 
 
 def _write_safetensors(
-    ck: Checkpoint, keys: list[str], produce: _Assembler, path: Path, meta: dict[str, str]
+    ck: Checkpoint,
+    keys: list[str],
+    produce: Callable[[str], torch.Tensor],
+    path: Path,
+    meta: dict[str, str],
 ) -> int:
     specs = [(k, ck.dtype(k), ck.shape(k)) for k in keys]
     with path.open("wb") as f:
@@ -136,28 +91,20 @@ def _write_safetensors(
     return sum(torch.empty((), dtype=d).element_size() * math.prod(s) for _, d, s in specs)
 
 
-def save_like_source(
-    model: Model,
+def write_like_checkpoint(
+    ck: Checkpoint,
     out: Path,
+    produce: Callable[[str], torch.Tensor],
+    meta: dict[str, str],
     inputs: Sequence[Path] = (),
     force: bool = False,
-    max_shard_size: int = DEFAULT_MAX_SHARD,
 ) -> Path:
-    """Write ``model`` to ``out`` in its source checkpoint's format; returns the path to open
-    (``out``, or the index of a sharded normtool output: see ``save_model``).
+    """Write the stored tensors of ``ck`` (each made by ``produce(key)``) to ``out`` in ``ck``'s
+    own format, layout and tensor names, atomically; returns ``out``.
 
-    The model's history is stored as JSON under ``normtool.history`` in every safetensors file's
-    metadata (a ``.pt`` output cannot carry metadata; it keeps the input's nesting under
-    ``state_dict``/``model``).
+    ``meta`` goes into every safetensors file's header (a ``.pt`` output cannot carry metadata;
+    it keeps the input's nesting under ``state_dict``/``model``).
     """
-    ck = model.checkpoint
-    if ck is None:
-        raise ValueError("model has no source checkpoint")
-    if is_normtool(ck):
-        return save_model(model, out, inputs, force, max_shard_size=max_shard_size)
-    produce = _Assembler(model)
-    meta = {k: v for k, v in ck.metadata.items() if k not in (GRAPH_KEY, HISTORY_KEY)}
-    meta.update({"format": "pt", HISTORY_KEY: history.dumps(model.history)})
     with atomic_path(out, inputs, force) as tmp:
         if ck.format == "torch":
             tensors = {k: produce(k) for k in ck.keys()}  # noqa: SIM118
@@ -168,22 +115,29 @@ def save_like_source(
         elif ck.format == "safetensors":
             _write_safetensors(ck, ck.keys(), produce, tmp, meta)
         else:
-            tmp.mkdir()
-            folder = ck.path if ck.path.is_dir() else ck.path.parent
-            extra = _folder_files(folder)
-            for f in extra:
-                shutil.copy2(reads.note(f), tmp / f.name)
-            shards = _shards(ck)
-            names = [f.name for f in extra] + [fname for fname, _ in shards]
-            names += ["model.safetensors.index.json"] if len(shards) > 1 else []
-            meta[provenance.FILES_KEY] = json.dumps(names)  # what --force may replace later
-            weight_map, total = {}, 0
-            for fname, keys in shards:
-                total += _write_safetensors(ck, keys, produce, tmp / fname, meta)
-                weight_map.update(dict.fromkeys(keys, fname))
-            if len(shards) > 1:
-                index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-                (tmp / "model.safetensors.index.json").write_text(
-                    json.dumps(index, indent=2) + "\n", encoding="utf-8"
-                )
+            _write_folder(ck, produce, tmp, dict(meta))
     return out
+
+
+def _write_folder(
+    ck: Checkpoint, produce: Callable[[str], torch.Tensor], tmp: Path, meta: dict[str, str]
+) -> None:
+    """A Hugging Face folder: the input's non-weight files copied, its sharding kept."""
+    tmp.mkdir()
+    folder = ck.path if ck.path.is_dir() else ck.path.parent
+    extra = _folder_files(folder)
+    for f in extra:
+        shutil.copy2(reads.note(f), tmp / f.name)
+    shards = _shards(ck)
+    names = [f.name for f in extra] + [fname for fname, _ in shards]
+    names += ["model.safetensors.index.json"] if len(shards) > 1 else []
+    meta[provenance.FILES_KEY] = json.dumps(names)  # what --force may replace later
+    weight_map, total = {}, 0
+    for fname, keys in shards:
+        total += _write_safetensors(ck, keys, produce, tmp / fname, meta)
+        weight_map.update(dict.fromkeys(keys, fname))
+    if len(shards) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (tmp / "model.safetensors.index.json").write_text(
+            json.dumps(index, indent=2) + "\n", encoding="utf-8"
+        )

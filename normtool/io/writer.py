@@ -1,13 +1,14 @@
-"""Write a Model as a normtool checkpoint: safetensors whose metadata hold the graph and history.
+"""Write streamed tensors as one safetensors file or as Hugging Face shards, atomically.
 
-The file alone is enough to run, export, verify or transform it again. Tensors are produced one
-at a time (read from the source checkpoint or taken from a pass's results) and streamed into an
-atomic temporary file, so memory stays bounded and no partial output ever carries the final name.
+Tensors are produced one at a time (read from the source checkpoint or taken from a pass's
+results) and streamed into an atomic temporary file, so memory stays bounded and no partial
+output ever carries the final name. What the tensors and metadata are (a Model's graph and
+history) is decided above this layer, in ``normtool.save``.
 
 Checkpoints larger than ``max_shard_size`` are written the Hugging Face way: shards
 ``<stem>-00001-of-0000n.safetensors`` and an index ``<stem>.safetensors.index.json`` whose
-``weight_map`` names each tensor's shard. The graph and history go into the index's
-``metadata`` and into every shard, so any shard still says what it belongs to. All files are
+``weight_map`` names each tensor's shard. The metadata go into the index's ``metadata`` and
+into every shard, so any shard still says what it belongs to (graph and history). All files are
 written in a temporary folder beside the output and moved into place shards first, index last:
 the index is the name a user opens, and it appears only once every shard it lists is there.
 """
@@ -19,18 +20,13 @@ import math
 import re
 import shutil
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from normtool import __version__, history
 from normtool.errors import NormtoolError
-from normtool.graph import Source
 from normtool.io.atomic import atomic_path, check_output_path, publish, temp_name
-from normtool.io.safetensors_format import DTYPES, write_stream
-from normtool.load import GRAPH_KEY, HISTORY_KEY
-from normtool.model import Model
+from normtool.io.safetensors_format import write_stream
 
 #: ``transformers``' default ``max_shard_size`` ("5GB", decimal units as it parses them).
 DEFAULT_MAX_SHARD = 5 * 10**9
@@ -38,6 +34,8 @@ _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
 _UNITS |= {"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
 
 Spec = tuple[str, torch.dtype, tuple[int, ...]]
+#: A tensor by name, whole or as consecutive row blocks (bounded memory for large matrices).
+Producer = Callable[[str], torch.Tensor | Iterable[torch.Tensor]]
 
 
 def parse_size(text: str | int) -> int:
@@ -80,70 +78,39 @@ def shard_paths(out: Path, n: int) -> tuple[Path, list[Path]]:
     return index, [out.with_name(f"{stem}-{i:05d}-of-{n:05d}.safetensors") for i in range(1, n + 1)]
 
 
-def save_model(
-    model: Model,
+def write_checkpoint(
     out: Path,
+    specs: Sequence[Spec],
+    produce: Producer,
+    meta: dict[str, str],
     inputs: Sequence[Path] = (),
     force: bool = False,
     on_tensor: Callable[[str], None] | None = None,
-    max_shard_size: int = DEFAULT_MAX_SHARD,
+    digests: Callable[[], dict[str, str]] = dict,
     check: Callable[[str, torch.Tensor], None] | None = None,
+    max_shard_size: int = DEFAULT_MAX_SHARD,
 ) -> Path:
-    """Write ``model`` to ``out`` (a ``.safetensors`` file), keeping each tensor's dtype.
+    """Stream the tensors ``specs`` names (``produce(name)`` gives each, whole or in row blocks)
+    into ``out`` with ``meta`` in every header, atomically; returns the path to open.
 
-    Returns the path to open: ``out``, or the index beside it when the tensors exceed
-    ``max_shard_size`` bytes and are written as shards. ``check(name, tensor)`` vets each
-    tensor (or row block) as written, in the writing thread (see ``write_stream``).
+    That path is ``out``, or the index beside it when the tensors exceed ``max_shard_size``
+    bytes and are written as shards. ``digests()`` maps stand-ins in ``meta`` to the values
+    they are replaced by once known; ``check(name, tensor)`` vets each tensor (or row block) as
+    written, in the writing thread (see ``write_stream``). What the tensors and metadata mean
+    is the caller's business (``normtool.save``): this layer only knows the bytes.
     """
-    out = Path(out)
-    graph = model.graph.copy()
-    flipped = set()
-    for name, spec in graph.tensors.items():
-        src = spec.source
-        # A matrix stored transposed (GPT-2's Conv1D keeps [in, out]) stays so: a pass's
-        # elementwise rewrite of the view keeps its memory layout, and writing it back in the
-        # graph's orientation would cost a transposing copy of every such weight.
-        keep = src.transpose and src.reshape is None and len(spec.shape) == 2
-        graph.tensors[name] = replace(spec, source=Source(name, transpose=keep))
-        if keep:
-            flipped.add(name)
-    meta = {
-        GRAPH_KEY: graph.to_json(),
-        HISTORY_KEY: json.dumps(model.history),
-        "normtool.version": __version__,
-        "format": "pt",
-    }
-    specs = [
-        (n, DTYPES[s.dtype], s.shape[::-1] if n in flipped else s.shape)
-        for n, s in graph.tensors.items()
-    ]
-    dtype_of = {n: d for n, d, _ in specs}
-
-    def produce(name: str) -> torch.Tensor | Iterable[torch.Tensor]:
-        if name in flipped:
-            return model.tensor(name).to(dtype_of[name]).t()
-        return (b.to(dtype_of[name]) for b in model.row_blocks(name))
-
-    pending = history.pending_digests(model.history)
-
-    def digests() -> dict[str, str]:
-        return {str(p): p.future.result() for p in pending}
-
     shards = plan_shards(specs, max_shard_size)
-    if len(shards) == 1:
-        with atomic_path(out, inputs, force) as tmp, tmp.open("wb") as f:
-            write_stream(f, specs, produce, meta, on_tensor, digests, check)
-        path = out
-    else:
-        path = _save_sharded(out, shards, produce, meta, inputs, force, on_tensor, digests, check)
-    history.resolve_digests(model.history)
-    return path
+    if len(shards) > 1:
+        return _save_sharded(out, shards, produce, meta, inputs, force, on_tensor, digests, check)
+    with atomic_path(out, inputs, force) as tmp, tmp.open("wb") as f:
+        write_stream(f, specs, produce, meta, on_tensor, digests, check)
+    return out
 
 
 def _save_sharded(
     out: Path,
     shards: list[list[Spec]],
-    produce: Callable[[str], torch.Tensor | Iterable[torch.Tensor]],
+    produce: Producer,
     meta: dict[str, str],
     inputs: Sequence[Path],
     force: bool,
