@@ -522,48 +522,63 @@ def test_loki_head_refuses_nonfinite_weights(tmp_path, capsys, trusted, value):
     _check_refused(capsys, argv, bad, "'1.bias' (stored as '2.bias') holds NaN or Inf", outdir)
 
 
-def _wide(path: Path, features: int) -> Path:
-    """An MLP checkpoint of zero-element tensors declaring ``features`` input features."""
+def _wide(path: Path, features: int, rows: int = 0) -> Path:
+    """An MLP ``features`` → ``rows`` → 5 in fp16; ``rows`` 0: zero-element tensors only."""
     save_file(
         {
-            "0.weight": torch.zeros(0, features),
-            "0.bias": torch.zeros(0),
-            "2.weight": torch.zeros(5, 0),
-            "2.bias": torch.zeros(5),
+            "0.weight": torch.zeros(rows, features, dtype=torch.float16),
+            "0.bias": torch.zeros(rows, dtype=torch.float16),
+            "2.weight": torch.zeros(5, rows, dtype=torch.float16),
+            "2.bias": torch.zeros(5, dtype=torch.float16),
         },
         str(path),
     )
     return path
 
 
-def test_declared_sizes_bound_verify_memory(tmp_path):
-    """A few hundred bytes declaring 30,000,000 input features: verify computes what one batch
-    would take from the declared sizes and refuses before allocating it — with the numbers.
+@pytest.mark.parametrize("command", TRUST_COMMANDS)
+def test_zero_element_weights_declaring_30m_features(tmp_path, capsys, trusted, command):
+    """The issue's few hundred bytes: zero-element tensors declaring 30,000,000 input features
+    (a layer of no units). Before, verify made 6.5 GB of inputs and died in the allocator,
+    export and bench accepted it; now it is refused at load, naming the tensor."""
+    bad_dir, outdir = _dirs(tmp_path)
+    bad = _wide(bad_dir / "wide.safetensors", 30_000_000)
+    assert bad.stat().st_size < 400
+    out = outdir / ("o.onnx" if command == "export" else "o.safetensors")
+    act = [] if command in ("fold", "convert-ln-to-rms") else ["--act", "relu"]  # no --act there
+    argv = _trust_argv(command, bad, bad, out, trusted["metric"]) + act
+    words = "tensor '0.weight' has no elements (shape [0, 30000000])"
+    _check_refused(capsys, argv, bad, words, outdir)
 
-    Before, every batch's inputs were made up front (27 rows × 30M × 8 bytes = 6.5 GB) and the
-    run died in the allocator. Measured in a child process: its peak RSS must stay far below
-    the 1.9 GB that one batch of 16 rows would take (a bare CLI start is ~0.4 GB).
+
+def test_declared_sizes_bound_verify_memory(tmp_path):
+    """A real (6 MB) fp16 MLP with 3,000,000 input features: verify computes what one batch
+    would take from the declared shapes and refuses before allocating it, with the numbers.
+
+    Before, every batch's inputs were made up front (27 rows × 3M × 8 bytes = 0.65 GB) and
+    run. Measured in a child process: its peak RSS must stay below 1 GB (a bare CLI start is
+    ~0.4 GB; one batch of 16 rows alone would add 0.38 GB of inputs and 0.38 GB of copies).
     """
     import resource  # noqa: PLC0415
     import sys  # noqa: PLC0415
 
     from tests.conftest import run_cli  # noqa: PLC0415
 
-    bad = _wide(tmp_path / "wide.safetensors", 30_000_000)
-    assert bad.stat().st_size < 400
-    r = run_cli("verify", bad, bad, "--act", "relu", "--memory-limit", "2GiB")
+    bad = _wide(tmp_path / "wide.safetensors", 3_000_000, rows=1)
+    r = run_cli("verify", bad, bad, "--act", "relu", "--memory-limit", "0.5GiB")
     lines = r.stderr.strip().splitlines()
     assert r.returncode == 2 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
-    # one batch of 16 rows: 16 × 30M fp64 inputs = 3.58 GiB, 4 live fp32 copies = 7.15 GiB
-    assert "needs ~10.7 GiB for one batch (16: inputs 3.58 GiB" in lines[0], lines[0]
-    assert "activations and outputs 7.15 GiB), above the limit of 2 GiB" in lines[0], lines[0]
+    # batch 16: inputs 16 × 3M × 8 bytes (fp64 as made) = 0.358 GiB; the run in fp16 (the
+    # weights' precision): 4 live copies of the 16 × 3M input, 4 × 48M × 2 bytes = 0.358 GiB
+    assert "needs ~0.715 GiB for one batch (16: inputs 0.358 GiB" in lines[0], lines[0]
+    assert "activations and outputs 0.358 GiB), above the limit of 0.5 GiB" in lines[0]
     if sys.platform == "linux":  # ru_maxrss of children: KiB on Linux
         assert resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss < 1_000_000
 
 
 def test_declared_sizes_bound_verify_memory_by_default(tmp_path, capsys):
     """Without --memory-limit verify holds a checkpoint's batch to the 4 GB ONNX Runtime is
-    held to (3.73 GiB), on every machine alike."""
-    bad = _wide(tmp_path / "wide.safetensors", 30_000_000)
+    held to (3.73 GiB), on every machine alike: 16M fp16 features need 256 × 16M = 4.1 GB."""
+    bad = _wide(tmp_path / "wide.safetensors", 16_000_000, rows=1)
     code, _, err = cli(capsys, "verify", bad, bad, "--act", "relu")
     assert code == 2 and "above the limit of 3.73 GiB (--memory-limit)" in err, err
