@@ -22,11 +22,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from devkit.factories import make_gpt2, make_reference_transformer
+from devkit.proc import run_cli
 from normtool.errors import NormtoolError, one_line
 from normtool.io import atomic, provenance, reads
-from tests.conftest import cli, run_cli
-from tests.factories_hf import make_gpt2
-from tests.factories_ref import make_reference_transformer
+from tests.conftest import cli
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -404,17 +404,32 @@ def test_signal_mid_write_leaves_nothing(tmp_path, ln, sig, code):
     assert not out.exists() and _leftovers(tmp_path) == []
 
 
+def _wait_for_handler(pid: int, sig: int, timeout: float = 60.0) -> None:
+    """Until process ``pid`` catches ``sig`` (its SigCgt mask in /proc): a fixed sleep would
+    send the signal before the interpreter is up on a loaded machine, or after the import."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = Path(f"/proc/{pid}/status").read_text()
+        caught = int(
+            next(ln for ln in status.splitlines() if ln.startswith("SigCgt:")).split()[1], 16
+        )
+        if caught >> (sig - 1) & 1:
+            return
+        time.sleep(0.005)
+    raise AssertionError(f"process {pid} never installed a handler for signal {sig}")
+
+
 def test_ctrl_c_while_importing(ln):
     """Before: a KeyboardInterrupt traceback from inside torch's import (exit 1)."""
     p = subprocess.Popen(
         [sys.executable, "-m", "normtool", "inspect", str(ln)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
     )  # fmt: skip
-    time.sleep(0.3)  # the interpreter is up; torch's import takes a second or more
+    _wait_for_handler(p.pid, signal.SIGTERM)  # launch's handlers are in; torch is importing
     p.send_signal(signal.SIGINT)
     _, err = p.communicate(timeout=120)
     r = subprocess.CompletedProcess(p.args, p.returncode, "", err)
-    _one_clean_line(r, "interrupted", code=130)
+    _one_clean_line(r, "interrupted", "while starting", code=130)
 
 
 @pytest.mark.parametrize(
