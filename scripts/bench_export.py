@@ -35,49 +35,27 @@ from typing import Any
 
 import onnx
 import torch
-from benchmd import write_section  # scripts/ is on sys.path when run as a script
 
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # devkit, shared with the tests, lives at the repository root
+from devkit import factories
+from devkit.publish import write_section
 from normtool.bench import run_bench
 from normtool.export import export_model
 from normtool.load import load_model
 
-ROOT = Path(__file__).resolve().parents[1]
 START, END = "<!-- bench_export:begin -->", "<!-- bench_export:end -->"
 NOISE = 0.02
 
 
 # ---- models ---------------------------------------------------------------------------------
-def _perturb_and_save(model: torch.nn.Module, folder: Path) -> Path:
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(torch.randn(p.shape, generator=g) * NOISE)
-    model.save_pretrained(folder)
-    return folder
-
-
 def make_gpt2(folder: Path, layers: int) -> Path:
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    cfg = GPT2Config(n_layer=layers, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024)
-    return _perturb_and_save(GPT2LMHeadModel(cfg), folder)
+    return factories.make_gpt2(folder, noise=NOISE, **{**factories.GPT2_SMALL, "n_layer": layers})
 
 
 def make_vit(folder: Path, layers: int) -> Path:
-    from transformers import ViTConfig, ViTForImageClassification
-
-    torch.manual_seed(0)
-    cfg = ViTConfig(
-        hidden_size=768,
-        num_hidden_layers=layers,
-        num_attention_heads=12,
-        intermediate_size=3072,
-        image_size=224,
-        patch_size=16,
-        num_labels=1000,
-    )
-    return _perturb_and_save(ViTForImageClassification(cfg), folder)
+    shape = {**factories.VIT_B16, "num_hidden_layers": layers}
+    return factories.make_vit(folder, noise=NOISE, **shape)
 
 
 # ---- today's path ---------------------------------------------------------------------------

@@ -34,9 +34,11 @@ import numpy as np
 import onnx
 import onnxruntime
 import torch
-from benchmd import write_section  # scripts/ is on sys.path when run as a script
 from safetensors.torch import save_file
 
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # devkit, shared with the tests, lives at the repository root
+from devkit.publish import write_section
 from normtool.bench import run_bench
 from normtool.export import export_model
 from normtool.graph import Graph
@@ -48,7 +50,6 @@ from normtool.nn.save import save_reference
 from normtool.passes.fold import fold_norms
 from normtool.timing import percentile
 
-ROOT = Path(__file__).resolve().parent.parent
 START, END = "<!-- bench_fold:start -->", "<!-- bench_fold:end -->"
 
 SHAPES = {

@@ -25,9 +25,7 @@ import argparse
 import json
 import os
 import platform
-import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,8 +34,12 @@ from typing import Any
 
 import onnxruntime
 import torch
-from benchmd import publish  # scripts/ is on sys.path when run as a script
 
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # devkit, shared with the tests, lives at the repository root
+from devkit import factories
+from devkit.proc import time_v
+from devkit.publish import publish
 from normtool.graph import Graph
 from normtool.inputs import random_inputs
 from normtool.io.safetensors_format import write_stream
@@ -48,7 +50,6 @@ from normtool.runtime.onnx_emit import EmitOptions, emit_onnx
 from normtool.runtime.ort import create_session
 from normtool.timing import interleaved, summarize
 
-ROOT = Path(__file__).resolve().parents[1]
 START, END = "<!-- bench_ln_to_rms:start -->", "<!-- bench_ln_to_rms:end -->"
 FORMS = ["layernorm", "rms", "crms", "rms@opset22", "no-norm"]
 
@@ -57,21 +58,11 @@ FORMS = ["layernorm", "rms", "crms", "rms@opset22", "no-norm"]
 
 
 def gpt2_small(folder: Path) -> Path:
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(0)
-    cfg = GPT2Config(n_layer=12, n_embd=768, n_head=12, n_positions=1024, vocab_size=50257)
-    GPT2LMHeadModel(cfg).eval().save_pretrained(folder)
-    return folder
+    return factories.make_gpt2(folder, noise=0, **factories.GPT2_SMALL)
 
 
 def vit_base(folder: Path) -> Path:
-    from transformers import ViTConfig, ViTForImageClassification
-
-    torch.manual_seed(0)
-    cfg = ViTConfig(image_size=224, patch_size=16, num_labels=1000)  # ViT-B/16 defaults otherwise
-    ViTForImageClassification(cfg).eval().save_pretrained(folder)
-    return folder
+    return factories.make_vit(folder, noise=0, **factories.VIT_B16)
 
 
 def without_norms(graph: Graph) -> Graph:
@@ -150,37 +141,11 @@ def bench_model(
 
 def gpt2_medium_checkpoint(folder: Path, layers: int) -> Path:
     """A GPT-2-medium-shaped HF folder of random fp32 weights, streamed to disk tensor by tensor."""
-    from transformers import GPT2Config
-
-    d, ff, vocab, pos = 1024, 4096, 50257, 1024
-    cfg = GPT2Config(n_layer=layers, n_embd=d, n_head=16, n_positions=pos, vocab_size=vocab)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.json").write_text(
-        json.dumps({**cfg.to_dict(), "architectures": ["GPT2LMHeadModel"]}), encoding="utf-8"
+    config, shapes = factories.gpt2_shapes(
+        n_layer=layers, n_embd=1024, n_head=16, n_positions=1024, vocab_size=50257
     )
-    shapes: dict[str, tuple[int, ...]] = {
-        "transformer.wte.weight": (vocab, d),
-        "transformer.wpe.weight": (pos, d),
-    }
-    for i in range(layers):
-        p = f"transformer.h.{i}."
-        shapes.update(
-            {
-                p + "ln_1.weight": (d,),
-                p + "ln_1.bias": (d,),
-                p + "attn.c_attn.weight": (d, 3 * d),
-                p + "attn.c_attn.bias": (3 * d,),
-                p + "attn.c_proj.weight": (d, d),
-                p + "attn.c_proj.bias": (d,),
-                p + "ln_2.weight": (d,),
-                p + "ln_2.bias": (d,),
-                p + "mlp.c_fc.weight": (d, ff),
-                p + "mlp.c_fc.bias": (ff,),
-                p + "mlp.c_proj.weight": (ff, d),
-                p + "mlp.c_proj.bias": (d,),
-            }
-        )
-    shapes.update({"transformer.ln_f.weight": (d,), "transformer.ln_f.bias": (d,)})
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config), encoding="utf-8")
     g = torch.Generator().manual_seed(0)
 
     def produce(name: str) -> torch.Tensor:
@@ -200,21 +165,15 @@ _PLAIN = (
 
 
 def measured(cmd: list[str]) -> dict[str, float]:
-    """Wall seconds, peak RSS (MB) and user/system CPU seconds of a fresh process, via
-    /usr/bin/time -v."""
-    t0 = time.perf_counter()
-    r = subprocess.run(["/usr/bin/time", "-v", *cmd], capture_output=True, text=True)
-    wall = time.perf_counter() - t0
+    """Wall seconds, peak RSS (MB) and user/system CPU seconds of a fresh process."""
+    r = time_v(cmd)
     if r.returncode != 0:
         raise SystemExit(f"failed: {' '.join(cmd)}\n{r.stderr[-2000:]}")
-    rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", r.stderr)[1])
-    cpu = {k: float(re.search(rf"{k.title()} time \(seconds\): ([\d.]+)", r.stderr)[1])
-           for k in ("user", "system")}  # fmt: skip
     return {
-        "wall_s": wall,
-        "peak_rss_mb": rss / 1024,
-        "user_s": cpu["user"],
-        "sys_s": cpu["system"],
+        "wall_s": r.wall_s,
+        "peak_rss_mb": r.peak_rss_kib / 1024,
+        "user_s": r.user_s,
+        "sys_s": r.sys_s,
     }
 
 

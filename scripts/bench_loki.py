@@ -31,10 +31,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from benchmd import write_section  # scripts/ is on sys.path when run as a script
 from safetensors.torch import save_file
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # devkit, shared with the tests, lives at the repository root
+from devkit.publish import write_section
+
 BEGIN, END = "<!-- loki-head:begin -->", "<!-- loki-head:end -->"
 
 
@@ -144,7 +146,7 @@ def digits_example() -> dict:
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
-    from tests.conftest import run_cli
+    from devkit.proc import run_cli
 
     x, y = load_digits(return_X_y=True)
     x = (x / 16.0).astype(np.float32)
@@ -289,5 +291,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(ROOT))
     main()

@@ -19,15 +19,19 @@ import argparse
 import json
 import os
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from benchmd import write_section  # scripts/ is on sys.path when run as a script
 from safetensors.torch import save_file
 
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # devkit, shared with the tests, lives at the repository root
+from devkit import factories
+from devkit.publish import write_section
 from normtool.load import load_model
 from normtool.merge.groups import permutation_groups
 from normtool.merge.matching import distinct_tensors, weight_matching
@@ -35,18 +39,12 @@ from normtool.merge.merge import MergeOptions, as_float32, load_weights, merge_m
 from normtool.merge.permute import invert, permute_weights, random_perms
 from normtool.model import Model
 
-ROOT = Path(__file__).resolve().parents[1]
 START, END = "<!-- bench_merge:start -->", "<!-- bench_merge:end -->"
-GPT2_SMALL = {"n_embd": 768, "n_layer": 12, "n_head": 12, "vocab_size": 50257, "n_positions": 1024}
 GPT2_QUICK = {"n_embd": 64, "n_layer": 2, "n_head": 4, "vocab_size": 500, "n_positions": 64}
 
 
 def make_gpt2(folder: Path, seed: int, shape: dict[str, int]) -> Path:
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    torch.manual_seed(seed)
-    GPT2LMHeadModel(GPT2Config(**shape)).save_pretrained(folder)
-    return folder
+    return factories.make_gpt2(folder, seed, noise=0, **shape)
 
 
 def make_mlp(path: Path, seed: int, widths: list[int]) -> Path:
@@ -93,7 +91,7 @@ def run(quick: bool) -> list[dict[str, Any]]:
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
-        shape = GPT2_QUICK if quick else GPT2_SMALL
+        shape = GPT2_QUICK if quick else factories.GPT2_SMALL
         ga = load_model(make_gpt2(d / "gpt2_a", 0, shape))
         gb = load_model(make_gpt2(d / "gpt2_b", 1, shape))
         name = "GPT-2-small-shaped" if not quick else "GPT-2 (quick shape)"

@@ -32,9 +32,7 @@ import json
 import math
 import os
 import platform
-import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,12 +40,15 @@ from pathlib import Path
 
 import torch
 
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # devkit, shared with the tests, lives at the repository root
+from devkit.factories import gpt2_shapes
+from devkit.proc import TIME, time_v
 from normtool.io.safetensors_format import write_stream
 
 NEED_BYTES = 20 * 10**9
 SHARD_BYTES = 10**9
 XL = {"layers": 48, "d_model": 1600, "heads": 25, "vocab": 50257}
-TIME = "/usr/bin/time"
 RESID_WRITERS = ("attn.o.weight", "mlp.fc2.weight", "c_proj.weight")
 FOLD_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 
@@ -106,25 +107,16 @@ def _write_sharded(
 
 
 def make_gpt2(folder: Path, shape: dict, positions: int, seed: int) -> Path:
-    from transformers import GPT2Config, GPT2LMHeadModel
-
     folder.mkdir(parents=True)
-    cfg = GPT2Config(
+    config, shapes = gpt2_shapes(
         n_layer=shape["layers"],
         n_embd=shape["d_model"],
         n_head=shape["heads"],
         vocab_size=shape["vocab"],
         n_positions=positions,
+        dtype="float16",
     )
-    cfg.dtype = "float16"
-    with torch.device("meta"):
-        model = GPT2LMHeadModel(cfg)
-    shapes = {
-        k: tuple(v.shape)
-        for k, v in model.state_dict().items()
-        if k != "lm_head.weight" and not k.endswith(".attn.bias")  # tied head; causal mask
-    }
-    cfg.save_pretrained(folder)
+    (folder / "config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
     _write_sharded(folder, shapes, shape["layers"], seed)
     return folder
 
@@ -162,22 +154,16 @@ def make_un_transformer(
 def measure(label: str, argv: list[str], log: Path) -> dict:
     """Run ``argv`` under ``/usr/bin/time -v``; peak RSS (MiB) and wall time (s)."""
     print(f"[{time.strftime('%H:%M:%S')}] {label}: {' '.join(argv)}", flush=True)
-    env = {**os.environ, "CI": "1"}
-    r = subprocess.run([TIME, "-v", *argv], capture_output=True, text=True, env=env)
+    r = time_v(argv, env={**os.environ, "CI": "1"})
     log.write_text(r.stdout + "\n---- stderr ----\n" + r.stderr)
-    rss = re.search(r"Maximum resident set size \(kbytes\): (\d+)", r.stderr)
-    wall = re.search(r"Elapsed \(wall clock\) time \(h:mm:ss or m:ss\): ([\d:.]+)", r.stderr)
-    secs = 0.0
-    for part in wall.group(1).split(":") if wall else []:
-        secs = secs * 60 + float(part)
     res = {
         "label": label,
         "command": " ".join(
             "python" if x == sys.executable else "<script>" if "\n" in x else x for x in argv
         ),
         "exit": r.returncode,
-        "peak_rss_mib": int(rss.group(1)) / 1024 if rss else None,
-        "wall_s": round(secs, 1),
+        "peak_rss_mib": r.peak_rss_kib / 1024 if r.peak_rss_kib is not None else None,
+        "wall_s": round(r.wall_s, 1),
     }
     if r.returncode != 0:
         tail = [x for x in r.stderr.splitlines() if not x.startswith("\t")][-3:]

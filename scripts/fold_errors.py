@@ -3,7 +3,7 @@
 Each case is a small seeded model (the test factories) or a trained fixture (``fixtures/``,
 made by ``scripts/make_fixtures.py``: a few hundred training steps, so running statistics are
 realistic). The fold is checked against the ORIGINAL network run by code independent of the
-pass (``tests/fold_cases.errors``): float64 max error relative to the logit scale, float32
+pass (``devkit/fold_cases.errors``): float64 max error relative to the logit scale, float32
 max-abs on the logits of the tensors as stored. Also reported: what folded, what was skipped
 (with its reason), and for Post-Norm re-basing the range of the accumulated scale |D|.
 
@@ -22,16 +22,21 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-from benchmd import publish  # noqa: E402 - scripts/ is on sys.path when run as a script
-
-from normtool.load import load_model  # noqa: E402
-from normtool.nn.save import load_reference  # noqa: E402
-from normtool.passes.fold import fold_norms  # noqa: E402
-from tests import fold_cases as fc  # noqa: E402
-from tests.factories_hf import load_hf, load_timm_vit, make_timm_vit  # noqa: E402
-from tests.factories_ref import make_cnn, make_reference_transformer, make_resnet  # noqa: E402
-from tests.test_fold_ws import make_ws_cnn  # noqa: E402
+sys.path.insert(0, str(ROOT))  # devkit, shared with the tests, lives at the repository root
+from devkit import fold_cases as fc
+from devkit.factories import (
+    load_hf,
+    load_timm_vit,
+    make_cnn,
+    make_reference_transformer,
+    make_resnet,
+    make_timm_vit,
+    make_ws_cnn,
+)
+from devkit.publish import publish
+from normtool.load import load_model
+from normtool.nn.save import load_reference
+from normtool.passes.fold import fold_norms
 
 START, END = "<!-- fold_errors:start -->", "<!-- fold_errors:end -->"
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tests.fuzz_property import check_reader_on_bytes, mutations  # noqa: E402
+from devkit.fuzz_property import check_reader_on_bytes, mutations
 
 
 def main() -> None:

@@ -30,16 +30,15 @@ import onnxruntime as ort
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-from benchmd import publish  # noqa: E402 - scripts/ is on sys.path when run as a script
-
-from normtool.cli import main as cli_main  # noqa: E402
-from normtool.inputs import random_inputs  # noqa: E402
-from normtool.load import load_model  # noqa: E402
-from normtool.passes import ln_to_rms  # noqa: E402
-from normtool.runtime.onnx_emit import emit_onnx  # noqa: E402
-from normtool.runtime.torch_exec import run_graph  # noqa: E402
-from tests import ln_to_rms_cases as cases  # noqa: E402
+sys.path.insert(0, str(ROOT))  # devkit, shared with the tests, lives at the repository root
+from devkit import ln_to_rms_cases as cases
+from devkit.publish import publish
+from normtool.cli import main as cli_main
+from normtool.inputs import random_inputs
+from normtool.load import load_model
+from normtool.passes import ln_to_rms
+from normtool.runtime.onnx_emit import emit_onnx
+from normtool.runtime.torch_exec import run_graph
 
 START, END = "<!-- ln_to_rms_errors:start -->", "<!-- ln_to_rms_errors:end -->"
 TARGETS = {"rms": [], "crms": ["--compressed"]}

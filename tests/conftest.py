@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextlib
 import io
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,20 +12,10 @@ import torch
 from safetensors.torch import save_file
 
 
-def run_cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    """Run ``python -m normtool ARGS`` in a subprocess, as a user or CI step would."""
-    return subprocess.run(
-        [sys.executable, "-m", "normtool", *map(str, args)],
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        env={"CI": "1", "PATH": "/usr/bin:/bin", "HOME": str(Path.home())},
-    )
-
-
 def cli(*args: object) -> subprocess.CompletedProcess:
     """``normtool ARGS`` through the CLI entry point in this process (exit code, stdout and
-    stderr captured): the same code path as ``run_cli`` without a fresh interpreter per call."""
+    stderr captured): the same code path as ``devkit.proc.run_cli`` without a fresh interpreter
+    per call."""
     from normtool.cli import main
 
     out, err = io.StringIO(), io.StringIO()

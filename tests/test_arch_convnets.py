@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from devkit.factories import make_cnn, make_resnet
 from normtool.errors import NormtoolError
 from normtool.load import load_model
 from normtool.nn.save import load_reference
 from normtool.runtime.torch_exec import run_graph
-from tests.factories_ref import make_cnn, make_resnet
 
 
 def _pixels(shape: tuple[int, ...], seed: int) -> torch.Tensor:

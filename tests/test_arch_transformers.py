@@ -16,14 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from normtool.arch.registry import family_names
-from normtool.arch.transformer import ORDER, check_layout, layouts
-from normtool.cli import main
-from normtool.errors import NormtoolError
-from normtool.load import load_model
-from normtool.runtime.torch_exec import run_graph
-from normtool.save import save_model
-from tests.factories_hf import (
+from devkit.factories import (
     load_hf,
     load_timm_vit,
     make_bert,
@@ -33,6 +26,13 @@ from tests.factories_hf import (
     make_vit,
     save_as_bin,
 )
+from normtool.arch.registry import family_names
+from normtool.arch.transformer import ORDER, check_layout, layouts
+from normtool.cli import main
+from normtool.errors import NormtoolError
+from normtool.load import load_model
+from normtool.runtime.torch_exec import run_graph
+from normtool.save import save_model
 
 # fp64 bounds: GPT-2 and BERT run entirely in the requested dtype, so fp64 agrees to rounding.
 # transformers' eager attention for OPT and ViT computes the softmax in fp32 even for fp64
@@ -316,8 +316,8 @@ REF_VARIANTS = [
 
 @pytest.mark.parametrize("cfg", REF_VARIANTS, ids=lambda c: "-".join(str(v) for v in c.values()))
 def test_normtool_transformer_matches_reference(tmp_path, cfg):
+    from devkit.factories import make_reference_transformer
     from normtool.nn.save import load_reference
-    from tests.factories_ref import make_reference_transformer
 
     path = make_reference_transformer(tmp_path, **cfg)
     model = load_model(path)

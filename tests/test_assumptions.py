@@ -20,11 +20,10 @@ import onnx
 import pytest
 import torch
 
+from devkit.factories import load_timm_vit, make_reference_transformer, make_timm_vit
 from normtool.load import load_model
 from normtool.runtime.torch_exec import run_graph
 from tests.conftest import cli
-from tests.factories_hf import load_timm_vit, make_timm_vit
-from tests.factories_ref import make_reference_transformer
 
 FP64_REL = 1e-12
 STORED_FP32_REL = 1e-5

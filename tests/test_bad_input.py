@@ -12,7 +12,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from tests.conftest import cli, run_cli
+from devkit.proc import run_cli
+from tests.conftest import cli
 
 
 def _sha(p: Path) -> str:

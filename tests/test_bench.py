@@ -16,12 +16,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from devkit.factories import make_reference_transformer
+from devkit.proc import run_cli
 from normtool import bench as bench_mod
 from normtool.errors import DeviceUnavailable
 from normtool.runtime import ort
 from normtool.timing import interleaved, paired_ratio, percentile, summarize
-from tests.conftest import cli, run_cli
-from tests.factories_ref import make_reference_transformer
+from tests.conftest import cli
 
 
 @pytest.fixture(scope="module")

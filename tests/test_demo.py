@@ -6,11 +6,11 @@ import json
 
 import pytest
 
+from devkit.proc import run_cli
 from normtool import demo as demo_lib
 from normtool.cli import main
 from normtool.commands import COMMANDS
 from normtool.demo import Step
-from tests.conftest import run_cli
 
 
 def test_demo_every_step_succeeds_and_covers_every_command(tmp_path):

@@ -19,18 +19,20 @@ import onnxruntime
 import pytest
 import torch
 
+from devkit import factories as fh
+from devkit import factories as fr
+from devkit.proc import run_cli
 from normtool.errors import CheckFailed, DeviceUnavailable, NormtoolError
 from normtool.export import default_opset, export_model
-from normtool.graph import OP_KINDS, Graph, InputSpec, Op, Source, Space, TensorSpec
+from normtool.graph import Graph, InputSpec, Op, Source, Space, TensorSpec
 from normtool.inputs import max_seq, random_inputs
 from normtool.load import load_model
 from normtool.model import Model
+from normtool.opspec import SPECS
 from normtool.runtime.onnx_emit import EMITTERS, EmitOptions, emit_onnx, input_signature
 from normtool.runtime.ort import create_session
 from normtool.runtime.torch_exec import run_graph
-from tests import factories_hf as fh
-from tests import factories_ref as fr
-from tests.conftest import cli, run_cli
+from tests.conftest import cli
 
 # fp32: the same maths with other kernels and summation orders; the issue's bound is 1e-4 max-abs
 # (observed ≤ 3e-6 on these tiny models, so a wrong op — errors of order 0.1..1 — cannot pass).
@@ -96,15 +98,15 @@ def _file_opset(path: Path) -> int:
 
 # ---- the op table ---------------------------------------------------------------------------
 def test_every_op_kind_has_an_emitter():
-    assert set(EMITTERS) == set(OP_KINDS)
+    assert set(EMITTERS) == set(SPECS)
 
 
 def test_every_op_kind_is_exercised_here(checkpoint):
     """The families and hand-written graphs below together use every op kind (and activation)."""
     graphs = [load_model(checkpoint(f), heads=4).graph for f in FAMILIES]
-    graphs += [_features_graph()[0], _image_graph()[0]]
+    graphs += [_features_graph()[0], _image_graph()[0], rope_graph()[0]]
     kinds = {op.kind for g in graphs for op in g.ops}
-    assert kinds == set(OP_KINDS)
+    assert kinds == set(SPECS)
     acts = {op.attrs["fn"] for g in graphs for op in g.ops_of("act")}
     assert acts == {"relu", "gelu", "gelu_tanh", "tanh", "silu", "quick_gelu"}
 
@@ -248,7 +250,20 @@ def _image_graph() -> tuple[Graph, dict[str, torch.Tensor]]:
     return n.graph([logits])
 
 
-@pytest.mark.parametrize("build", [_features_graph, _image_graph])
+def rope_graph(fraction: float = 0.5) -> tuple[Graph, dict[str, torch.Tensor]]:
+    """Token ids → embedding → q/k/v, rotary embedding on q and k (``fraction`` of each head's
+    dims) → causal attention → head: the layout of a rotary (GPT-NeoX, Llama) attention."""
+    n = _Net()
+    n.inputs.append(InputSpec("input_ids", "tokens", ("batch", "seq"), vocab=11, max_len=16))
+    x = n.op("embed", "wte", ["input_ids"], 16, {"weight": n.param("wte", (11, 16))})
+    q, k, v = (n.op("linear", f"{c}", [x], 16, {"weight": n.param(c, (16, 16))}) for c in "qkv")
+    q = n.op("rope", "rope_q", [q], 16, heads=2, fraction=fraction, base=100.0)
+    k = n.op("rope", "rope_k", [k], 16, heads=2, fraction=fraction, base=100.0)
+    y = n.op("attention", "attn", [q, k, v], 16, heads=2, causal=True)
+    return n.graph([n.op("linear", "head", [y], 5, {"weight": n.param("head", (5, 16))})])
+
+
+@pytest.mark.parametrize("build", [_features_graph, _image_graph, rope_graph])
 @pytest.mark.parametrize("opset", [17, 20, 23])
 def test_hand_written_graphs_match_executor(build, opset):
     graph, weights = build()

@@ -2,7 +2,7 @@
 
 References are independent of the pass: normtool.nn modules (plain torch) for the reference
 transformer and the small CNN, transformers' own forward for HF ResNet, the plain-torch
-timm-style ViT of tests.factories_hf, and for hand-made graphs the eval maths written out here.
+timm-style ViT of devkit.factories, and for hand-made graphs the eval maths written out here.
 
 Tolerances (issue 4): fp64 ≤ 1e-9 relative to the logit scale — the folds are exact algebra, so
 only float64 rounding (~1e-16 per op, ~1e-14 accumulated) may remain; fp32 ≤ 1e-4 max-abs on
@@ -21,21 +21,14 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from normtool.errors import NormtoolError
-from normtool.graph import Graph, InputSpec, Op, Source, Space, TensorSpec
-from normtool.load import load_model
-from normtool.model import Model
-from normtool.nn.save import load_reference, save_reference
-from normtool.passes.fold import fold_norms
-from normtool.runtime.torch_exec import run_graph
-from tests.conftest import cli, run_cli
-from tests.factories_hf import load_timm_vit, make_timm_vit
-from tests.factories_ref import (
+from devkit.factories import (
+    load_timm_vit,
     make_cnn,
     make_reference_transformer,
     make_resnet,
+    make_timm_vit,
 )
-from tests.fold_cases import (
+from devkit.fold_cases import (
     FIXTURES,
     FP32_ABS,
     FP64_REL,
@@ -45,6 +38,15 @@ from tests.fold_cases import (
     module_ref,
     pixels,
 )
+from devkit.proc import run_cli
+from normtool.errors import NormtoolError
+from normtool.graph import Graph, InputSpec, Op, Source, Space, TensorSpec
+from normtool.load import load_model
+from normtool.model import Model
+from normtool.nn.save import load_reference, save_reference
+from normtool.passes.fold import fold_norms
+from normtool.runtime.torch_exec import run_graph
+from tests.conftest import cli
 
 
 def _check(folded: Model, exact: Model, reference, x: torch.Tensor, name: str) -> None:
@@ -178,7 +180,7 @@ def test_small_cnn_backward_fold(tmp_path):
 
 @pytest.mark.parametrize("layer_type", ["basic", "bottleneck"])
 def test_hf_resnet(tmp_path, layer_type):
-    from tests.factories_hf import load_hf
+    from devkit.factories import load_hf
 
     path = make_resnet(tmp_path, layer_type)
     model = load_model(path)

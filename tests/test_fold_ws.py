@@ -27,13 +27,13 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from devkit.factories import make_cnn, make_ws_cnn
 from normtool.load import load_model
-from normtool.nn import SmallCNN, WSConv2d, cnn_config
-from normtool.nn.save import read_config, save_reference
+from normtool.nn import WSConv2d, cnn_config
+from normtool.nn.save import read_config
 from normtool.passes.fold import fold_norms
 from normtool.runtime.torch_exec import run_graph
 from tests.conftest import cli
-from tests.factories_ref import make_cnn, randomize_norm_state
 
 FP64_REL, FP32_ABS = 1e-9, 1e-4
 EPS = {"var": 1e-6, "std": 1e-5}
@@ -78,33 +78,6 @@ def tensors(path: Path) -> dict[str, torch.Tensor]:
 def pixels(cfg: dict, batch: int = 4, seed: int = 0) -> torch.Tensor:
     shape = (batch, cfg["in_channels"], cfg["image_size"], cfg["image_size"])
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
-
-
-def make_ws_cnn(
-    dir: Path, variant: str, name: str = "ws", seed: int = 0, constant_rows: bool = False, **cfg
-) -> Path:
-    """A WS+BN SmallCNN with trained-looking BN statistics and conv rows of spread 1e-3..1
-    around non-zero means: rows of small spread make the two eps placements differ by O(1), so
-    a bake with the wrong one fails the checks; ``constant_rows``: some rows have variance 0."""
-    torch.manual_seed(seed)
-    model = SmallCNN(cnn_config(weight_standardization=variant, **cfg))
-    randomize_norm_state(model, seed + 1)
-    g = torch.Generator().manual_seed(seed + 2)
-    with torch.no_grad():
-        for block in model.blocks:
-            w = block.conv.weight
-            spread = 10 ** (-3 * torch.rand(w.shape[0], 1, 1, 1, generator=g))
-            w.copy_(
-                torch.randn(w.shape, generator=g) * spread
-                + torch.randn(w.shape[0], 1, 1, 1, generator=g)
-            )
-            # as after training, BN's running variance follows its input's: Ŵ has unit spread
-            # per row, so the conv output's variance grows with the fan-in
-            block.bn.running_var.mul_(w[0].numel())
-            if constant_rows:
-                w[0] = 0.1  # not a power of two: the mean of the row must still come out exact
-                w[-1] = -3.0
-    return save_reference(model.eval(), Path(dir) / f"{name}.safetensors", force=True)
 
 
 def _check_fold(path: Path, r) -> None:

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from devkit.proc import run_cli
 from normtool.load import load_model
 from normtool.runtime.torch_exec import run_graph
-from tests.conftest import run_cli
 
 
 def test_mlp_executor_matches_torch_module(mlp_path, mlp_net):

@@ -14,10 +14,16 @@ from dataclasses import asdict
 import pytest
 import torch
 
+from devkit.factories import (
+    make_cnn,
+    make_gpt2,
+    make_reference_transformer,
+    make_resnet,
+    make_timm_vit,
+    make_vit,
+)
 from normtool.graph import Graph
 from normtool.load import load_model
-from tests.factories_hf import make_gpt2, make_timm_vit, make_vit
-from tests.factories_ref import make_cnn, make_reference_transformer, make_resnet
 
 MAKERS = {
     "reference": lambda d: make_reference_transformer(d, "r", norm="layernorm", parallel=True),

@@ -20,8 +20,8 @@ import torch
 from onnx import TensorProto, helper
 from safetensors.torch import load_file, save_file
 
+from devkit.factories import make_reference_transformer
 from normtool.cli import main
-from tests.factories_ref import make_reference_transformer
 
 WRITERS = ("convert-ln-to-rms", "fold", "merge", "export")
 COMMANDS = ("inspect", *WRITERS)
@@ -472,7 +472,7 @@ def _metadata(src: Path) -> dict[str, str]:
 
 def test_unused_integer_tensors_are_still_accepted(tmp_path, capsys):
     """Integer buffers no op reads (BatchNorm's num_batches_tracked) are not weights: kept."""
-    from tests.factories_ref import make_cnn  # noqa: PLC0415
+    from devkit.factories import make_cnn  # noqa: PLC0415
 
     cnn = make_cnn(tmp_path)
     assert any(t.dtype == torch.int64 for t in load_file(cnn).values())
@@ -562,7 +562,7 @@ def test_declared_sizes_bound_verify_memory(tmp_path):
     import resource  # noqa: PLC0415
     import sys  # noqa: PLC0415
 
-    from tests.conftest import run_cli  # noqa: PLC0415
+    from devkit.proc import run_cli  # noqa: PLC0415
 
     bad = _wide(tmp_path / "wide.safetensors", 3_000_000, rows=1)
     r = run_cli("verify", bad, bad, "--act", "relu", "--memory-limit", "0.5GiB")

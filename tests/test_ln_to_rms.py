@@ -16,18 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from normtool.cli import app, main
-from normtool.graph import Op
-from normtool.inputs import random_inputs
-from normtool.load import load_model
-from normtool.nn.save import load_reference
-from normtool.passes import ln_to_rms
-from normtool.runtime.onnx_emit import emit_onnx
-from normtool.runtime.torch_exec import run_graph
-from tests.conftest import run_cli
-from tests.factories_hf import make_bert, make_opt
-from tests.factories_ref import make_reference_transformer
-from tests.ln_to_rms_cases import (
+from devkit.factories import make_bert, make_opt, make_reference_transformer
+from devkit.ln_to_rms_cases import (
     FAMILIES,
     HALF,
     as_half,
@@ -36,6 +26,15 @@ from tests.ln_to_rms_cases import (
     reference_forward,
     sq_error,
 )
+from devkit.proc import run_cli
+from normtool.cli import app, main
+from normtool.graph import Op
+from normtool.inputs import random_inputs
+from normtool.load import load_model
+from normtool.nn.save import load_reference
+from normtool.passes import ln_to_rms
+from normtool.runtime.onnx_emit import emit_onnx
+from normtool.runtime.torch_exec import run_graph
 
 # fp32 bar of the issue: the converted model (rewritten in fp64, rounded once to fp32, run in
 # fp32 by normtool or ORT) against the original's own fp32 forward. The two differ only by fp32

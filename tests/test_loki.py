@@ -16,6 +16,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from devkit.proc import run_cli
 from normtool.cli import main
 from normtool.load import load_model
 from normtool.loki.head import add_loki_head, duplicate_columns
@@ -23,7 +24,6 @@ from normtool.loki.labels import resolve_labels
 from normtool.loki.metric import MatrixMetric
 from normtool.loki.metric_files import load_metric
 from normtool.runtime.torch_exec import run_graph
-from tests.conftest import run_cli
 
 # ---- independent reference ----------------------------------------------------------------
 
@@ -292,8 +292,13 @@ def test_duplicate_columns_found_exactly():
 
 
 def _family_model(kind: str, d: Path) -> Path:
-    from tests.factories_hf import make_bert, make_vit
-    from tests.factories_ref import make_cnn, make_reference_transformer, make_resnet
+    from devkit.factories import (
+        make_bert,
+        make_cnn,
+        make_reference_transformer,
+        make_resnet,
+        make_vit,
+    )
 
     return {
         "vit": lambda: make_vit(d / "vit"),
@@ -331,7 +336,7 @@ def test_every_classifier_family(tmp_path, kind):
 
 
 def test_language_model_is_refused(tmp_path, capsys):
-    from tests.factories_ref import make_reference_transformer
+    from devkit.factories import make_reference_transformer
 
     lm = make_reference_transformer(tmp_path, name="lm")
     (tmp_path / "t.tsv").write_text("a\troot\n")

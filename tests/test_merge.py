@@ -18,6 +18,8 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from devkit import factories as fh
+from devkit import factories as fr
 from normtool.cli import main
 from normtool.inputs import max_seq, random_inputs
 from normtool.load import HISTORY_KEY, load_model
@@ -25,8 +27,6 @@ from normtool.merge.groups import permutation_groups
 from normtool.merge.matching import weight_matching
 from normtool.merge.permute import invert, permute_weights, random_perms
 from normtool.runtime.torch_exec import run_graph
-from tests import factories_hf as fh
-from tests import factories_ref as fr
 
 
 def cli(capsys, *args) -> tuple[int, str, str]:

@@ -17,12 +17,21 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
+from devkit.factories import (
+    TINY_TRANSFORMER,
+    load_hf,
+    make_bert,
+    make_cnn,
+    make_gpt2,
+    make_opt,
+    make_reference_transformer,
+    make_resnet,
+    make_vit,
+)
 from normtool.load import load_model
 from normtool.nn.transformer import ReferenceTransformer, transformer_config
 from normtool.refusal import MIN_REASON, WIDTH, refusal_line
 from tests.conftest import cli
-from tests.factories_hf import load_hf, make_bert, make_gpt2, make_opt, make_vit
-from tests.factories_ref import TINY_TRANSFORMER, make_cnn, make_reference_transformer, make_resnet
 
 
 @pytest.fixture(scope="module")

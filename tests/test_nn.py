@@ -13,12 +13,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from devkit.factories import TINY_TRANSFORMER, make_reference_transformer
 from normtool.graph import Graph, InputSpec, Op, Source, Space, TensorSpec
 from normtool.nn import CRMSNorm, PowerNorm, ReferenceTransformer, RMSNorm, UnifiedNorm
 from normtool.nn.save import load_reference, read_config, save_reference
 from normtool.nn.transformer import transformer_config
 from normtool.runtime.torch_exec import run_graph
-from tests.factories_ref import TINY_TRANSFORMER, make_reference_transformer
 
 D, HEADS = 8, 2
 

@@ -11,7 +11,7 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.fuzz_property import check_reader_on_bytes, mutations, safetensors_bytes
+from devkit.fuzz_property import check_reader_on_bytes, mutations, safetensors_bytes
 
 SETTINGS = settings(
     max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]

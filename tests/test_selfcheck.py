@@ -12,6 +12,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from devkit.factories import load_timm_vit, make_gpt2, make_reference_transformer, make_timm_vit
 from normtool.load import load_model
 from normtool.nn.save import load_reference
 from normtool.passes import weight_math
@@ -20,8 +21,6 @@ from normtool.passes.ln_to_rms import convert_ln_to_rms
 from normtool.runtime.torch_exec import run_graph
 from normtool.selfcheck import check_plan, self_check
 from tests.conftest import cli
-from tests.factories_hf import load_timm_vit, make_gpt2, make_timm_vit
-from tests.factories_ref import make_reference_transformer
 
 
 def test_plan_reaches_every_position_and_a_batch(tmp_path):

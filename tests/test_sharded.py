@@ -9,14 +9,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from devkit.factories import make_reference_transformer
+from devkit.proc import run_cli
 from normtool.errors import NormtoolError
 from normtool.io.safetensors_format import read_header
 from normtool.io.store import open_checkpoint
 from normtool.io.writer import parse_size
 from normtool.load import GRAPH_KEY, HISTORY_KEY, load_model
 from normtool.save import save_model
-from tests.conftest import run_cli
-from tests.factories_ref import make_reference_transformer
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 

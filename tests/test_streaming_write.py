@@ -17,13 +17,13 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from devkit.factories import make_gpt2, make_reference_transformer
+from devkit.proc import run_cli
 from normtool.io.safetensors_format import read_header, write_stream
 from normtool.io.store import Checkpoint
 from normtool.load import HISTORY_KEY, load_model
 from normtool.passes import ln_to_rms
-from tests.conftest import cli, run_cli
-from tests.factories_hf import make_gpt2
-from tests.factories_ref import make_reference_transformer
+from tests.conftest import cli
 
 
 def _sha(p: Path) -> str:

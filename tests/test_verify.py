@@ -18,14 +18,15 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from devkit import factories as fh
+from devkit import factories as fr
+from devkit.proc import run_cli
 from normtool.errors import NormtoolError
 from normtool.export import export_model
 from normtool.inputs import random_inputs
 from normtool.load import load_model
 from normtool.verify import TOLERANCES, Report, compare, compare_models, open_runners
-from tests import factories_hf as fh
-from tests import factories_ref as fr
-from tests.conftest import cli, run_cli
+from tests.conftest import cli
 
 DELTA = 1e-3  # the single-weight perturbation verify must catch at default tolerances
 
@@ -236,7 +237,7 @@ def test_family_export_and_perturbed(family, tmp_path):
 
 
 def test_token_batches_include_batch_1_at_the_longest_sequence(tmp_path):
-    ckpt = fr.make_reference_transformer(tmp_path)  # max_len 16 (factories_ref.TINY_TRANSFORMER)
+    ckpt = fr.make_reference_transformer(tmp_path)  # max_len 16 (devkit.factories.TINY_TRANSFORMER)
     m = load_model(ckpt)
     rep = compare_models(m, m, "fp32", samples=6, seed=1)
     assert rep.batches[0] == (1, 16) and (16, 1) in rep.batches

@@ -12,12 +12,19 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from devkit.factories import (
+    load_hf,
+    load_timm_vit,
+    make_gpt2,
+    make_opt,
+    make_reference_transformer,
+    make_timm_vit,
+    make_vit,
+)
 from normtool.inputs import random_inputs
 from normtool.load import load_model
 from normtool.nn.save import load_reference
 from normtool.runtime.torch_exec import run_graph
-from tests.factories_hf import load_hf, load_timm_vit, make_gpt2, make_opt, make_timm_vit, make_vit
-from tests.factories_ref import make_reference_transformer
 
 FAMILIES = ["gpt2", "opt", "vit", "timm_vit", "ref", "ref_parallel"]
 HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}

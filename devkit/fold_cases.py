@@ -12,11 +12,11 @@ from pathlib import Path
 
 import torch
 
+from devkit.factories import TINY_TRANSFORMER, randomize_norm_state
 from normtool.model import Model
 from normtool.nn.save import save_reference
 from normtool.nn.transformer import ReferenceTransformer, transformer_config
 from normtool.runtime.torch_exec import run_graph
-from tests.factories_ref import TINY_TRANSFORMER, randomize_norm_state
 
 FP64_REL, FP32_ABS = 1e-9, 1e-4
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"

@@ -1,15 +1,23 @@
-"""Tiny seeded transformer checkpoints for tests: Hugging Face models saved with
-``save_pretrained``, and a timm-style ViT state dict made by a plain-torch module written here.
+"""Model factories shared by the tests and the benchmark scripts: one of each kind.
 
-Why here and not in normtool: these models are the *independent references* the adapters are
-tested against, so they must not use any normtool code. Every factory is seeded and tiny (d=32,
-2 layers) so a whole test file stays within seconds on 2 CPU cores. All parameters get N(0, 0.2²)
-noise on top of the library's init, so LayerNorm gains and biases are far from 1 and 0 and an
-adapter that ignored one of them would fail its test.
+Hugging Face models saved with ``save_pretrained`` (GPT-2, OPT, ViT, BERT, ResNet), a
+timm-style ViT state dict made by a plain-torch module written here, and normtool's own
+reference transformer and CNN (``normtool.nn``). Every factory is seeded; the test sizes are
+tiny (d=32, 2 layers) so a whole test file stays within seconds on 2 CPU cores, and the
+scripts pass their own sizes.
+
+Why the Hugging Face and timm models use no normtool code: they are the *independent
+references* the adapters are tested against. Their parameters get N(0, noise²) on top of the
+library's init (``NOISE`` = 0.2 unless a caller says otherwise), so LayerNorm gains and biases
+are far from 1 and 0 and an adapter that ignored one of them would fail its test. Running
+statistics of PowerNorm, UN and BatchNorm are set to random positive values (as after
+training) so that tests exercise them instead of their identity initial values.
 
 Functions: ``make_gpt2 / make_opt / make_vit / make_bert(dir, **config) -> folder`` and
-``load_hf(folder, dtype)`` for the transformers reference; ``make_timm_vit(dir, ...) -> file``
-and ``load_timm_vit(file, heads)`` for the timm-style reference.
+``load_hf(folder, dtype)`` for the transformers reference; ``gpt2_shapes(**config)`` for
+scripts that stream random GPT-2 weights without building the model; ``make_timm_vit(dir, ...)
+-> file`` and ``load_timm_vit(file, heads)`` for the timm-style reference;
+``make_reference_transformer``, ``make_cnn``, ``make_ws_cnn``, ``make_resnet``.
 """
 
 from __future__ import annotations
@@ -23,43 +31,86 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from normtool.nn.cnn import SmallCNN, cnn_config
+from normtool.nn.save import save_reference
+from normtool.nn.transformer import ReferenceTransformer, transformer_config
+
 NOISE = 0.2
 
 
-def _perturb(module: nn.Module, seed: int) -> None:
-    """Add seeded N(0, NOISE²) noise to every parameter (tied ones once)."""
+def _perturb(module: nn.Module, seed: int, noise: float = NOISE) -> None:
+    """Add seeded N(0, noise²) noise to every parameter (tied ones once); 0: none."""
+    if noise == 0:
+        return
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in module.parameters():
-            p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * NOISE)
+            p.add_(torch.randn(p.shape, generator=g, dtype=p.dtype) * noise)
 
 
-def _save_hf(model: Any, out: Path, seed: int, save: dict[str, Any] | None) -> Path:
-    _perturb(model, seed)
+def _save_hf(
+    model: Any, out: Path, seed: int, save: dict[str, Any] | None, noise: float = NOISE
+) -> Path:
+    _perturb(model, seed, noise)
     out = Path(out)
     model.save_pretrained(out, **(save or {}))
     return out
 
 
+#: Shapes of the published models the benchmarks are sized like (random weights, no download).
+GPT2_SMALL: dict[str, Any] = dict(
+    n_layer=12, n_embd=768, n_head=12, n_positions=1024, vocab_size=50257
+)
+VIT_B16: dict[str, Any] = dict(
+    hidden_size=768,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    intermediate_size=3072,
+    image_size=224,
+    patch_size=16,
+    num_labels=1000,
+)
+GPT2_TINY: dict[str, Any] = dict(
+    vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0
+)
+
+
 def make_gpt2(
-    out: Path, seed: int = 0, save: dict | None = None, model: str = "GPT2LMHeadModel", **cfg: Any
+    out: Path,
+    seed: int = 0,
+    save: dict | None = None,
+    model: str = "GPT2LMHeadModel",
+    noise: float = NOISE,
+    **cfg: Any,
 ) -> Path:
     """GPT2LMHeadModel (Conv1D weights, tied lm_head), or ``model="GPT2Model"`` (the base model,
-    saved with unprefixed keys and no head). ``save``: kwargs for save_pretrained."""
+    saved with unprefixed keys and no head). ``cfg`` overrides ``GPT2_TINY``; ``save``: kwargs
+    for save_pretrained; ``noise``: the std of the noise added to every parameter (0: the
+    library's init as it is)."""
     import transformers
     from transformers import GPT2Config
 
-    base = dict(
-        vocab_size=64,
-        n_positions=16,
-        n_embd=32,
-        n_layer=2,
-        n_head=4,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
     torch.manual_seed(seed)
-    return _save_hf(getattr(transformers, model)(GPT2Config(**{**base, **cfg})), out, seed, save)
+    net = getattr(transformers, model)(GPT2Config(**{**GPT2_TINY, **cfg}))
+    return _save_hf(net.eval(), out, seed, save, noise)
+
+
+def gpt2_shapes(**cfg: Any) -> tuple[dict[str, Any], dict[str, tuple[int, ...]]]:
+    """``(config.json contents, {stored tensor: shape})`` of a GPT2LMHeadModel with ``cfg``
+    (over ``GPT2_TINY``), without allocating it: for scripts that stream random weights of
+    models too large to build. The tied ``lm_head`` and the causal-mask buffers are left out,
+    as ``save_pretrained`` leaves them."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(**{**GPT2_TINY, **cfg})
+    with torch.device("meta"):
+        net = GPT2LMHeadModel(config)
+    shapes = {
+        k: tuple(v.shape)
+        for k, v in net.state_dict().items()
+        if k != "lm_head.weight" and not k.endswith((".attn.bias", ".attn.masked_bias"))
+    }
+    return {**config.to_dict(), "architectures": ["GPT2LMHeadModel"]}, shapes
 
 
 def make_opt(
@@ -85,8 +136,11 @@ def make_opt(
     return _save_hf(OPTForCausalLM(OPTConfig(**{**base, **cfg})), out, seed, save)
 
 
-def make_vit(out: Path, seed: int = 0, save: dict | None = None, **cfg: Any) -> Path:
-    """ViTForImageClassification on 16×16 RGB images, 4×4 patches, 5 classes."""
+def make_vit(
+    out: Path, seed: int = 0, save: dict | None = None, noise: float = NOISE, **cfg: Any
+) -> Path:
+    """ViTForImageClassification on 16×16 RGB images, 4×4 patches, 5 classes (``cfg``
+    overrides); ``noise`` as for ``make_gpt2``."""
     from transformers import ViTConfig, ViTForImageClassification
 
     base = dict(
@@ -100,7 +154,8 @@ def make_vit(out: Path, seed: int = 0, save: dict | None = None, **cfg: Any) -> 
         num_labels=5,
     )
     torch.manual_seed(seed)
-    return _save_hf(ViTForImageClassification(ViTConfig(**{**base, **cfg})), out, seed, save)
+    net = ViTForImageClassification(ViTConfig(**{**base, **cfg}))
+    return _save_hf(net, out, seed, save, noise)
 
 
 def make_bert(
@@ -328,4 +383,122 @@ def save_as_bin(src: Path, out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text((Path(src) / "config.json").read_text())
     torch.save(load_file(str(Path(src) / "model.safetensors")), out / "pytorch_model.bin")
+    return out
+
+
+# ---- normtool's reference models and Hugging Face ResNet -------------------------------------
+
+TINY_TRANSFORMER: dict[str, Any] = {
+    "vocab_size": 48,
+    "max_len": 16,
+    "d_model": 16,
+    "heads": 4,
+    "layers": 2,
+    "d_ff": 32,
+}
+
+
+def randomize_norm_state(model: nn.Module, seed: int) -> None:
+    """Give every norm random affine parameters and trained-looking running statistics.
+
+    Random affine: γ around 1 (some negative would break nothing here, but keep them natural),
+    β small; running statistics positive, spread over an order of magnitude.
+    """
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            for name in ("running_var", "running_phi"):
+                buf = getattr(m, name, None)
+                if isinstance(buf, torch.Tensor):
+                    buf.copy_(torch.rand(buf.shape, generator=g) * 2.0 + 0.2)
+            mean = getattr(m, "running_mean", None)
+            if isinstance(mean, torch.Tensor):
+                mean.copy_(torch.randn(mean.shape, generator=g) * 0.3)
+            if m is model or not hasattr(m, "weight") or isinstance(m, (nn.Linear, nn.Conv2d)):
+                continue
+            if isinstance(m, nn.Embedding) or m.weight is None:
+                continue
+            m.weight.copy_(1.0 + 0.3 * torch.randn(m.weight.shape, generator=g))
+            bias = getattr(m, "bias", None)
+            if isinstance(bias, torch.Tensor):
+                bias.copy_(0.1 * torch.randn(bias.shape, generator=g))
+
+
+def make_reference_transformer(
+    dir: Path, name: str | None = None, seed: int = 0, **config: Any
+) -> Path:
+    """Write a tiny seeded ReferenceTransformer (``TINY_TRANSFORMER`` + ``config``) to ``dir``.
+
+    Returns the ``.safetensors`` path (config in its metadata). The file name defaults to one
+    derived from the norm and placement, so several variants can share a folder.
+    """
+    cfg = transformer_config(**{**TINY_TRANSFORMER, **config})
+    torch.manual_seed(seed)
+    model = ReferenceTransformer(cfg)
+    randomize_norm_state(model, seed + 1)
+    stem = name or f"ref_{cfg['norm']}_{cfg['placement']}{'_par' if cfg['parallel'] else ''}"
+    return save_reference(model.eval(), Path(dir) / f"{stem}.safetensors", force=True)
+
+
+def make_cnn(dir: Path, name: str = "cnn", seed: int = 0, **config: Any) -> Path:
+    """Write a tiny seeded SmallCNN (random BN statistics) to ``dir``; returns the path."""
+    torch.manual_seed(seed)
+    model = SmallCNN(cnn_config(**config))
+    randomize_norm_state(model, seed + 1)
+    return save_reference(model.eval(), Path(dir) / f"{name}.safetensors", force=True)
+
+
+def make_ws_cnn(
+    dir: Path,
+    variant: str,
+    name: str = "ws",
+    seed: int = 0,
+    constant_rows: bool = False,
+    **cfg: Any,
+) -> Path:
+    """A WS+BN SmallCNN with trained-looking BN statistics and conv rows of spread 1e-3..1
+    around non-zero means: rows of small spread make the two eps placements differ by O(1), so
+    a bake with the wrong one fails the checks; ``constant_rows``: some rows have variance 0."""
+    torch.manual_seed(seed)
+    model = SmallCNN(cnn_config(weight_standardization=variant, **cfg))
+    randomize_norm_state(model, seed + 1)
+    g = torch.Generator().manual_seed(seed + 2)
+    with torch.no_grad():
+        for block in model.blocks:
+            w = block.conv.weight
+            spread = 10 ** (-3 * torch.rand(w.shape[0], 1, 1, 1, generator=g))
+            w.copy_(
+                torch.randn(w.shape, generator=g) * spread
+                + torch.randn(w.shape[0], 1, 1, 1, generator=g)
+            )
+            # as after training, BN's running variance follows its input's: Ŵ has unit spread
+            # per row, so the conv output's variance grows with the fan-in
+            block.bn.running_var.mul_(w[0].numel())
+            if constant_rows:
+                w[0] = 0.1  # not a power of two: the mean of the row must still come out exact
+                w[-1] = -3.0
+    return save_reference(model.eval(), Path(dir) / f"{name}.safetensors", force=True)
+
+
+def make_resnet(dir: Path, layer_type: str = "basic", seed: int = 0, **config: Any) -> Path:
+    """Save a tiny random ``ResNetForImageClassification`` folder (``save_pretrained``).
+
+    BatchNorm statistics and affines are randomised so eval-mode BN is not the identity.
+    """
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    torch.manual_seed(seed)
+    kwargs: dict[str, Any] = {
+        "num_channels": 3,
+        "embedding_size": 8,
+        "hidden_sizes": [8, 16] if layer_type == "basic" else [16, 32],
+        "depths": [1, 2],
+        "layer_type": layer_type,
+        "num_labels": 5,
+        **config,
+    }
+    model = ResNetForImageClassification(ResNetConfig(**kwargs)).eval()
+    randomize_norm_state(model, seed + 1)
+    out = Path(dir) / f"resnet_{layer_type}"
+    model.save_pretrained(out)
     return out
