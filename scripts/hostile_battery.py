@@ -573,7 +573,7 @@ def battery(
         base = Path(tmp)
         good = _reference(base / "good.safetensors", 0)
         rms = base / "rms.safetensors"
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "CI": "1"}
+        env = {**os.environ, "PYTHONPATH": str(tree), "CI": "1"}
         subprocess.run(
             [sys.executable, "-m", "normtool", "convert-ln-to-rms", str(good), "-o", str(rms)],
             check=True, capture_output=True, env=env,
