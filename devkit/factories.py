@@ -425,17 +425,20 @@ def randomize_norm_state(model: nn.Module, seed: int) -> None:
 
 
 def make_reference_transformer(
-    dir: Path, name: str | None = None, seed: int = 0, **config: Any
+    dir: Path, name: str | None = None, seed: int = 0, trained: bool = True, **config: Any
 ) -> Path:
     """Write a tiny seeded ReferenceTransformer (``TINY_TRANSFORMER`` + ``config``) to ``dir``.
 
     Returns the ``.safetensors`` path (config in its metadata). The file name defaults to one
-    derived from the norm and placement, so several variants can share a folder.
+    derived from the norm and placement, so several variants can share a folder. ``trained``:
+    norms get random affines and running statistics (``randomize_norm_state``); False keeps
+    the initial ones.
     """
     cfg = transformer_config(**{**TINY_TRANSFORMER, **config})
     torch.manual_seed(seed)
     model = ReferenceTransformer(cfg)
-    randomize_norm_state(model, seed + 1)
+    if trained:
+        randomize_norm_state(model, seed + 1)
     stem = name or f"ref_{cfg['norm']}_{cfg['placement']}{'_par' if cfg['parallel'] else ''}"
     return save_reference(model.eval(), Path(dir) / f"{stem}.safetensors", force=True)
 

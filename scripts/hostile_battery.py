@@ -43,6 +43,7 @@ sys.path.insert(0, str(ROOT))  # devkit, shared with the tests, lives at the rep
 import torch
 from safetensors.torch import save_file
 
+from devkit.factories import make_reference_transformer
 from devkit.publish import publish
 
 COMMANDS = (
@@ -81,18 +82,6 @@ class Case:
     extra: list[str] = field(default_factory=list)  # options for the writing commands
     commands: tuple[str, ...] = COMMANDS
     dir: Path = Path()  # the case's folder: each run gets a copy, runs there, and is watched
-
-
-# ---- good models the cases start from -------------------------------------------------------
-def _reference(path: Path, seed: int, norm: str = "layernorm", **cfg) -> Path:
-    from normtool.nn.save import save_reference
-    from normtool.nn.transformer import ReferenceTransformer, transformer_config
-
-    torch.manual_seed(seed)
-    config = transformer_config(
-        vocab_size=48, max_len=16, d_model=16, heads=4, layers=2, d_ff=32, norm=norm, **cfg
-    )
-    return save_reference(ReferenceTransformer(config).eval(), path, force=True)
 
 
 def _split(raw: bytes) -> tuple[dict, bytes]:
@@ -571,7 +560,7 @@ def battery(
     substrings of the case names to keep."""
     with tempfile.TemporaryDirectory(prefix="normtool-battery-") as tmp:
         base = Path(tmp)
-        good = _reference(base / "good.safetensors", 0)
+        good = make_reference_transformer(base, "good", seed=0, trained=False)
         rms = base / "rms.safetensors"
         env = {**os.environ, "PYTHONPATH": str(tree), "CI": "1"}
         subprocess.run(
