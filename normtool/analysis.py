@@ -5,7 +5,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from normtool.graph import NORM_KINDS, Graph, Op
+from normtool.graph import Graph, Op
+from normtool.opspec import SPECS
 
 
 def norm_placement(graph: Graph, op: Op) -> str:
@@ -25,7 +26,7 @@ def norm_placement(graph: Graph, op: Op) -> str:
 
 def norms(graph: Graph) -> list[tuple[Op, str]]:
     """Every norm op with its placement, in graph order."""
-    return [(o, norm_placement(graph, o)) for o in graph.ops if o.kind in NORM_KINDS]
+    return [(o, norm_placement(graph, o)) for o in graph.ops if SPECS[o.kind].norm]
 
 
 #: Param roles that hold running statistics or a derived constant (Loki's squared distances),
@@ -62,7 +63,7 @@ def current_info(graph: Graph) -> dict[str, Any]:
     model's stored info would otherwise still describe the model it came from."""
     info = dict(graph.info)
     if "norm" in info:
-        kinds = sorted({o.kind for o in graph.ops if o.kind in NORM_KINDS})
+        kinds = graph.norm_kinds()
         info["norm"] = ",".join(kinds) or "none"
     if "tied_head" in info:
         info["tied_head"] = tied_head(graph)

@@ -18,8 +18,8 @@ Conventions
   transposed storage such as GPT-2's ``c_attn`` is read as views and can be written back
   re-assembled.
 
-Op kinds (inputs → output; params; attrs)
------------------------------------------
+Op kinds (inputs → output; params; attrs) — each one row of ``normtool.opspec.SPECS``
+-----------------------------------------------------------------------------------------
 =================  ===========================  =====================================================
 kind               params                       semantics
 =================  ===========================  =====================================================
@@ -48,54 +48,28 @@ ws_conv2d          weight, bias?                conv2d with the standardised wei
 maxpool2d          —                            kernel, stride, padding
 global_avgpool     —                            [B,C,H,W] → [B,C]
 loki               d2[K,N]                      logits[B,K] → argmin_y Σ p_i d²(y,i)  (int64 [B])
+rope               —                            x[B,T,H·D] → each head's first ``fraction``·D dims
+                                                rotated by position (angles t·base^(−2i/r),
+                                                halves paired as in GPT-NeoX/Llama; attrs heads,
+                                                fraction 1.0, base 10000)
 =================  ===========================  =====================================================
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass, field, is_dataclass
+from dataclasses import dataclass, field, is_dataclass, replace
 from typing import Any
 
 from normtool.errors import NormtoolError
+from normtool.opspec import SPECS
 
 #: Space kinds. ``input``/``output``/``fixed`` spaces are never permuted by merge.
 SPACE_KINDS = frozenset(
     {"resid", "hidden", "heads_qk", "heads_vo", "channels", "input", "output", "fixed"}
-)
-
-#: kind -> (required param roles, optional param roles, number of inputs)
-OP_KINDS: dict[str, tuple[tuple[str, ...], tuple[str, ...], int]] = {
-    "embed": (("weight",), (), 1),
-    "positions": (("weight",), (), 1),
-    "row": (("weight",), (), 1),
-    "patch_embed": (("weight", "bias"), (), 1),
-    "cls_concat": (("token",), (), 1),
-    "add": ((), (), 2),
-    "linear": (("weight",), ("bias",), 1),
-    "layernorm": ((), ("weight", "bias"), 1),
-    "rmsnorm": ((), ("weight",), 1),
-    "crmsnorm": ((), ("weight",), 1),
-    "group_rmsnorm": ((), (), 1),
-    "unorm": (("weight", "bias", "running_var"), (), 1),
-    "powernorm": (("weight", "bias", "running_phi"), (), 1),
-    "batchnorm": (("weight", "bias", "running_mean", "running_var"), (), 1),
-    "affine": (("scale",), ("shift",), 1),
-    "act": ((), (), 1),
-    "attention": ((), (), 3),
-    "select": ((), (), 1),
-    "conv2d": (("weight",), ("bias",), 1),
-    "ws_conv2d": (("weight",), ("bias",), 1),
-    "maxpool2d": ((), (), 1),
-    "global_avgpool": ((), (), 1),
-    "loki": (("d2",), (), 1),
-}
-
-#: Op kinds that normalise (the ones inspect/fold/ln→rms look for).
-NORM_KINDS = frozenset(
-    {"layernorm", "rmsnorm", "crmsnorm", "group_rmsnorm", "unorm", "powernorm", "batchnorm"}
 )
 
 ACTIVATIONS = frozenset({"relu", "gelu", "gelu_tanh", "tanh", "silu", "quick_gelu"})
@@ -108,39 +82,9 @@ FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
 
 INPUT_KINDS = frozenset({"tokens", "pixels", "features"})
 
-#: Op kind → attributes holding a norm's eps (each a finite number > 0: eps 0 turns a zero
-#: variance into 0/0, a negative one into the root of a negative number — NaN either way).
-_EPS_ATTRS = {
-    "layernorm": ("eps",),
-    "rmsnorm": ("eps",),
-    "crmsnorm": ("eps",),
-    "group_rmsnorm": ("eps",),
-    "unorm": ("eps",),
-    "powernorm": ("eps", "gs_eps"),
-    "batchnorm": ("eps",),
-}
-
-#: Op kind → integer attributes and their least value (absent ones take the executor's default).
-_INT_ATTRS = {
-    "patch_embed": {"patch": 1},
-    "conv2d": {"stride": 1, "padding": 0, "dilation": 1, "groups": 1},
-    "ws_conv2d": {"stride": 1, "padding": 0, "dilation": 1, "groups": 1},
-    "maxpool2d": {"kernel": 1, "stride": 1, "padding": 0},
-    "positions": {"offset": 0},
-    "row": {"index": 0},
-    "select": {"index": 0},
-}
-
-#: Attributes an op cannot run without.
-_REQUIRED_ATTRS = {
-    "attention": ("heads",),
-    "act": ("fn",),
-    "group_rmsnorm": ("groups",),
-    "powernorm": ("groups",),
-    "patch_embed": ("patch",),
-    "maxpool2d": ("kernel",),
-    "ws_conv2d": ("variant", "eps"),
-}
+def rotary_dims(head_dim: int, fraction: float) -> int:
+    """Dims of each head a ``rope`` op rotates (GPT-NeoX's ``int(head_size * rotary_pct)``)."""
+    return int(head_dim * fraction)
 
 
 def _is_int(x: object) -> bool:
@@ -217,22 +161,80 @@ class Graph:
     value_spaces: dict[str, str]
     info: dict[str, Any] = field(default_factory=dict)
 
+    # Index of the ops by name, output and input values: built on first use and rebuilt when
+    # ``ops`` is replaced or changes length. Edits through the methods below keep it; an op's
+    # ``inputs``/``output`` changed in place by hand need ``reindex()``. Not a dataclass field
+    # (no annotation): not serialised, compared or copied.
+    _index = None
+
     # ---- queries -------------------------------------------------------------------------
+    def _idx(self) -> _Index:
+        if self._index is None or not self._index.fits(self.ops):
+            self._index = _Index(self.ops)
+        return self._index
+
+    def reindex(self) -> None:
+        """Rebuild the producer/consumer index (after editing op inputs or outputs by hand)."""
+        self._index = None
+
     def op(self, name: str) -> Op:
-        for o in self.ops:
-            if o.name == name:
-                return o
-        raise KeyError(name)
+        return self._idx().by_name[name]
 
     def producer(self, value: str) -> Op | None:
         """The op that writes ``value`` (``None`` for graph inputs)."""
-        for o in self.ops:
-            if o.output == value:
-                return o
-        return None
+        return self._idx().producer.get(value)
 
     def consumers(self, value: str) -> list[Op]:
-        return [o for o in self.ops if value in o.inputs]
+        """The ops reading ``value``, each once, in graph order."""
+        return list(self._idx().consumers.get(value, ()))
+
+    # ---- edits ---------------------------------------------------------------------------
+    def replace_uses(self, old: str, new: str) -> None:
+        """Every op input and graph output that is value ``old`` becomes ``new``."""
+        idx = self._idx()
+        for o in idx.consumers.pop(old, []):
+            o.inputs = tuple(new if v == old else v for v in o.inputs)
+            readers = idx.consumers.setdefault(new, [])
+            if o not in readers:
+                readers.append(o)
+                readers.sort(key=idx.position)
+        self.outputs = [new if v == old else v for v in self.outputs]
+
+    def remove_op(self, name: str, keep: str = "input") -> None:
+        """Remove one-input op ``name``, its value flowing on under one name.
+
+        ``keep="input"``: its readers (and graph outputs) read its input instead.
+        ``keep="output"``: the op writing its input, which nothing else reads, now writes its
+        output (a layer taking over the value of a norm folded into it; names stay stable).
+        """
+        idx = self._idx()
+        op = idx.by_name[name]
+        if len(op.inputs) != 1:
+            raise ValueError(f"op {name!r} has {len(op.inputs)} inputs; only one can be bypassed")
+        src = op.inputs[0]
+        self.ops.remove(op)
+        self._index = None
+        if keep == "input":
+            self.replace_uses(op.output, src)
+            self.value_spaces.pop(op.output, None)
+            return
+        prod = self.producer(src)
+        if prod is None or self.consumers(src) or src in self.outputs:
+            raise ValueError(f"op {name!r}: its input {src!r} is not written for it alone")
+        prod.output = op.output
+        self.value_spaces.pop(src, None)
+        self._index = None
+
+    def prune(self) -> None:
+        """Drop what nothing refers to any more: tensors no op uses, value spaces of values no
+        longer computed, spaces that label no tensor axis and no value."""
+        used = {t for o in self.ops for t in o.params.values()}
+        self.tensors = {k: v for k, v in self.tensors.items() if k in used}
+        values = {i.name for i in self.inputs} | {o.output for o in self.ops}
+        self.value_spaces = {v: s for v, s in self.value_spaces.items() if v in values}
+        spaces = set(self.value_spaces.values())
+        spaces.update(a for t in self.tensors.values() for a in t.axes if a is not None)
+        self.spaces = {k: v for k, v in self.spaces.items() if k in spaces}
 
     def ops_of(self, *kinds: str) -> Iterator[Op]:
         return (o for o in self.ops if o.kind in kinds)
@@ -247,7 +249,7 @@ class Graph:
         ]
 
     def norm_kinds(self) -> list[str]:
-        return sorted({o.kind for o in self.ops if o.kind in NORM_KINDS})
+        return sorted({o.kind for o in self.ops if SPECS[o.kind].norm})
 
     def output_names(self) -> dict[str, str]:
         """Output value → public name (what an ONNX export and ``verify`` call it): loki
@@ -283,16 +285,16 @@ class Graph:
         for o in self.ops:
             if o.output in defined:
                 raise NormtoolError(f"graph op {o.name!r} writes {o.output!r}, already defined")
-            if o.kind not in OP_KINDS:
+            spec = SPECS.get(o.kind)
+            if spec is None:
                 raise NormtoolError(f"graph op {o.name!r} has unknown kind {o.kind!r}")
-            required, optional, n_in = OP_KINDS[o.kind]
-            if len(o.inputs) != n_in:
-                raise NormtoolError(f"graph op {o.name!r} ({o.kind}) needs {n_in} inputs")
+            if len(o.inputs) != spec.inputs:
+                raise NormtoolError(f"graph op {o.name!r} ({o.kind}) needs {spec.inputs} inputs")
             for v in o.inputs:
                 if v not in defined:
                     raise NormtoolError(f"graph op {o.name!r} reads undefined value {v!r}")
-            missing = [r for r in required if r not in o.params]
-            extra = [r for r in o.params if r not in required + optional]
+            missing = [r for r in spec.required if r not in o.params]
+            extra = [r for r in o.params if r not in spec.roles]
             if missing or extra:
                 raise NormtoolError(
                     f"graph op {o.name!r} ({o.kind}) params wrong: missing {missing}, extra {extra}"
@@ -360,13 +362,14 @@ class Graph:
 
     def _attr_problem(self, o: Op) -> str | None:
         """Why op ``o``'s attributes cannot be run (None: they can)."""
-        missing = [a for a in _REQUIRED_ATTRS.get(o.kind, ()) if a not in o.attrs]
+        spec = SPECS[o.kind]
+        missing = [a for a in spec.attrs if a not in o.attrs]
         if missing:
             return f"attribute {missing[0]!r} missing"
-        for a in _EPS_ATTRS.get(o.kind, ()):
+        for a in spec.eps_attrs:
             if not _positive_finite(o.attrs.get(a)):
                 return f"{a} {o.attrs.get(a)!r} is not a finite number > 0"
-        for a, least in _INT_ATTRS.get(o.kind, {}).items():
+        for a, least in spec.int_attrs.items():
             v = o.attrs.get(a, least)
             if o.kind == "maxpool2d" and a == "stride" and v is None:
                 continue  # None: the kernel size, as in torch
@@ -398,9 +401,25 @@ class Graph:
             return f"padding {a.get('padding')} exceeds half the kernel {a['kernel']}"
         if o.kind in ("embed", "row", "positions"):
             return self._table_problem(o)
+        if o.kind == "rope":
+            return self._rope_problem(o)
         if o.kind == "select" and a.get("index", 0) != 0:
             # sequences may be one token long (verify runs them): only the first is always there
             return f"index {a['index']!r}: only 0 (the first token) exists in every input"
+        return None
+
+    def _rope_problem(self, o: Op) -> str | None:
+        """Rotary dims must be whole (cos, sin) pairs of a head: ``fraction`` of the head width
+        rounded down to an even count ≥ 2; ``base`` sets the angles' frequencies."""
+        a, width = o.attrs, self._width(o.inputs[0])
+        if width is None or not self._divides(a["heads"], width):
+            return f"heads {a['heads']!r} is not a positive integer dividing width {width}"
+        for name, default in (("fraction", 1.0), ("base", 10000.0)):
+            if not _positive_finite(a.get(name, default)):
+                return f"{name} {a.get(name)!r} is not a finite number > 0"
+        dims = rotary_dims(width // a["heads"], a.get("fraction", 1.0))
+        if a.get("fraction", 1.0) > 1 or dims < 2 or dims % 2:
+            return f"fraction {a.get('fraction')!r} gives {dims} rotary dims, not an even count ≥ 2"
         return None
 
     def _table_problem(self, o: Op) -> str | None:
@@ -463,13 +482,45 @@ class Graph:
         return g
 
     def copy(self) -> Graph:
-        """A deep copy (via JSON) that passes can edit without touching the original."""
-        return Graph.from_json(self.to_json())
+        """A copy that passes can edit without touching the original. Cheap: ops, tensor specs
+        and inputs are copied one level deep (their fields are replaced, not edited in place),
+        spaces and sources are immutable and shared; no JSON round trip, no re-validation."""
+        return Graph(
+            family=self.family,
+            inputs=[copy.copy(i) for i in self.inputs],
+            outputs=list(self.outputs),
+            ops=[replace(o, params=dict(o.params), attrs=copy.deepcopy(o.attrs)) for o in self.ops],
+            spaces=dict(self.spaces),
+            tensors={k: copy.copy(v) for k, v in self.tensors.items()},
+            value_spaces=dict(self.value_spaces),
+            info=copy.deepcopy(self.info),
+        )
+
+
+class _Index:
+    """Ops by name, by the value they write and by the values they read (see ``Graph._idx``)."""
+
+    def __init__(self, ops: list[Op]) -> None:
+        self.ops, self.size = ops, len(ops)
+        self.by_name = {o.name: o for o in ops}
+        self.producer = {o.output: o for o in ops}
+        self.consumers: dict[str, list[Op]] = {}
+        for o in ops:
+            for v in dict.fromkeys(o.inputs):
+                self.consumers.setdefault(v, []).append(o)
+        self._pos = {id(o): i for i, o in enumerate(ops)}
+
+    def fits(self, ops: list[Op]) -> bool:
+        return ops is self.ops and len(ops) == self.size
+
+    def position(self, op: Op) -> int:
+        return self._pos[id(op)]
 
 
 def _fields(obj: object) -> dict[str, Any]:
     """A dataclass instance's fields, for ``json.dumps``; TypeError for anything else (a tensor
     or array in an op's attributes is a bug to report, not a value to write as ``{}``)."""
     if is_dataclass(obj) and not isinstance(obj, type):
-        return vars(obj)
+        fields = vars(obj)
+        return {k: v for k, v in fields.items() if k != "_index"} if "_index" in fields else fields
     raise TypeError(f"{type(obj).__name__} in a graph is not JSON serialisable")

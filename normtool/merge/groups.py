@@ -8,7 +8,8 @@ own permutation table. Two things the labels alone cannot say are read from the 
   the v/o space of one attention op form *one* group whose units are whole heads, with a
   permutation of the q/k dims and one of the v/o dims inside each head (never across heads);
 * ops that are not permutation-equivariant over channels (group-wise RMS, grouped convolution
-  between two different spaces) pin their spaces, which are then skipped with a reason.
+  between two different spaces, rotary embeddings: ``OpSpec.pins``) pin their spaces, which
+  are then skipped with a reason.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from normtool.graph import Graph
+from normtool.opspec import SPECS
 
 #: Space kinds whose units are interchangeable; input/output/fixed spaces are never permuted.
 PERMUTABLE_KINDS = frozenset({"resid", "hidden", "channels", "heads_qk", "heads_vo"})
@@ -35,20 +37,25 @@ class Group:
 
 
 def _pinned_spaces(graph: Graph) -> dict[str, str]:
-    """Spaces that some op forbids permuting freely, with the reason."""
+    """Spaces that some op forbids permuting freely (``OpSpec.pins``), with the reason."""
     pinned: dict[str, str] = {}
     for op in graph.ops:
-        if op.kind in ("group_rmsnorm", "powernorm") and op.attrs.get("groups", 1) > 1:
-            space = graph.value_spaces[op.inputs[0]]
-            pinned[space] = (
+        pins, grouped = SPECS[op.kind].pins, op.attrs.get("groups", 1) > 1
+        if not pins or (pins != "input" and not grouped):
+            continue
+        s_in = graph.value_spaces[op.inputs[0]]
+        if pins == "groups":
+            pinned[s_in] = (
                 f"{op.name} normalises {op.attrs['groups']} channel groups separately; "
                 "a permutation would mix them"
             )
-        if op.kind in ("conv2d", "ws_conv2d") and op.attrs.get("groups", 1) > 1:
-            s_in, s_out = graph.value_spaces[op.inputs[0]], graph.value_spaces[op.output]
+        elif pins == "grouped_map":
+            s_out = graph.value_spaces[op.output]
             if s_in != s_out:
                 reason = f"{op.name} is a grouped convolution from {s_in} to {s_out}"
                 pinned[s_in] = pinned[s_out] = reason
+        else:
+            pinned[s_in] = f"{op.name} ({op.kind}) gives each channel of {s_in} a fixed role"
     return pinned
 
 

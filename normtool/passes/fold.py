@@ -44,11 +44,12 @@ import torch
 from normtool.analysis import norm_placement
 from normtool.errors import NormtoolError
 from normtool.finite import require_finite
-from normtool.graph import NORM_KINDS, Graph, Op, Source, TensorSpec
+from normtool.graph import Graph, Op, Source, TensorSpec
 from normtool.inputs import max_seq, random_inputs
 from normtool.io.safetensors_format import DTYPES
 from normtool.model import Model
 from normtool.nn.ws_conv import standardize_weight, ws_problem
+from normtool.opspec import SPECS
 from normtool.passes.rebase import (
     F64,
     IDENTITY,
@@ -71,13 +72,10 @@ SELECTORS: dict[str, str] = {
 }
 #: The skip reason of a norm ``--only`` leaves out.
 NOT_SELECTED = "not selected by --only"
-#: The norms folded; ``ws_conv2d`` is a conv, baked (not a norm that leaves the graph).
-FOLDABLE = frozenset({"unorm", "powernorm", "batchnorm"})
 FP16_MAX = float(torch.finfo(torch.float16).max)
 #: Headroom asked of a re-based fp16 stream: the check sees seeded random inputs, not every
 #: input, so its peak must stay 4× below the fp16 limit.
 FP16_HEADROOM = 4.0
-_LAYERS = ("linear", "conv2d")
 
 
 @dataclass
@@ -152,6 +150,16 @@ def inference_map(
     return s, t
 
 
+def _foldable(op: Op) -> bool:
+    """A norm fold removes: a per-channel affine map at inference (``ws_conv2d`` is a conv,
+    baked, not a norm that leaves the graph)."""
+    return SPECS[op.kind].affine_at_inference
+
+
+def _sole_reader(graph: Graph, value: str, op: Op) -> bool:
+    return [c.name for c in graph.consumers(value)] == [op.name]
+
+
 def _not_foldable_reason(op: Op) -> str:
     if op.kind == "group_rmsnorm":
         return "a weightless group RMS scaling (already folded)"
@@ -163,9 +171,9 @@ def _nothing_foldable(graph: Graph) -> str | None:
     """The one reason fold does not apply when the graph holds nothing of a foldable kind
     (None when it does), naming the norms it has instead: computed from the graph, so it
     never speaks of convolutions or norms the model lacks."""
-    if any(o.kind in FOLDABLE or o.kind == "ws_conv2d" for o in graph.ops):
+    if any(_foldable(o) or o.kind == "ws_conv2d" for o in graph.ops):
         return None
-    kinds = Counter(o.kind for o in graph.ops if o.kind in NORM_KINDS)
+    kinds = Counter(o.kind for o in graph.ops if SPECS[o.kind].norm)
     has = ", ".join(f"{k} ×{n}" for k, n in kinds.items()) or "none"
     also = "; convert-ln-to-rms handles LayerNorm" if "layernorm" in kinds else ""
     return f"no UN, PowerNorm, BatchNorm or WS conv (norms: {has}{also})"
@@ -195,7 +203,7 @@ class _Plan:
 
 
 def _describe(op: Op, folding: set[str]) -> str:
-    if op.kind in NORM_KINDS and op.name not in folding:
+    if SPECS[op.kind].norm and op.name not in folding:
         return f"the kept norm {op.name} ({op.kind}), which must see the exact values"
     if op.kind == "act":
         return f"{op.name} (activation {op.attrs.get('fn')}), which is not linear"
@@ -208,7 +216,6 @@ def _walk(
     graph: Graph,
     maps: dict[str, tuple[torch.Tensor, torch.Tensor]],
     folding: set[str],
-    consumers: dict[str, list[str]],
 ) -> _Plan:
     """One pass over the ops, following every folded map downstream; raises _Blocked."""
     reps: dict[str, Rep] = {}
@@ -225,7 +232,7 @@ def _walk(
             folded[n].into.append(into)
 
     for op in graph.ops:
-        if op.kind in _LAYERS:
+        if SPECS[op.kind].absorbs_affine:
             writer[op.output] = op
         ins = [rep(v) for v in op.inputs]
         if op.name in folding:
@@ -234,7 +241,7 @@ def _walk(
             prod = writer.get(src)
             info = FoldedNorm(op.name, op.kind, norm_placement(graph, op), "forward", [])
             folded[op.name] = info
-            if op.kind != "powernorm" and prod is not None and consumers[src] == [op.name]:
+            if op.kind != "powernorm" and prod is not None and _sole_reader(graph, src, op):
                 info.how, info.into = "backward", [prod.name]
                 actions.append(("backward", prod, op, s, t))
                 writer[op.output] = prod
@@ -270,13 +277,13 @@ def _walk(
                 )
             actions.append(("absorb_conv", op, r))
             absorbed(r, op.name)
-        elif op.kind in ("select", "global_avgpool") or (
-            op.kind == "maxpool2d" and (r.scale is None or bool((r.scale > 0).all()))
+        elif (commutes := SPECS[op.kind].commutes_affine) == "always" or (
+            commutes == "positive" and (r.scale is None or bool((r.scale > 0).all()))
         ):  # per-channel maps commute with picking a token, averaging, max of positive scales
             reps[op.output] = r
         elif op.kind == "add":
             n_actions = len(actions)
-            reps[op.output] = _plan_add(op, ins, writer, consumers, maps, actions, scales)
+            reps[op.output] = _plan_add(graph, op, ins, writer, maps, actions, scales)
             rescaled = [f"{a[1].name} (rescaled)" for a in actions[n_actions:]]
             for n in reps[op.output].norms:
                 folded[n].how = "re-based"
@@ -295,10 +302,10 @@ def _walk(
 
 
 def _plan_add(
+    graph: Graph,
     op: Op,
     ins: list[Rep],
     writer: dict[str, Op | None],
-    consumers: dict[str, list[str]],
     maps: dict[str, tuple[torch.Tensor, torch.Tensor]],
     actions: list[tuple],
     scales: list[torch.Tensor],
@@ -307,7 +314,7 @@ def _plan_add(
 
     def rescalable(i: int) -> bool:
         v = op.inputs[i]
-        return writer.get(v) is not None and consumers[v] == [op.name]
+        return writer.get(v) is not None and _sole_reader(graph, v, op)
 
     # prefer rescaling an identity branch (Post-Norm: the sublayer's output projection)
     order = sorted((i for i in (1, 0) if rescalable(i)), key=lambda i: not ins[i].identity)
@@ -342,14 +349,10 @@ def plan(
     graph: Graph, maps: dict[str, tuple[torch.Tensor, torch.Tensor]], candidates: set[str]
 ) -> tuple[_Plan, dict[str, str]]:
     """Plan the largest exact fold: drop blocked norms (with their reason) until it goes through."""
-    consumers: dict[str, list[str]] = {}
-    for o in graph.ops:
-        for v in dict.fromkeys(o.inputs):
-            consumers.setdefault(v, []).append(o.name)
     folding, kept = set(candidates), {}
     while True:
         try:
-            return _walk(graph, maps, folding, consumers), kept
+            return _walk(graph, maps, folding), kept
         except _Blocked as b:
             hit = b.norms & folding
             if not hit:  # an op kind this planner does not know blocks nothing folded: a bug
@@ -467,12 +470,9 @@ class _Editor:
 def _apply(model: Model, p: _Plan) -> tuple[Graph, dict[str, Thunk], list[str]]:
     """The new graph, the rewritten tensors (float64 thunks), and the untie notes."""
     g = model.graph.copy()
-    ops = {o.name: o for o in g.ops}
     ed = _Editor(model, g)
-    gone: set[str] = set()
-    alias: dict[str, str] = {}
     for action in p.actions:
-        kind, op = action[0], ops[action[1].name]
+        kind, op = action[0], g.op(action[1].name)
         if kind == "absorb":
             r: Rep = action[2]
             cols = g.tensors[op.params["weight"]].shape[1]
@@ -488,26 +488,17 @@ def _apply(model: Model, p: _Plan) -> tuple[Graph, dict[str, Thunk], list[str]]:
         elif kind in ("backward", "rescale"):
             s, t = (action[3], action[4]) if kind == "backward" else (action[2], None)
             ed.rewrite(op, fold_backward, (s, t), True, t)
-            if kind == "backward":
-                norm = ops[action[2].name]
-                g.value_spaces.pop(op.output, None)
-                op.output = norm.output
-                gone.add(norm.name)
+            if kind == "backward":  # the layer now writes the norm's value
+                g.remove_op(action[2].name, keep="output")
         elif kind == "remove":
-            alias[op.output] = alias.get(op.inputs[0], op.inputs[0])
-            g.value_spaces.pop(op.output, None)
-            gone.add(op.name)
+            g.remove_op(op.name)
         elif kind == "group_rms":
             groups = int(op.attrs["groups"])
             eps = float(op.attrs["gs_eps"])
             op.kind = "rmsnorm" if groups == 1 else "group_rmsnorm"
             op.attrs = {"eps": eps} if groups == 1 else {"groups": groups, "eps": eps}
             op.params = {}
-    g.ops = [o for o in g.ops if o.name not in gone]
-    for o in g.ops:
-        o.inputs = tuple(alias.get(v, v) for v in o.inputs)
-    used = {t for o in g.ops for t in o.params.values()}
-    g.tensors = {k: v for k, v in g.tensors.items() if k in used}
+    g.prune()
     g.validate()
     return g, {k: v for k, v in ed.work.items() if k in g.tensors}, ed.untied
 
@@ -605,9 +596,9 @@ def fold_norms(model: Model, only: Collection[str] | None = None) -> FoldResult:
     maps: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     skipped: dict[str, str] = {}
     for op in g.ops:
-        if op.kind not in NORM_KINDS:
+        if not SPECS[op.kind].norm:
             continue
-        if op.kind not in FOLDABLE:
+        if not _foldable(op):
             skipped[op.name] = _not_foldable_reason(op)
         elif op.kind not in kinds:
             skipped[op.name] = NOT_SELECTED
@@ -667,7 +658,7 @@ def applicability(graph: Graph) -> list[str]:
         return [why]
     maps = {}
     for op in graph.ops:
-        if op.kind in FOLDABLE:
+        if _foldable(op):
             c = graph.tensors[op.params["weight"]].shape[0]
             maps[op.name] = (torch.ones(c, dtype=F64), torch.ones(c, dtype=F64))
     p, kept = plan(graph, maps, set(maps))
@@ -676,6 +667,6 @@ def applicability(graph: Graph) -> list[str]:
     skips = [
         SkippedNorm(o.name, o.kind, kept.get(o.name) or _not_foldable_reason(o))
         for o in graph.ops
-        if o.kind in NORM_KINDS and (o.name in kept or o.kind not in FOLDABLE)
+        if SPECS[o.kind].norm and (o.name in kept or not _foldable(o))
     ]
     return _ordered([], skips)

@@ -10,8 +10,9 @@ entries, so the stream drops its last coordinate and readers absorb it
 (``weight_math.crms_reader``).
 
 The pass works on the graph's spaces only: the stream is found structurally (the values summed
-by ``add`` in the ``resid`` space, passed through ``cls_concat``/``select``), writers are the ops
-whose outputs are summed into it, readers are every other consumer. Tensors are rewritten
+by ``add`` in the ``resid`` space, passed through the ops that carry it — ``OpSpec``'s
+``carries_stream``: sums, ``cls_concat``, ``select``), writers are the ops whose outputs are
+summed into it (centrable when ``writes_stream``), readers are every other consumer. Tensors are rewritten
 lazily: the result holds one thunk per changed tensor, so writing a converted multi-GB checkpoint
 holds one tensor (in row blocks for the big ones) at a time.
 """
@@ -31,17 +32,10 @@ from normtool.finite import require_finite
 from normtool.graph import Graph, Op, Source, Space, TensorSpec
 from normtool.io.safetensors_format import DTYPES
 from normtool.model import Model, Override, RowBlocks
+from normtool.opspec import SPECS
 from normtool.passes import weight_math as wm
 from normtool.refusal import refusal
 
-#: Ops the stream flows *through* unchanged in its mean: sums, prepending a token, picking one.
-STREAM_OPS = frozenset({"add", "cls_concat", "select"})
-#: Ops whose weights produce what they write into the stream (centred along its axis).
-WRITER_OPS = frozenset({"embed", "positions", "row", "patch_embed", "linear", "conv2d"})
-#: Ops that read only the *shape* of their input (sequence length), never its values.
-SHAPE_ONLY = frozenset({"positions", "row"})
-#: Ops that pass a norm's output on to its readers unchanged per channel.
-PASS_THROUGH = frozenset({"select"})
 #: Rows per block when rewriting large row-independent tensors (embeddings, LM heads).
 BLOCK_ROWS = 1024
 
@@ -152,12 +146,6 @@ def find_stream(graph: Graph) -> tuple[Stream | None, list[str]]:
     space = _resid_space(graph)
     if space is None:
         return None, ["no single residual stream space in the graph"]
-    producer = {o.output: o for o in graph.ops}
-    consumers: dict[str, list[Op]] = {}
-    for o in graph.ops:
-        for v in set(o.inputs):
-            consumers.setdefault(v, []).append(o)
-
     # the stream: resid-space values of stream ops, closed backwards and forwards through them
     stream = {
         o.output for o in graph.ops if o.kind == "add" and graph.value_spaces[o.output] == space
@@ -165,10 +153,10 @@ def find_stream(graph: Graph) -> tuple[Stream | None, list[str]]:
     todo = list(stream)
     while todo:
         v = todo.pop()
-        p = producer.get(v)
-        ins = p.inputs if p is not None and p.kind in STREAM_OPS else ()
-        nxt = [u for u in ins if producer.get(u) is not None and producer[u].kind in STREAM_OPS]
-        nxt += [c.output for c in consumers.get(v, []) if c.kind in STREAM_OPS]
+        p = graph.producer(v)
+        ins = p.inputs if p is not None and _carries(p) else ()
+        nxt = [u for u in ins if (w := graph.producer(u)) is not None and _carries(w)]
+        nxt += [c.output for c in graph.consumers(v) if _carries(c)]
         for u in nxt:
             if u not in stream:
                 stream.add(u)
@@ -176,27 +164,28 @@ def find_stream(graph: Graph) -> tuple[Stream | None, list[str]]:
 
     reasons: list[str] = []
     writers: list[Op] = []
-    for v in sorted(stream, key=lambda v: graph.ops.index(producer[v])):
-        p = producer[v]
+    order = {o.name: i for i, o in enumerate(graph.ops)}
+    for v in sorted(stream, key=lambda v: order[graph.producer(v).name]):
+        p = graph.producer(v)
         if p.kind == "cls_concat":
             writers.append(p)  # its token is written into the stream
         for u in p.inputs:
             if u in stream:
                 continue
-            w = producer.get(u)
+            w = graph.producer(u)
             if w is None:
                 reasons.append(f"graph input {u!r} is added into the residual stream directly")
-            elif w.kind in ("layernorm", "rmsnorm", "crmsnorm") and w.inputs[0] in stream:
+            elif SPECS[w.kind].token_stats and w.inputs[0] in stream:
                 reasons.append(f"Post-LN: norm {w.name!r} normalises the stream (Pre-LN only)")
-            elif w.kind in ("layernorm", "rmsnorm", "crmsnorm"):
+            elif SPECS[w.kind].token_stats:
                 reasons.append(f"norm {w.name!r} sits after a branch, writing into the stream")
-            elif w.kind not in WRITER_OPS:
+            elif not SPECS[w.kind].writes_stream:
                 reasons.append(
                     f"op {w.name!r} ({w.kind}) writes into the residual stream without weights "
                     "that could be centred"
                 )
             else:
-                others = [c.name for c in consumers[u] if c.kind not in STREAM_OPS]
+                others = [c.name for c in graph.consumers(u) if not _carries(c)]
                 if others:
                     reasons.append(
                         f"output of {w.name!r} is read by {others[0]!r} besides the stream"
@@ -210,7 +199,8 @@ def find_stream(graph: Graph) -> tuple[Stream | None, list[str]]:
     norms: list[Op] = []
     readers: dict[str, list[Op]] = {}
     for o in graph.ops:
-        if o.kind in STREAM_OPS | SHAPE_ONLY or not any(v in stream for v in o.inputs):
+        spec = SPECS[o.kind]
+        if spec.carries_stream or spec.shape_only or not any(v in stream for v in o.inputs):
             continue
         if o.kind != "layernorm":
             reasons.append(
@@ -218,7 +208,7 @@ def find_stream(graph: Graph) -> tuple[Stream | None, list[str]]:
             )
             continue
         norms.append(o)
-        found, why = _norm_readers(graph, o, consumers)
+        found, why = _norm_readers(graph, o)
         readers[o.name] = found
         reasons += why
     if not reasons and not norms:
@@ -228,17 +218,20 @@ def find_stream(graph: Graph) -> tuple[Stream | None, list[str]]:
     return Stream(space, writers, norms, readers), []
 
 
-def _norm_readers(
-    graph: Graph, norm: Op, consumers: dict[str, list[Op]]
-) -> tuple[list[Op], list[str]]:
-    """The linears reading ``norm``'s output (through ``select``), or why its γ/β cannot move."""
+def _carries(op: Op) -> bool:
+    return SPECS[op.kind].carries_stream
+
+
+def _norm_readers(graph: Graph, norm: Op) -> tuple[list[Op], list[str]]:
+    """The linears reading ``norm``'s output (through token picks such as ``select``), or why
+    its γ/β cannot move."""
     found, reasons, todo = [], [], [norm.output]
     if norm.output in graph.outputs:
         reasons.append(f"norm {norm.name!r} output is a graph output: no layer to fold it into")
     while todo:
         v = todo.pop()
-        for c in consumers.get(v, []):
-            if c.kind in PASS_THROUGH:
+        for c in graph.consumers(v):
+            if SPECS[c.kind].picks_tokens:
                 if c.output in graph.outputs:
                     reasons.append(f"norm {norm.name!r} reaches the graph output via {c.name!r}")
                 todo.append(c.output)
@@ -504,10 +497,7 @@ def convert_ln_to_rms(model: Model, compressed: bool = False) -> Conversion:
                 new.tensors[name] = replace(spec, shape=shape)
 
     # drop the norms' parameters; check that every tensor in the stream space is accounted for
-    used = {t for o in new.ops for t in o.params.values()}
-    for name in list(new.tensors):
-        if name not in used:
-            del new.tensors[name]
+    new.prune()
     for name, spec in new.tensors.items():
         if space in spec.axes and name not in recipes:
             raise NormtoolError(

@@ -1,7 +1,7 @@
 """The ONNX emitter: Graph + weights → ``onnx.ModelProto``, written node by node with onnx.helper.
 
 Why not ``torch.onnx.export``: it chooses op forms and may silently lower the opset; here every op
-kind has one small emitter (``EMITTERS``, one per entry of ``normtool.graph.OP_KINDS``), so the
+kind has one small emitter (``_<kind>``, bound to ``normtool.opspec.SPECS`` on import), so the
 forms ONNX Runtime runs fastest are chosen on purpose and nothing falls back silently.
 
 Forms (all exact rewrites of the op table's semantics):
@@ -50,8 +50,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from normtool import __version__
 from normtool.errors import NormtoolError
-from normtool.graph import Graph, InputSpec, Op
+from normtool.graph import Graph, InputSpec, Op, rotary_dims
 from normtool.nn.ws_conv import standardize_weight
+from normtool.opspec import SPECS, implementations
 from normtool.runtime.onnx_fuse import FusionPlan, plan_fusions
 
 INPUTS_KEY = "normtool.inputs"
@@ -119,7 +120,7 @@ class _Emitter:
         out = EMITTERS[op.kind](self, op, xs, dict(op.params))
         if out not in self.rank:
             ranks = [self.rank[self.env[v]] for v in op.inputs]
-            self.rank[out] = _OUT_RANK.get(op.kind, lambda r: r[0])(ranks)
+            self.rank[out] = SPECS[op.kind].rank(ranks)
         self.env[op.output] = out
         self._scope = scope
 
@@ -629,43 +630,48 @@ def _loki(em: _Emitter, op: Op, xs: list[str], p: dict[str, str]) -> str:
     return em.node("ArgMin", [risk], "prediction", axis=-1, keepdims=0, select_last_index=0)
 
 
-EMITTERS: dict[str, Emit] = {
-    "embed": _embed,
-    "positions": _positions,
-    "row": _row,
-    "patch_embed": _patch_embed,
-    "cls_concat": _cls_concat,
-    "add": _add,
-    "linear": _linear,
-    "layernorm": _layernorm,
-    "rmsnorm": _rmsnorm,
-    "crmsnorm": _crmsnorm,
-    "group_rmsnorm": _group_rmsnorm,
-    "unorm": _unorm,
-    "powernorm": _powernorm,
-    "batchnorm": _batchnorm,
-    "affine": _affine,
-    "act": _act,
-    "attention": _attention,
-    "select": _select,
-    "conv2d": _conv2d,
-    "ws_conv2d": _ws_conv2d,
-    "maxpool2d": _maxpool2d,
-    "global_avgpool": _global_avgpool,
-    "loki": _loki,
-}
+def _rope(em: _Emitter, op: Op, xs: list[str], p: dict[str, str]) -> str:
+    """Rotary embedding: at opset 23 the ``RotaryEmbedding`` node, below it the rotation written
+    out (``x1·cos − x2·sin``, ``x2·cos + x1·sin`` on each head's rotary halves). Both read
+    cos/sin tables computed from the running sequence length as the executor computes them
+    (``torch_exec.rotary_tables``: frequencies rounded once from fp64, angles in fp32)."""
+    heads = int(op.attrs["heads"])
+    dims = rotary_dims(_width(em, op) // heads, op.attrs.get("fraction", 1.0))
+    base = float(op.attrs.get("base", 10000.0))
+    inv = 1.0 / base ** (np.arange(0, dims, 2, dtype=np.float64) / dims)
+    seq = em.node("Squeeze", [em.node("Shape", [xs[0]], "seq", start=1, end=2), em.i64([0])])
+    steps = em.node("Range", [em.i64(0), seq, em.i64(1)], "positions")
+    pos = em.node("Cast", [steps], to=TensorProto.FLOAT)
+    angles = em.node("Mul", [em.node("Unsqueeze", [pos, em.i64([1])]), em.const(inv, np.float32)])
+    cos = em.from_stat(em.node("Cos", [angles]))
+    sin = em.from_stat(em.node("Sin", [angles]))
+    if em.opset >= 23:
+        batch = em.node("Shape", [xs[0]], "batch", start=0, end=1)
+        shape = em.node("Concat", [batch, em.node("Unsqueeze", [seq, em.i64([0])])], axis=0)
+        ids = em.node("Expand", [em.node("Unsqueeze", [steps, em.i64([0])]), shape])
+        return em.node(
+            "RotaryEmbedding",
+            [xs[0], cos, sin, ids],
+            num_heads=heads,
+            rotary_embedding_dim=dims,
+            interleaved=0,
+        )
+    cos, sin = (em.node("Unsqueeze", [t, em.i64([1])]) for t in (cos, sin))  # [T, 1, dims/2]
+    x = em.node("Reshape", [xs[0], em.i64([0, 0, heads, -1])], "heads")
+    half = dims // 2
 
-#: Rank of an op's output from its inputs' ranks (kinds not listed keep the first input's rank).
-_OUT_RANK: dict[str, Callable[[list[int]], int]] = {
-    "embed": lambda r: r[0] + 1,
-    "positions": lambda r: 3,
-    "row": lambda r: 3,
-    "patch_embed": lambda r: 3,
-    "add": max,
-    "select": lambda r: r[0] - 1,
-    "global_avgpool": lambda r: 2,
-    "loki": lambda r: 1,
-}
+    def part(start: int, end: int) -> str:
+        return em.node("Slice", [x, em.i64([start]), em.i64([end]), em.i64([-1])])
+
+    x1, x2, rest = part(0, half), part(half, dims), part(dims, 2**62)
+    y1 = em.node("Sub", [em.node("Mul", [x1, cos]), em.node("Mul", [x2, sin])])
+    y2 = em.node("Add", [em.node("Mul", [x2, cos]), em.node("Mul", [x1, sin])])
+    y = em.node("Concat", [y1, y2, rest], axis=-1)
+    return em.node("Reshape", [y, em.i64([0, 0, -1])])
+
+
+#: The ONNX emitter of every op kind (``normtool.opspec``: ``_<kind>`` above).
+EMITTERS: dict[str, Emit] = implementations(globals(), "ONNX emitter")
 
 
 # ---- the model ----------------------------------------------------------------------------
@@ -673,22 +679,16 @@ def _input_type(spec: InputSpec, act: int) -> int:
     return TensorProto.INT64 if spec.kind == "tokens" else act
 
 
-#: Ops that compute a [B, C, H, W] feature map the same way at any height and width.
-_SIZE_FREE = frozenset(
-    {"conv2d", "ws_conv2d", "batchnorm", "unorm", "affine", "act", "add", "maxpool2d"}
-)
-
-
 def size_free(graph: Graph, spec: InputSpec) -> bool:
     """Whether image input ``spec`` can take any height and width: everything reading its
-    feature maps is a size-free op (``_SIZE_FREE``) or the global pooling that ends them."""
+    feature maps is a size-free op (``OpSpec.size_free``) or the global pooling that ends them."""
     if spec.kind != "pixels" or len(spec.shape) != 4:
         return False
     maps = {spec.name}
     for op in graph.ops:
         if not maps.intersection(op.inputs) or op.kind == "global_avgpool":
             continue
-        if op.kind not in _SIZE_FREE:
+        if not SPECS[op.kind].size_free:
             return False
         maps.add(op.output)
     return not maps.intersection(graph.outputs)
@@ -730,9 +730,6 @@ def emit_onnx(
     """Emit ``graph`` with ``weights`` as an ONNX model (not yet checked or written)."""
     opts = opts or EmitOptions()
     opts.check()
-    missing = sorted({op.kind for op in graph.ops} - EMITTERS.keys())
-    if missing:
-        raise NormtoolError(f"no ONNX emitter for op kinds {missing}")
     em = _Emitter(graph, weights, opts)
     env: dict[str, str] = {}
     inputs = []

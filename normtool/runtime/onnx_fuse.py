@@ -23,10 +23,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from normtool.graph import Graph, Op
+from normtool.opspec import SPECS
 
-#: producers of batch-broadcast ([1, S, C]) values: an add with one of these is not a skip add
-_BROADCAST = ("positions", "row")
-_FUSED_NORMS = ("layernorm", "rmsnorm")
 _BIAS_ACTS = ("gelu", "gelu_tanh")
 
 
@@ -47,19 +45,19 @@ class FusionPlan:
         return linears | {n.name for n in self.skip_norm.values()}
 
 
-def _sole_reader(graph: Graph, value: str, reader: Op, readers: dict[str, list[Op]]) -> bool:
-    return value not in graph.outputs and [o.name for o in readers.get(value, [])] == [reader.name]
+def _sole_reader(graph: Graph, value: str, reader: Op) -> bool:
+    return value not in graph.outputs and [o.name for o in graph.consumers(value)] == [reader.name]
 
 
-def _qkv(graph: Graph, op: Op, producers: dict[str, Op], readers: dict[str, list[Op]]):
+def _qkv(graph: Graph, op: Op):
     if len(op.inputs) != 3:
         return None
-    lin = [producers.get(v) for v in op.inputs]
+    lin = [graph.producer(v) for v in op.inputs]
     if any(p is None or p.kind != "linear" for p in lin):
         return None
     if len({p.inputs[0] for p in lin}) != 1 or len({"bias" in p.params for p in lin}) != 1:
         return None
-    if not all(_sole_reader(graph, v, op, readers) for v in op.inputs):
+    if not all(_sole_reader(graph, v, op) for v in op.inputs):
         return None
     heads = int(op.attrs["heads"])
     widths = [graph.tensors[p.params["weight"]].shape[0] for p in lin]
@@ -68,36 +66,32 @@ def _qkv(graph: Graph, op: Op, producers: dict[str, Op], readers: dict[str, list
     return tuple(lin)
 
 
-def _norm_after(graph: Graph, add: Op, producers, readers) -> Op | None:
+def _norm_after(graph: Graph, add: Op) -> Op | None:
+    # an add of a batch-broadcast [1, S, C] value (a position table) is not a skip add
     if len(set(add.inputs)) != 2 or any(
-        (p := producers.get(v)) is not None and p.kind in _BROADCAST for v in add.inputs
+        (p := graph.producer(v)) is not None and SPECS[p.kind].shape_only for v in add.inputs
     ):
         return None
-    norms = [o for o in readers.get(add.output, []) if o.kind in _FUSED_NORMS]
+    norms = [o for o in graph.consumers(add.output) if SPECS[o.kind].skip_fusable]
     return norms[0] if len(norms) == 1 and norms[0].inputs == (add.output,) else None
 
 
 def plan_fusions(graph: Graph, attention: bool = True) -> FusionPlan:
     """The fusions for ``graph`` (``attention=False`` keeps attention unfused)."""
-    producers = {o.output: o for o in graph.ops}
-    readers: dict[str, list[Op]] = {}
-    for o in graph.ops:
-        for v in dict.fromkeys(o.inputs):
-            readers.setdefault(v, []).append(o)
     plan = FusionPlan()
 
     def biased_linear(value: str, reader: Op) -> Op | None:
-        p = producers.get(value)
+        p = graph.producer(value)
         ok = p is not None and p.kind == "linear" and "bias" in p.params
-        return p if ok and _sole_reader(graph, value, reader, readers) else None
+        return p if ok and _sole_reader(graph, value, reader) else None
 
     for op in graph.ops:
         if op.kind == "attention" and attention:
-            lin = _qkv(graph, op, producers, readers)
+            lin = _qkv(graph, op)
             if lin is not None:
                 plan.qkv[op.name] = lin
         elif op.kind == "add":
-            norm = _norm_after(graph, op, producers, readers)
+            norm = _norm_after(graph, op)
             if norm is None:
                 continue
             plan.skip_norm[op.name] = norm

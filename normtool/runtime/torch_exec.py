@@ -1,8 +1,9 @@
 """The torch executor: runs any Graph directly from its op table, in any float dtype.
 
-Why an interpreter rather than generated modules: one small function per op kind is the
-executable form of the op table in ``normtool.graph``, so the semantics live in one place that
-verify, the transforms' self-checks and the tests all share. Precision policy: every op computes
+Why an interpreter rather than generated modules: one small function per op kind (``_<kind>``,
+bound to the kinds of ``normtool.opspec.SPECS`` on import) is the executable form of the op
+table, so the semantics live in one place that verify, the transforms' self-checks and the tests
+all share. Precision policy: every op computes
 in the run dtype, except softmax and norm statistics in fp16/bf16, which are computed in fp32
 (the numerically safe choice the reference implementations make too). A weight-standardised
 conv's ``Ŵ`` depends on the weight alone, so it is computed in float64 (cheap) and cast to the
@@ -17,8 +18,9 @@ from collections.abc import Callable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
-from normtool.graph import Graph, Op
+from normtool.graph import Graph, Op, rotary_dims
 from normtool.nn.ws_conv import standardize_weight
+from normtool.opspec import implementations
 
 Fn = Callable[[Op, list[torch.Tensor], dict[str, torch.Tensor]], torch.Tensor]
 
@@ -116,7 +118,7 @@ def _affine(op: Op, xs, p):
     return _scale_shift(xs[0], p["scale"], p.get("shift"))
 
 
-def _conv2d(op: Op, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+def _conv(op: Op, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
     return F.conv2d(
         x,
         w,
@@ -131,7 +133,7 @@ def _conv2d(op: Op, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) ->
 def _ws_conv2d(op: Op, xs, p):
     w = p["weight"]
     ws = standardize_weight(w.double(), op.attrs["variant"], op.attrs["eps"]).to(w.dtype)
-    return _conv2d(op, xs[0], ws, p.get("bias"))
+    return _conv(op, xs[0], ws, p.get("bias"))
 
 
 ACT_FNS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -168,39 +170,88 @@ def _loki(op: Op, xs, p):
     return torch.argmax(-risk, dim=-1)
 
 
-OPS: dict[str, Fn] = {
-    "embed": lambda op, xs, p: F.embedding(xs[0], p["weight"]),
-    "positions": lambda op, xs, p: p["weight"][
-        op.attrs.get("offset", 0) : op.attrs.get("offset", 0) + xs[0].shape[1]
-    ].unsqueeze(0),
-    "row": lambda op, xs, p: p["weight"][op.attrs.get("index", 0)].reshape(1, 1, -1),
-    "patch_embed": lambda op, xs, p: (
-        F.conv2d(xs[0], p["weight"], p["bias"], stride=op.attrs["patch"]).flatten(2).transpose(1, 2)
-    ),
-    "cls_concat": lambda op, xs, p: torch.cat(
-        [p["token"].reshape(1, 1, -1).expand(xs[0].shape[0], 1, -1), xs[0]], dim=1
-    ),
-    "add": lambda op, xs, p: xs[0] + xs[1],
-    "linear": lambda op, xs, p: F.linear(xs[0], p["weight"], p.get("bias")),
-    "layernorm": _layernorm,
-    "rmsnorm": _rmsnorm,
-    "crmsnorm": _crmsnorm,
-    "group_rmsnorm": _group_rmsnorm,
-    "unorm": _unorm,
-    "powernorm": _powernorm,
-    "batchnorm": _batchnorm,
-    "affine": _affine,
-    "act": lambda op, xs, p: ACT_FNS[op.attrs["fn"]](xs[0]),
-    "attention": _attention,
-    "select": lambda op, xs, p: xs[0][:, op.attrs.get("index", 0)],
-    "conv2d": lambda op, xs, p: _conv2d(op, xs[0], p["weight"], p.get("bias")),
-    "ws_conv2d": _ws_conv2d,
-    "maxpool2d": lambda op, xs, p: F.max_pool2d(
-        xs[0], op.attrs["kernel"], op.attrs.get("stride"), op.attrs.get("padding", 0)
-    ),
-    "global_avgpool": lambda op, xs, p: xs[0].mean(dim=(2, 3)),
-    "loki": _loki,
-}
+def _embed(op: Op, xs, p):
+    return F.embedding(xs[0], p["weight"])
+
+
+def _positions(op: Op, xs, p):
+    offset = op.attrs.get("offset", 0)
+    return p["weight"][offset : offset + xs[0].shape[1]].unsqueeze(0)
+
+
+def _row(op: Op, xs, p):
+    return p["weight"][op.attrs.get("index", 0)].reshape(1, 1, -1)
+
+
+def _patch_embed(op: Op, xs, p):
+    y = F.conv2d(xs[0], p["weight"], p["bias"], stride=op.attrs["patch"])
+    return y.flatten(2).transpose(1, 2)
+
+
+def _cls_concat(op: Op, xs, p):
+    return torch.cat([p["token"].reshape(1, 1, -1).expand(xs[0].shape[0], 1, -1), xs[0]], dim=1)
+
+
+def _add(op: Op, xs, p):
+    return xs[0] + xs[1]
+
+
+def _linear(op: Op, xs, p):
+    return F.linear(xs[0], p["weight"], p.get("bias"))
+
+
+def _act(op: Op, xs, p):
+    return ACT_FNS[op.attrs["fn"]](xs[0])
+
+
+def _select(op: Op, xs, p):
+    return xs[0][:, op.attrs.get("index", 0)]
+
+
+def _conv2d(op: Op, xs, p):
+    return _conv(op, xs[0], p["weight"], p.get("bias"))
+
+
+def _maxpool2d(op: Op, xs, p):
+    a = op.attrs
+    return F.max_pool2d(xs[0], a["kernel"], a.get("stride"), a.get("padding", 0))
+
+
+def _global_avgpool(op: Op, xs, p):
+    return xs[0].mean(dim=(2, 3))
+
+
+def rotary_tables(
+    seq: int, dims: int, base: float, dtype: torch.dtype, device: str | torch.device = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(cos, sin)`` ``[seq, dims/2]`` of the angles ``t · base^(−2i/dims)``.
+
+    Why this precision: the frequencies are computed in float64 and rounded once, the angles in
+    float32 (float64 for a float64 run) — the arithmetic the ONNX export repeats node by node,
+    so both compute the same angles.
+    """
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    inv = 1.0 / base ** (torch.arange(0, dims, 2, dtype=torch.float64) / dims)
+    angles = torch.arange(seq, dtype=work, device=device)[:, None] * inv.to(work).to(device)
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def _rope(op: Op, xs, p):
+    """Each head's first ``dims`` channels as pairs (i, i + dims/2) rotated by position."""
+    x = xs[0]
+    b, t, c = x.shape
+    heads = op.attrs["heads"]
+    dims = rotary_dims(c // heads, op.attrs.get("fraction", 1.0))
+    cos, sin = rotary_tables(t, dims, op.attrs.get("base", 10000.0), x.dtype, x.device)
+    cos, sin = cos[:, None, :], sin[:, None, :]  # broadcast over heads
+    xh = x.reshape(b, t, heads, -1)
+    x1, x2, rest = xh[..., : dims // 2], xh[..., dims // 2 : dims], xh[..., dims:]
+    y = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], dim=-1)
+    return y.reshape(b, t, c)
+
+
+#: The torch function of every op kind (``normtool.opspec``: ``_<kind>`` above).
+OPS: dict[str, Fn] = implementations(globals(), "torch function")
 
 
 def run_graph(
