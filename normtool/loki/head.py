@@ -29,6 +29,7 @@ from normtool.history import entry
 from normtool.inputs import max_seq, random_inputs
 from normtool.loki.labels import LabelSpace
 from normtool.model import Model
+from normtool.opspec import SPECS
 from normtool.runtime.torch_exec import run_graph
 
 OP_NAME = "loki"
@@ -39,19 +40,11 @@ _BLOCK_ELEMENTS = 1 << 22  # rows × labels computed per step when building D²
 
 
 def _ranks(graph: Graph) -> dict[str, int]:
-    """Rank of every value, propagated through the op table without running anything."""
+    """Rank of every value, propagated through the op table (``OpSpec.rank``) without running
+    anything."""
     rank = {i.name: len(i.shape) for i in graph.inputs}
-    fixed = {"positions": 3, "row": 3, "patch_embed": 3, "attention": 3, "global_avgpool": 2}
     for op in graph.ops:
-        ins = [rank.get(v, 0) for v in op.inputs]
-        if op.kind in fixed:
-            rank[op.output] = fixed[op.kind]
-        elif op.kind == "embed":
-            rank[op.output] = ins[0] + 1
-        elif op.kind in ("select", "loki"):
-            rank[op.output] = ins[0] - 1
-        else:  # elementwise, linear, norms, conv: the rank of the (widest) input
-            rank[op.output] = max(ins)
+        rank[op.output] = SPECS[op.kind].rank([rank.get(v, 0) for v in op.inputs])
     return rank
 
 
