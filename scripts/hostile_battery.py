@@ -116,6 +116,18 @@ def _graph_edit(edit: Callable[[dict], None]) -> Callable[[dict], None]:
     return apply
 
 
+def _nested_graph(header: dict) -> None:
+    """The graph's JSON text with one ops entry nested 100,000 lists deep (json.dumps of such a
+    value would itself recurse too deep, so the text is spliced)."""
+    text = header["__metadata__"]["normtool.graph"]
+    at = text.index('"ops":') + len('"ops":')
+    at = text.index("[", at) + 1
+    head, sep, rest = text[:at], "", text[at:]
+    header["__metadata__"]["normtool.graph"] = (
+        head + sep + "[" * 100_000 + "]" * 100_000 + ", " + rest
+    )
+
+
 def _first_op(graph: dict, kind: str) -> dict:
     return next(op for op in graph["ops"] if op.get("kind") == kind)
 
@@ -165,9 +177,9 @@ def build_cases(base: Path, good: Path, rms: Path) -> list[Case]:
         ("eps NaN", lambda g: _norm_op(g)["attrs"].update(eps=float("nan"))),
         ("shape mismatch", lambda g: _wrong_shape(g)),
         ("unknown op kind", lambda g: g["ops"][0].update(kind="teleport")),
-        ("nested graph", lambda g: g.update(deep="[" * 100_000 + "]" * 100_000)),
     ):
         add(f"graph: {what}", lambda d, e=edit: _edited(rms, d / "m.safetensors", _graph_edit(e)))
+    add("graph: nested JSON", lambda d: _edited(rms, d / "m.safetensors", _nested_graph))
     add("pickle payload", _pickle_payload)
     add("pt int keys", lambda d: _torch_save(d / "m.pt", {0: torch.ones(2), 1: torch.ones(2)}))
     add("pt sparse", lambda d: _torch_save(d / "m.pt", {"w": torch.eye(3).to_sparse()}))
