@@ -82,6 +82,7 @@ FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
 
 INPUT_KINDS = frozenset({"tokens", "pixels", "features"})
 
+
 def rotary_dims(head_dim: int, fraction: float) -> int:
     """Dims of each head a ``rope`` op rotates (GPT-NeoX's ``int(head_size * rotary_pct)``)."""
     return int(head_dim * fraction)
