@@ -10,7 +10,6 @@ silenced unless ``--debug``: they would precede, and bury, the one line a CI log
 from __future__ import annotations
 
 import re
-import resource
 import sys
 import traceback
 import warnings
@@ -22,7 +21,13 @@ from typer.core import TyperCommand
 from normtool import __version__
 from normtool.commands import COMMANDS
 from normtool.commands.common import STATE
-from normtool.errors import Interrupted, NormtoolError, fail, out_of_memory
+from normtool.errors import (
+    Interrupted,
+    NormtoolError,
+    address_space_limit,
+    fail,
+    out_of_memory,
+)
 from normtool.io import reads
 
 
@@ -123,7 +128,7 @@ def _describe(e: Exception) -> str:
     """One line for an error no command turned into a NormtoolError."""
     if hasattr(e, "format_message"):  # Typer's (vendored click) usage errors and aborts
         return _usage_text(e)
-    limited = resource.getrlimit(resource.RLIMIT_AS)[0] != resource.RLIM_INFINITY
+    limited = address_space_limit() is not None
     if isinstance(e, MemoryError) or (limited and isinstance(e, ImportError)):
         return out_of_memory("while running")
     asked = re.search(r"can't allocate memory: you tried to allocate (\d+) bytes", str(e))

@@ -67,12 +67,14 @@ def fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
+def address_space_limit() -> int | None:
+    """The process's virtual-memory limit in bytes (``ulimit -v``), or None where unlimited."""
+    soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+    return None if soft == resource.RLIM_INFINITY else soft
+
+
 def out_of_memory(during: str) -> str:
     """The one-line message for a MemoryError, naming the process's memory limit if set."""
-    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
-    limit = (
-        ""
-        if soft == resource.RLIM_INFINITY
-        else f" (virtual memory limit, ulimit -v: {soft >> 20} MiB)"
-    )
+    soft = address_space_limit()
+    limit = "" if soft is None else f" (virtual memory limit, ulimit -v: {soft >> 20} MiB)"
     return f"out of memory {during}{limit}"

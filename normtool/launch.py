@@ -16,11 +16,10 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import gc
-import resource
 import signal
 import sys
 
-from normtool.errors import Interrupted, fail, out_of_memory
+from normtool.errors import Interrupted, address_space_limit, fail, out_of_memory
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -67,8 +66,8 @@ def _check_memory_limit() -> None:
     a message. Measured here (torch 2.13 CPU): ``inspect`` of a small model needs ~700 MiB of
     address space, ``export`` ~900 MiB (ONNX and ONNX Runtime load too).
     """
-    soft = resource.getrlimit(resource.RLIMIT_AS)[0]
-    if soft != resource.RLIM_INFINITY and soft < MIN_ADDRESS_SPACE:
+    soft = address_space_limit()
+    if soft is not None and soft < MIN_ADDRESS_SPACE:
         fail(
             f"virtual memory limit (ulimit -v) is {soft >> 20} MiB; normtool needs at least "
             f"{MIN_ADDRESS_SPACE >> 20} MiB to load torch and ONNX Runtime (out of memory)",
@@ -96,7 +95,7 @@ def main() -> None:
     except (ImportError, OSError) as e:  # torch cannot load: most often a memory limit
         if "--debug" in sys.argv:
             raise
-        limited = resource.getrlimit(resource.RLIMIT_AS)[0] != resource.RLIM_INFINITY
+        limited = address_space_limit() is not None
         fail(out_of_memory("while starting") if limited else f"cannot start: {e}", 2)
     run()
 

@@ -21,11 +21,14 @@ import struct
 import zipfile
 from pathlib import Path
 
+from normtool.errors import NormtoolError
+from normtool.io.safetensors_format import read_header
+
 TORCH_MARK = b"normtool output"
 PNG_SOFTWARE = "normtool"
 #: safetensors metadata key of a folder output: JSON list of the file names normtool wrote.
 FILES_KEY = "normtool.files"
-_HEADER_LIMIT = 100 * 1024 * 1024
+_PNG_CHUNK_LIMIT = 100 * 1024 * 1024
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
@@ -36,19 +39,10 @@ def mark_torch(path: Path) -> None:
 
 
 def safetensors_metadata(path: Path) -> dict | None:
-    """The ``__metadata__`` of a safetensors file, or None if it is not one (never raises)."""
+    """The ``__metadata__`` of a safetensors file, or None if it is not a readable one."""
     try:
-        with path.open("rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                return None
-            (n,) = struct.unpack("<Q", head)
-            if n > _HEADER_LIMIT:
-                return None
-            header = json.loads(f.read(n))
-        meta = header.get("__metadata__") if isinstance(header, dict) else None
-        return meta if isinstance(meta, dict) else {}
-    except (OSError, ValueError, RecursionError):
+        return read_header(path)[1]
+    except NormtoolError:
         return None
 
 
@@ -74,7 +68,7 @@ def _png_software(path: Path) -> str | None:
                 return None
             while head := f.read(8):
                 size, kind = struct.unpack(">I4s", head)
-                if kind == b"IEND" or size > _HEADER_LIMIT:
+                if kind == b"IEND" or size > _PNG_CHUNK_LIMIT:
                     return None
                 body = f.read(size)
                 f.read(4)  # CRC
