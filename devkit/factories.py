@@ -186,6 +186,69 @@ def make_bert(
     return _save_hf(net, out, seed, save)
 
 
+_TEXT = dict(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4)
+_IMAGE = dict(
+    hidden_size=32, num_hidden_layers=2, num_attention_heads=4, image_size=16, patch_size=4
+)
+
+#: Tiny configs of the families ``make_family`` builds: config class, default model class, base.
+FAMILY_CONFIGS: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "distilbert": (
+        "DistilBertConfig",
+        "DistilBertForSequenceClassification",
+        dict(
+            vocab_size=64,
+            dim=32,
+            n_layers=2,
+            n_heads=4,
+            hidden_dim=64,
+            num_labels=3,
+            max_position_embeddings=16,
+        ),
+    ),
+    "roberta": (
+        "RobertaConfig",
+        "RobertaForSequenceClassification",
+        # 18 position rows: rows 0..1 sit below the first position (pad_token_id + 1 = 2)
+        {**_TEXT, "intermediate_size": 64, "max_position_embeddings": 18, "num_labels": 3},
+    ),
+    "deit": (
+        "DeiTConfig",
+        "DeiTForImageClassification",
+        {**_IMAGE, "intermediate_size": 64, "num_labels": 5},
+    ),
+    "dinov2": ("Dinov2Config", "Dinov2Model", {**_IMAGE, "mlp_ratio": 2}),
+    "clip_vision": ("CLIPVisionConfig", "CLIPVisionModel", {**_IMAGE, "intermediate_size": 64}),
+    "clip_text": (
+        "CLIPTextConfig",
+        "CLIPTextModel",
+        # eos inside the tiny vocab, so random ids hold it sometimes (pooling at its position)
+        {
+            **_TEXT,
+            "intermediate_size": 64,
+            "max_position_embeddings": 16,
+            "eos_token_id": 7,
+            "bos_token_id": 6,
+            "pad_token_id": 1,
+        },
+    ),
+}
+
+
+def make_family(
+    out: Path, family: str, model: str | None = None, seed: int = 0, **cfg: Any
+) -> Path:
+    """A tiny transformers model of ``family`` (``FAMILY_CONFIGS``), class ``model`` (default:
+    the family's first), parameters perturbed as for ``make_gpt2``; ``cfg`` overrides."""
+    import transformers
+
+    config_cls, default, base = FAMILY_CONFIGS[family]
+    torch.manual_seed(seed)
+    config = getattr(transformers, config_cls)(**{**base, **cfg})
+    net = getattr(transformers, model or default)(config)
+    return _save_hf(net.eval(), out, seed, None)
+
+
 def load_hf(folder: Path, dtype: torch.dtype = torch.float32) -> Any:
     """The transformers model saved in ``folder``, eager attention, eval mode, in ``dtype``."""
     import json

@@ -25,8 +25,10 @@ kind               params                       semantics
 =================  ===========================  =====================================================
 embed              weight[V, C]                 ids[B,T] → weight[ids]
 positions          weight[P, C]                 x[B,T,·] → weight[offset : offset+T] (broadcast [1,T,C])
+id_positions       weight[P, C]                 ids[B,T] → weight[cumsum(ids≠pad)·(ids≠pad) + pad] (RoBERTa:
+                                                non-padding tokens count from pad+1; attr pad)
 row                weight[R, C]                 x → weight[index] as [1,1,C] (BERT token type 0)
-patch_embed        weight[C,Cin,p,p], bias[C]   pixels[B,Cin,H,W] → conv stride p, flatten → [B,N,C]
+patch_embed        weight[C,Cin,p,p], bias?[C]   pixels[B,Cin,H,W] → conv stride p, flatten → [B,N,C]
 cls_concat         token[C]                     x[B,N,C] → [token; x] → [B,N+1,C]
 add                —                            a + b (broadcasting)
 linear             weight[O,I], bias?[O]        x @ Wᵀ + b
@@ -42,6 +44,8 @@ affine             scale[C], shift?[C]          x·s + t on the channel axis
 act                —                            fn ∈ relu|gelu|gelu_tanh|tanh|silu|quick_gelu
 attention          —                            (q,k,v)[B,T,H·D] → softmax(q kᵀ·scale [+causal]) v
 select             —                            x[B,T,C] → x[:, index]  ([B,C])
+pick_token         —                            (x[B,T,C], ids[B,T]) → x at each row's first
+                                                ids == eos (eos < 0: first largest id; CLIP)
 conv2d             weight, bias?                stride, padding, groups, dilation
 ws_conv2d          weight, bias?                conv2d with the standardised weight Ŵ (per output
                                                 row; attrs eps, variant var|std: normtool.nn.ws_conv)
@@ -400,7 +404,7 @@ class Graph:
                 return f"groups {a['groups']!r} is not a positive integer dividing width {width}"
         if o.kind == "maxpool2d" and a.get("padding", 0) > a["kernel"] // 2:
             return f"padding {a.get('padding')} exceeds half the kernel {a['kernel']}"
-        if o.kind in ("embed", "row", "positions"):
+        if o.kind in ("embed", "row", "positions", "id_positions"):
             return self._table_problem(o)
         if o.kind == "rope":
             return self._rope_problem(o)
@@ -432,12 +436,13 @@ class Graph:
         if o.kind == "embed":
             need = spec.vocab if spec is not None and spec.kind == "tokens" else 0
             first, what = 0, "token ids"
-        elif o.kind == "positions":
+        elif o.kind in ("positions", "id_positions"):
             if spec is None:  # an image's patches: as many as its fixed size gives
                 return None
             if spec.kind != "tokens" or spec.max_len < 1:
                 return "positions of a token input need its max_len ≥ 1"
-            first, need, what = o.attrs.get("offset", 0), spec.max_len, "positions"
+            first = o.attrs.get("offset", 0) if o.kind == "positions" else o.attrs["pad"] + 1
+            need, what = spec.max_len, "positions"
         else:
             first, need, what = o.attrs.get("index", 0), 1, "row"
         if first + need > rows:

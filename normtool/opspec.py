@@ -107,6 +107,15 @@ _TABLE = (
         shape_only=True,
     ),
     OpSpec(
+        "id_positions",
+        1,
+        ("weight",),
+        rank=lambda r: r[0] + 1,
+        attrs=("pad",),
+        int_attrs={"pad": 0},
+        writes_stream=True,
+    ),
+    OpSpec(
         "row",
         1,
         ("weight",),
@@ -118,7 +127,8 @@ _TABLE = (
     OpSpec(
         "patch_embed",
         1,
-        ("weight", "bias"),
+        ("weight",),
+        ("bias",),
         rank=_const(3),
         attrs=("patch",),
         int_attrs={"patch": 1},
@@ -195,6 +205,13 @@ _TABLE = (
         int_attrs={"index": 0},
         commutes_affine="always",
         carries_stream=True,
+        picks_tokens=True,
+    ),
+    OpSpec(
+        "pick_token",
+        2,
+        rank=lambda r: r[0] - 1,
+        attrs=("eos",),
         picks_tokens=True,
     ),
     OpSpec(

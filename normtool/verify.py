@@ -395,7 +395,7 @@ def activation_sizes(graph: Graph, batch: int, seq: int) -> tuple[int, int]:
             "patch_embed": op.attrs.get("patch", 1),
         }.get(op.kind, 1)
         n = -(-n // (step * step))
-        if op.kind in ("global_avgpool", "select", "loki", "row"):
+        if op.kind in ("global_avgpool", "select", "pick_token", "loki", "row"):
             n = 1
         elif op.kind == "cls_concat":
             n += 1

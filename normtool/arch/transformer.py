@@ -66,7 +66,20 @@ from normtool.io.store import Checkpoint
 LAYOUT_DIR = Path(__file__).parent / "families"
 
 #: Detection order: configs are matched exactly; key-only detection (timm) comes last.
-ORDER = ("normtool_transformer", "gpt2", "opt", "vit", "bert", "timm_vit")
+ORDER = (
+    "normtool_transformer",
+    "gpt2",
+    "opt",
+    "vit",
+    "deit",
+    "dinov2",
+    "clip_vision",
+    "clip_text",
+    "bert",
+    "distilbert",
+    "roberta",
+    "timm_vit",
+)
 
 #: Config norm names → graph op kinds.
 NORM_NAMES = {
@@ -129,9 +142,32 @@ _LAYOUT_KEYS = {
         "variants",
     },
     "detect": {"architectures", "model_type", "keys"},
-    "embed": {"tok", "pos", "type", "norm", "project_in", "patch", "cls"},
-    "block": {"norm1", "norm2", "q", "k", "v", "qkv", "o", "fc1", "fc2", "conv1d"},
-    "head": {"linear", "tied", "bias", "pooler", "pooler_act", "transform", "transform_norm"},
+    "embed": {"tok", "pos", "type", "norm", "project_in", "patch", "cls", "dist"},
+    "block": {
+        "norm1",
+        "norm2",
+        "q",
+        "k",
+        "v",
+        "qkv",
+        "o",
+        "fc1",
+        "fc2",
+        "conv1d",
+        "scale1",
+        "scale2",
+    },
+    "head": {
+        "linear",
+        "tied",
+        "bias",
+        "pooler",
+        "pooler_act",
+        "transform",
+        "transform_norm",
+        "pool",
+        "pool_norm",
+    },
 }
 _VARIANT_KEYS = {"keys", "settings", "head", "optional"}
 _SETTING_KEYS = {"config", "default", "map", "nonzero", "assumed"}
@@ -183,8 +219,11 @@ class Settings:
     norm: str
     classify: bool
     pos_offset: int
+    pos_pad: int | None
     type_index: int
     affine: bool
+    eos: int
+    eos_argmax: int | None
 
 
 _DEFAULTS: dict[str, Any] = {
@@ -194,8 +233,11 @@ _DEFAULTS: dict[str, Any] = {
     "causal": False,
     "classify": False,
     "pos_offset": 0,
+    "pos_pad": None,
     "type_index": 0,
     "affine": False,
+    "eos": -1,
+    "eos_argmax": None,
 }
 
 _MISSING = object()
@@ -291,6 +333,11 @@ def _settings(layout: dict, ck: Checkpoint, opts: BuildOptions, block_count: int
         raise NormtoolError(f"norm {s['norm']!r} is not supported", ck.path)
     for name in ("eps", "stat_eps"):
         _check_eps(s[name], _named(layout, name), ck)
+    for name in ("pos_pad", "eos"):
+        if s[name] is not None and not (type(s[name]) is int and s[name] >= -1):
+            raise NormtoolError(f"{_named(layout, name)} = {s[name]!r} is not a token id", ck.path)
+    if s["eos"] == s["eos_argmax"]:  # CLIP's legacy configs: the pooled token is the largest id
+        s["eos"] = -1
     return Settings(
         **{
             **s,
@@ -501,7 +548,8 @@ class _Build:
         project_in = self.present("project_in", e.get("project_in"))
         emb_space = b.space("emb", width, "hidden") if project_in else "resid"
         pos_rows = ck.shape(e["pos"])[0] if e["pos"] in ck else 0
-        max_len = pos_rows - s.pos_offset
+        first_pos = s.pos_offset if s.pos_pad is None else s.pos_pad + 1
+        max_len = pos_rows - first_pos
         ids = b.input(
             InputSpec("input_ids", "tokens", ("batch", "seq"), vocab=vocab, max_len=max_len),
             b.space("tokens", vocab, "input"),
@@ -525,14 +573,11 @@ class _Build:
                 index=s.type_index,
             )
             x = b.op("add", "type_add", [x, t], "resid")
-        p = b.op(
-            "positions",
-            "pos_emb",
-            [ids],
-            "resid",
-            {"weight": b.tensor("pos_emb.weight", e["pos"], (None, "resid"))},
-            offset=s.pos_offset,
-        )
+        pos = {"weight": b.tensor("pos_emb.weight", e["pos"], (None, "resid"))}
+        if s.pos_pad is None:
+            p = b.op("positions", "pos_emb", [ids], "resid", pos, offset=s.pos_offset)
+        else:  # RoBERTa: positions counted over the non-padding tokens
+            p = b.op("id_positions", "pos_emb", [ids], "resid", pos, pad=s.pos_pad)
         x = b.op("add", "pos_add", [x, p], "resid")
         b.info.update(vocab=vocab, max_len=max_len)
         return x
@@ -544,11 +589,12 @@ class _Build:
             raise NormtoolError(f"expected a 4-D patch conv weight {wk!r}", ck.path)
         _, chans, patch, patch_w = ck.shape(wk)
         tokens = math.prod(ck.shape(e["pos"])) // b.spaces["resid"].size if e["pos"] in ck else 0
-        grid = math.isqrt(max(tokens - 1, 0))
-        if patch != patch_w or grid * grid != tokens - 1:
+        extra = 1 + ("dist" in e)  # the class token, and DeiT's distillation token
+        grid = math.isqrt(max(tokens - extra, 0))
+        if patch != patch_w or grid * grid != tokens - extra:
             raise NormtoolError(
                 f"position table {e['pos']!r} does not fit a square grid of {patch}×{patch_w} "
-                "patches plus a class token",
+                f"patches plus {extra} token(s)",
                 ck.path,
             )
         size = grid * patch
@@ -556,19 +602,14 @@ class _Build:
             InputSpec("pixel_values", "pixels", ("batch", chans, size, size)),
             b.space("pixels", chans, "input"),
         )
-        x = b.op(
-            "patch_embed",
-            "patch_embed",
-            [pixels],
-            "resid",
-            {
-                "weight": b.tensor("patch_embed.weight", wk, ("resid", "pixels", None, None)),
-                "bias": b.tensor("patch_embed.bias", e["patch"] + ".bias", ("resid",)),
-            },
-            patch=patch,
-        )
-        token = b.tensor("cls_token.token", e["cls"], ("resid",), squeeze=True)
-        x = b.op("cls_concat", "cls_token", [x], "resid", {"token": token})
+        params = {"weight": b.tensor("patch_embed.weight", wk, ("resid", "pixels", None, None))}
+        if e["patch"] + ".bias" in ck:  # CLIP's patch conv has none
+            params["bias"] = b.tensor("patch_embed.bias", e["patch"] + ".bias", ("resid",))
+        x = b.op("patch_embed", "patch_embed", [pixels], "resid", params, patch=patch)
+        # [cls, dist, patches]: each cls_concat prepends its token
+        for part in ("dist", "cls") if "dist" in e else ("cls",):
+            token = b.tensor(f"{part}_token.token", e[part], ("resid",), squeeze=True)
+            x = b.op("cls_concat", f"{part}_token", [x], "resid", {"token": token})
         pos = b.tensor("pos_emb.weight", e["pos"], (None, "resid"), squeeze=True)
         p = b.op("positions", "pos_emb", [x], "resid", {"weight": pos})
         x = b.op("add", "pos_add", [x, p], "resid")
@@ -593,6 +634,7 @@ class _Build:
                 qkv.append(self.linear(name, h, t[role], space, "resid", conv1d))
         a = b.op("attention", f"{pre}.attn", qkv, vo, heads=s.heads, causal=s.causal)
         a = self.linear(f"{pre}.attn.o", a, t["o"], "resid", vo, conv1d)
+        a = self.layer_scale(f"{pre}.attn.scale", a, t.get("scale1"))
         x = b.op("add", f"{pre}.resid1", [x, a], "resid")
         if s.placement == "post" and not s.parallel:
             x = self.norm(f"{pre}.norm1", x, t["norm1"])
@@ -601,11 +643,19 @@ class _Build:
         f = self.linear(f"{pre}.mlp.fc1", h, t["fc1"], hid, "resid", conv1d)
         f = b.op("act", f"{pre}.mlp.act", [f], hid, fn=s.act)
         f = self.linear(f"{pre}.mlp.fc2", f, t["fc2"], "resid", hid, conv1d)
+        f = self.layer_scale(f"{pre}.mlp.scale", f, t.get("scale2"))
         x = b.op("add", f"{pre}.resid2", [x, f], "resid")
         if s.placement == "post":  # a parallel block has one norm, after the joint sum
             last = "norm1" if s.parallel else "norm2"
             x = self.norm(f"{pre}.{last}", x, t[last])
         return x
+
+    def layer_scale(self, name: str, x: str, key: str | None) -> str:
+        """DINOv2's layer scale: a branch's output times a stored per-channel ``lambda1``."""
+        if key is None:
+            return x
+        scale = self.b.tensor(f"{name}.scale", key, ("resid",))
+        return self.b.op("affine", name, [x], "resid", {"scale": scale})
 
     def head(self, x: str) -> list[str]:
         """The final norm, projection and head; returns the graph's outputs."""
@@ -621,6 +671,8 @@ class _Build:
             outputs = [self.rename(x, "last_hidden_state")]
             if "pooler" in h and self.present("pooler", h["pooler"]):
                 outputs.append(self.pooler(outputs[0], width, h, "pooler_output")[0])
+            elif "pool" in h:
+                outputs.append(self.pooled_token(outputs[0], width, h))
             return outputs
         if "pooler" in h:
             self.present("pooler", h["pooler"])
@@ -633,6 +685,18 @@ class _Build:
             x = self.norm("head.transform.norm", x, h["transform_norm"])
         self.logits(x, width, h, "logits" if s.classify or "pooler" in h else "vocab")
         return ["logits"]
+
+    def pooled_token(self, x: str, width: str, h: dict) -> str:
+        """``pooler_output`` without a dense layer: the first token (DINOv2, CLIP's image
+        tower, then its ``pool_norm``) or the EOS token (CLIP's text tower)."""
+        if h["pool"] == "eos":
+            ids = self.b.inputs[0].name
+            x = self.b.op("pick_token", "pool", [x, ids], width, eos=self.s.eos)
+        else:
+            x = self.b.op("select", "pool", [x], width, index=0)
+        if "pool_norm" in h:
+            x = self.norm("pool_norm", x, h["pool_norm"])
+        return self.rename(x, "pooler_output")
 
     def rename(self, value: str, name: str) -> str:
         """Give ``value`` (the newest op's output, read by nothing yet) the output ``name``."""

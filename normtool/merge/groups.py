@@ -7,6 +7,7 @@ own permutation table. Two things the labels alone cannot say are read from the 
 * attention: a head's q/k dims and its v/o dims belong to the same head, so the q/k space and
   the v/o space of one attention op form *one* group whose units are whole heads, with a
   permutation of the q/k dims and one of the v/o dims inside each head (never across heads);
+* a space a graph output lives in (a base model's ``last_hidden_state``) keeps its order;
 * ops that are not permutation-equivariant over channels (group-wise RMS, grouped convolution
   between two different spaces, rotary embeddings: ``OpSpec.pins``) pin their spaces, which
   are then skipped with a reason.
@@ -37,8 +38,13 @@ class Group:
 
 
 def _pinned_spaces(graph: Graph) -> dict[str, str]:
-    """Spaces that some op forbids permuting freely (``OpSpec.pins``), with the reason."""
-    pinned: dict[str, str] = {}
+    """Spaces that some op forbids permuting freely (``OpSpec.pins``), and those a graph output
+    lives in (a base model's hidden states: their channel order is what the user reads), with
+    the reason."""
+    pinned = {
+        graph.value_spaces[out]: f"graph output {out!r} lives in it (its channel order is kept)"
+        for out in reversed(graph.outputs)
+    }
     for op in graph.ops:
         pins, grouped = SPECS[op.kind].pins, op.attrs.get("groups", 1) > 1
         if not pins or (pins != "input" and not grouped):

@@ -298,6 +298,23 @@ def _positions(em: _Emitter, op: Op, xs: list[str], p: dict[str, str]) -> str:
     return em.node("Slice", [table, em.i64([offset]), end, em.i64([1])])
 
 
+def _id_positions(em: _Emitter, op: Op, xs: list[str], p: dict[str, str]) -> str:
+    pad = em.i64(int(op.attrs["pad"]))
+    real = em.node("Cast", [em.node("Not", [em.node("Equal", [xs[0], pad])])], to=TensorProto.INT64)
+    count = em.node("CumSum", [real, em.i64(1)])
+    rows = em.node("Add", [em.node("Mul", [count, real]), pad])
+    return em.node("Gather", [em.weight(p["weight"]), rows], axis=0)
+
+
+def _pick_token(em: _Emitter, op: Op, xs: list[str], p: dict[str, str]) -> str:
+    x, ids = xs
+    eos = int(op.attrs["eos"])
+    key = ids if eos < 0 else em.node("Equal", [ids, em.i64(eos)])
+    # ArgMax on int32 (ORT has no int64 kernel); it returns the first maximum, as torch does
+    at = em.node("ArgMax", [em.node("Cast", [key], to=TensorProto.INT32)], axis=1, keepdims=1)
+    return em.node("GatherND", [x, at], batch_dims=1)
+
+
 def _row(em: _Emitter, op: Op, xs: list[str], p: dict[str, str]) -> str:
     index = int(op.attrs.get("index", 0))
     return em.weight(p["weight"], f"row{index}", lambda w: w[index].reshape(1, 1, -1))
@@ -305,9 +322,10 @@ def _row(em: _Emitter, op: Op, xs: list[str], p: dict[str, str]) -> str:
 
 def _patch_embed(em: _Emitter, op: Op, xs: list[str], p: dict[str, str]) -> str:
     k = int(op.attrs["patch"])
+    bias = [em.weight(p["bias"])] if "bias" in p else []
     conv = em.node(
         "Conv",
-        [xs[0], em.weight(p["weight"]), em.weight(p["bias"])],
+        [xs[0], em.weight(p["weight"]), *bias],
         kernel_shape=[k, k],
         strides=[k, k],
     )

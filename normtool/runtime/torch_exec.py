@@ -179,12 +179,27 @@ def _positions(op: Op, xs, p):
     return p["weight"][offset : offset + xs[0].shape[1]].unsqueeze(0)
 
 
+def _id_positions(op: Op, xs, p):
+    """RoBERTa's positions: non-padding tokens count from ``pad + 1``, padding ones read row
+    ``pad`` (``cumsum(ids ≠ pad) · (ids ≠ pad) + pad``)."""
+    real = (xs[0] != op.attrs["pad"]).long()
+    return F.embedding(torch.cumsum(real, dim=1) * real + op.attrs["pad"], p["weight"])
+
+
+def _pick_token(op: Op, xs, p):
+    """Each row's token at the first position of ``ids == eos`` (CLIP's EOS pooling); with
+    ``eos`` < 0 the first position of the largest id (CLIP's configs with eos 2 do that)."""
+    x, ids = xs
+    key = ids if op.attrs["eos"] < 0 else (ids == op.attrs["eos"]).long()
+    return x[torch.arange(x.shape[0], device=x.device), torch.argmax(key, dim=1)]
+
+
 def _row(op: Op, xs, p):
     return p["weight"][op.attrs.get("index", 0)].reshape(1, 1, -1)
 
 
 def _patch_embed(op: Op, xs, p):
-    y = F.conv2d(xs[0], p["weight"], p["bias"], stride=op.attrs["patch"])
+    y = F.conv2d(xs[0], p["weight"], p.get("bias"), stride=op.attrs["patch"])
     return y.flatten(2).transpose(1, 2)
 
 
