@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 from devkit.factories import (
     load_hf,
     load_timm_vit,
+    make_family as make_hf_family,
     make_gpt2,
     make_opt,
     make_reference_transformer,
@@ -27,6 +28,10 @@ from normtool.nn.save import load_reference
 from normtool.runtime.torch_exec import run_graph
 
 FAMILIES = ["gpt2", "opt", "vit", "timm_vit", "ref", "ref_parallel"]
+#: Measured by ``scripts/ln_to_rms_errors.py`` only (``tests/test_arch_families`` tests them);
+#: DINOv2 and CLIP's text tower output their final norm, so only RMS applies to them.
+MORE_FAMILIES = ["deit", "dinov2", "clip_text"]
+RMS_ONLY = frozenset({"dinov2", "clip_text"})
 HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
 #: At least this many logits per input batch (4 batches): the RMS error averages over ~1000
 #: values even for classifiers with 3-5 classes, whose 16 samples would give only 48.
@@ -48,17 +53,19 @@ def make_family(kind: str, root: Path) -> tuple[Path, list[str]]:
         return make_reference_transformer(root, tie_embeddings=True, bias=False), []
     if kind == "ref_parallel":
         return make_reference_transformer(root, parallel=True, num_classes=3), []
+    if kind in MORE_FAMILIES:
+        return make_hf_family(root / kind, kind), []
     raise ValueError(kind)
 
 
 def reference_forward(kind: str, path: Path, dtype: torch.dtype = torch.float32):
     """The original model's own forward, independent of normtool: inputs -> logits."""
-    if kind in ("gpt2", "opt"):
+    if kind in ("gpt2", "opt", "clip_text"):
         m = load_hf(path, dtype)
-        return lambda x: m(input_ids=x).logits
-    if kind == "vit":
+        return lambda x: m(input_ids=x)[0]  # logits, or a base model's last_hidden_state
+    if kind in ("vit", "deit", "dinov2"):
         m = load_hf(path, dtype)
-        return lambda x: m(pixel_values=x.to(dtype)).logits
+        return lambda x: m(pixel_values=x.to(dtype))[0]
     if kind == "timm_vit":
         m = load_timm_vit(path, heads=4, dtype=dtype)
         return lambda x: m(x.to(dtype))
@@ -84,12 +91,12 @@ def as_half(src: Path, dtype: torch.dtype, dst: Path) -> Path:
 
 
 def sq_error(model, name, xs, want, dtype) -> float:
-    """Sum of squared logit errors of ``model`` run by normtool in ``dtype`` (weights read once)."""
+    """Sum of squared errors of ``model``'s first output (logits, or a base model's hidden
+    states) run by normtool in ``dtype`` (weights read once)."""
     weights = {n: model.tensor(n) for n in model.graph.tensors}
+    out = model.graph.outputs[0]
     return sum(
-        float(
-            (run_graph(model.graph, weights, {name: x}, dtype)["logits"].double() - y).pow(2).sum()
-        )
+        float((run_graph(model.graph, weights, {name: x}, dtype)[out].double() - y).pow(2).sum())
         for x, y in zip(xs, want, strict=True)
     )
 

@@ -455,14 +455,21 @@ def test_unsupported_class_of_the_family_is_refused(make, cls, arch, tmp_path, c
     assert cls in err and "computes only" in err
 
 
-def test_base_model_transforms_refuse_with_reasons(variant_dir, capsys):
-    code, out, _ = cli(capsys, "inspect", variant_dir("gpt2_model"), "--json")
+def test_base_model_transforms_refuse_with_reasons(variant_dir, capsys, tmp_path):
+    """GPT2Model's output is its final norm's: RMS keeps that norm's γ/β after it (computing
+    what transformers computes), CRMS cannot give the output's d coordinates and says so."""
+    path = variant_dir("gpt2_model")
+    code, out, _ = cli(capsys, "inspect", path, "--json")
     transforms = json.loads(out)["transforms"]
-    assert code == 0
-    assert "graph output" in json.dumps(transforms["convert-ln-to-rms"])
+    assert code == 0 and transforms["convert-ln-to-rms"]["applies"]
     assert "logits" in json.dumps(transforms["loki-head"])
-    code, _, err = cli(capsys, "convert-ln-to-rms", variant_dir("gpt2_model"))
+    code, _, err = cli(capsys, "convert-ln-to-rms", path, "--compressed")
     assert code == 2 and "norm_f" in err and "graph output" in err
+    out_path = tmp_path / "rms.safetensors"
+    code, _, err = cli(capsys, "convert-ln-to-rms", path, "-o", out_path)
+    assert code == 0, err
+    errs = _variant_errors(load_model(out_path), load_hf(path), torch.float32)
+    assert errs["last_hidden_state"] <= 1e-4  # the bound of the heads above
 
 
 def test_barrier_refuses_a_base_model(variant_dir, tmp_path, capsys):

@@ -48,6 +48,7 @@ FAMILIES = {
     "opt_post": lambda d: fh.make_opt(d / "opt_post", pre=False),
     "vit": lambda d: fh.make_vit(d / "vit"),
     "bert": lambda d: fh.make_bert(d / "bert"),
+    "roberta": lambda d: fh.make_family(d / "roberta", "roberta"),
     "timm_vit": lambda d: fh.make_timm_vit(d / "timm"),
     "cnn": lambda d: fr.make_cnn(d),
     "cnn_ws": lambda d: fr.make_cnn(d, name="cnn_ws", weight_standardization="std"),
@@ -101,9 +102,11 @@ def test_every_op_kind_has_an_emitter():
     assert set(EMITTERS) == set(SPECS)
 
 
-def test_every_op_kind_is_exercised_here(checkpoint):
-    """The families and hand-written graphs below together use every op kind (and activation)."""
+def test_every_op_kind_is_exercised_here(checkpoint, tmp_path):
+    """The families and hand-written graphs below together use every op kind (and activation);
+    CLIP's text tower (``pick_token``) is exported in ``test_arch_families``."""
     graphs = [load_model(checkpoint(f), heads=4).graph for f in FAMILIES]
+    graphs.append(load_model(fh.make_family(tmp_path / "clip_text", "clip_text")).graph)
     graphs += [_features_graph()[0], _image_graph()[0], rope_graph()[0]]
     kinds = {op.kind for g in graphs for op in g.ops}
     assert kinds == set(SPECS)

@@ -15,7 +15,10 @@ Layout keys
                 heads, layers, eps, stat_eps (UN/PowerNorm/BatchNorm eps), pn_groups (PowerNorm's
                 group count; the head count when absent), act, tie, placement (pre|post),
                 parallel, causal, norm (a kind, or ``auto``: recognised from buffers), classify
-                (head on token 0), pos_offset, type_index, affine (every norm stores its
+                (head on token 0), pos_offset, pos_pad (RoBERTa: positions counted over the
+                tokens that are not this padding id, from it + 1), eos and eos_argmax (the
+                EOS id CLIP's text tower pools at; the id for which it pools the largest id
+                instead), type_index, affine (every norm stores its
                 weight and bias: a missing one is refused, not read as 1 and 0; off for
                 normtool's models, whose norms may be weightless). ``"assumed": why`` marks a
                 setting the files usually do not record (timm's eps, PowerNorm's groups): unless
@@ -24,13 +27,17 @@ Layout keys
                 that contradicts a recorded value is refused.
 ``require``     config values the builder supports (anything else is refused by name).
 ``embed``       ``tok``/``pos``/``type`` tensor keys, ``norm`` and ``project_in`` prefixes; or for
-                images ``patch`` (conv prefix), ``cls``, ``pos``.
+                images ``patch`` (conv prefix, bias optional), ``cls``, ``dist`` (DeiT's
+                distillation token, after the class token), ``pos``.
 ``block``       prefixes with ``{i}``: norm1, norm2, q/k/v or fused ``qkv``, o, fc1, fc2;
-                ``conv1d``: linears stored ``[in, out]`` (GPT-2).
+                ``conv1d``: linears stored ``[in, out]`` (GPT-2); ``scale1``/``scale2``: keys of
+                a per-channel layer scale on the attention / MLP branch (DINOv2).
 ``norm_f``, ``project_out``, ``head`` (``linear``, ``tied`` key, ``bias`` key when the head's
                 bias is stored apart from it, ``pooler``, ``pooler_act``, an MLM ``transform``
                 linear and ``transform_norm``). A head without ``linear`` is a base model's: the
-                outputs are ``last_hidden_state`` and, with a pooler, ``pooler_output``.
+                outputs are ``last_hidden_state`` and, with a pooler, ``pooler_output``; or with
+                ``pool`` (``first`` token, or ``eos``: CLIP's text tower) and an optional
+                ``pool_norm``, ``pooler_output`` is that token (normalised).
 ``optional``    parts used only when present; ``ignore``: key templates that are not weights.
 ``variants``    by config architecture (``BertForMaskedLM``, ``GPT2Model``…): the ``head``,
                 ``optional`` parts and ``settings`` that differ from the common layout. The

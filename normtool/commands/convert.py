@@ -94,6 +94,7 @@ def convert_ln_to_rms(
         "writers": conv.writers,
         "created_biases": conv.created_biases,
         "untied": [{"tensor": a, "was_tied_to": b} for a, b in conv.untied],
+        "notes": conv.notes,
         "verified": errors is not None,
         "errors": errors,
         "summary": summary,
@@ -101,6 +102,7 @@ def convert_ln_to_rms(
     }
     lines = [f"{path} -> {out}", f"  {summary}"]
     lines += [f"  untied {a} from {b}: each is now its own tensor" for a, b in conv.untied]
+    lines += [f"  {n}" for n in conv.notes]
     if errors is None:
         lines.append("  not verified (--no-verify)")
     else:

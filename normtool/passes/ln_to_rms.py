@@ -57,6 +57,12 @@ class Stream:
     writers: list[Op]  # ops whose output is summed into the stream (and cls_concat tokens)
     norms: list[Op]  # the LayerNorms reading the stream, in graph order
     readers: dict[str, list[Op]]  # norm name -> the linear ops that read its output
+    # norms whose γ/β cannot move into linears (their output is a graph output, or is read by
+    # another op): name -> why; they keep γ/β as an ``affine`` op after the RMSNorm
+    kept: dict[str, str] = field(default_factory=dict)
+    # writer name -> the scale-only ``affine`` op between it and the stream (DINOv2's layer
+    # scale), multiplied into the writer's rows before they are centred
+    scaled: dict[str, Op] = field(default_factory=dict)
 
 
 @dataclass
@@ -164,6 +170,7 @@ def find_stream(graph: Graph) -> tuple[Stream | None, list[str]]:
 
     reasons: list[str] = []
     writers: list[Op] = []
+    scaled: dict[str, Op] = {}
     order = {o.name: i for i, o in enumerate(graph.ops)}
     for v in sorted(stream, key=lambda v: order[graph.producer(v).name]):
         p = graph.producer(v)
@@ -179,6 +186,9 @@ def find_stream(graph: Graph) -> tuple[Stream | None, list[str]]:
                 reasons.append(f"Post-LN: norm {w.name!r} normalises the stream (Pre-LN only)")
             elif SPECS[w.kind].token_stats:
                 reasons.append(f"norm {w.name!r} sits after a branch, writing into the stream")
+            elif (lin := _scaled_writer(graph, w)) is not None:
+                writers.append(lin)
+                scaled[lin.name] = w
             elif not SPECS[w.kind].writes_stream:
                 reasons.append(
                     f"op {w.name!r} ({w.kind}) writes into the residual stream without weights "
@@ -198,6 +208,7 @@ def find_stream(graph: Graph) -> tuple[Stream | None, list[str]]:
 
     norms: list[Op] = []
     readers: dict[str, list[Op]] = {}
+    kept: dict[str, str] = {}
     for o in graph.ops:
         spec = SPECS[o.kind]
         if spec.carries_stream or spec.shape_only or not any(v in stream for v in o.inputs):
@@ -209,13 +220,30 @@ def find_stream(graph: Graph) -> tuple[Stream | None, list[str]]:
             continue
         norms.append(o)
         found, why = _norm_readers(graph, o)
-        readers[o.name] = found
-        reasons += why
+        readers[o.name] = [] if why else found
+        if why and "weight" not in o.params and "bias" in o.params:
+            reasons.append(f"norm {o.name!r} has a bias but no weight, and {why[0]}")
+        elif why:
+            kept[o.name] = why[0]
     if not reasons and not norms:
         reasons.append("no LayerNorm reads the residual stream")
     if reasons:
         return None, reasons
-    return Stream(space, writers, norms, readers), []
+    return Stream(space, writers, norms, readers, kept, scaled), []
+
+
+def _scaled_writer(graph: Graph, op: Op) -> Op | None:
+    """The writer under a scale-only ``affine`` op ``op`` (a layer scale ``λ ⊙ (W h + b)``),
+    when that writer's output goes to ``op`` alone: centring ``diag(λ) W`` and ``λ ⊙ b`` then
+    centres what ``op`` writes."""
+    if op.kind != "affine" or set(op.params) != {"scale"}:
+        return None
+    w = graph.producer(op.inputs[0])
+    if w is None or not SPECS[w.kind].writes_stream or graph.consumers(w.output) != [op]:
+        return None
+    if not all(_carries(c) for c in graph.consumers(op.output)):
+        return None
+    return w
 
 
 def _carries(op: Op) -> bool:
@@ -224,7 +252,7 @@ def _carries(op: Op) -> bool:
 
 def _norm_readers(graph: Graph, norm: Op) -> tuple[list[Op], list[str]]:
     """The linears reading ``norm``'s output (through token picks such as ``select``), or why
-    its γ/β cannot move."""
+    its γ/β cannot move into them (the conversion then keeps them after the RMSNorm)."""
     found, reasons, todo = [], [], [norm.output]
     if norm.output in graph.outputs:
         reasons.append(f"norm {norm.name!r} output is a graph output: no layer to fold it into")
@@ -261,7 +289,8 @@ class _Recipe:
     """How one output tensor is computed from the original model's tensors (see ``_Rewriter``).
 
     ``fold``: (weight, γ or None, β or None) of a reader linear; for a bias ``base`` may be None
-    (created). ``centre``/``narrow``: the stream axis to centre / cut to ``d−1``.
+    (created). ``centre``/``narrow``: the stream axis to centre / cut to ``d−1``; ``scale``:
+    a per-channel tensor multiplied in along the stream axis first (a writer's layer scale).
     """
 
     base: str | None
@@ -270,6 +299,7 @@ class _Recipe:
     fold: tuple[str, str | None, str | None] | None = None
     is_bias: bool = False
     centre: int | None = None
+    scale: str | None = None
     crms_in: bool = False
     narrow: int | None = None
 
@@ -396,6 +426,10 @@ class _Rewriter:
         else:
             assert r.base is not None
             t = get(r.base, True).to(work)
+        if r.scale is not None:
+            assert r.centre is not None and rows is None  # writers are never row-blocked
+            shape = [-1 if i == r.centre else 1 for i in range(t.dim())]
+            t = t * get(r.scale, False).to(work).reshape(shape)
         if r.centre is not None:
             t = wm.centre(t, r.centre, work)
         if r.crms_in:
@@ -434,7 +468,13 @@ def convert_ln_to_rms(model: Model, compressed: bool = False) -> Conversion:
     """
     g = model.graph
     stream, reasons = find_stream(g)
-    if stream is None:
+    if stream is not None and compressed:
+        reasons = [
+            f"{why}, so it keeps its γ/β after the norm, which needs all {g.spaces[stream.space].size}"
+            " stream coordinates (CRMSNorm keeps one fewer: convert without --compressed)"
+            for why in stream.kept.values()
+        ]
+    if stream is None or reasons:
         where = model.checkpoint.path if model.checkpoint else None
         raise refusal("cannot convert to RMSNorm", reasons, where)
     new = g.copy()
@@ -453,6 +493,8 @@ def convert_ln_to_rms(model: Model, compressed: bool = False) -> Conversion:
     readers: list[str] = []
     for norm in stream.norms:
         gamma, beta = norm.params.get("weight"), norm.params.get("bias")
+        if norm.name in stream.kept and gamma is not None:
+            _keep_affine(new, norm.name, gamma, beta)
         for lin in stream.readers[norm.name]:
             readers.append(lin.name)
             w = lin.params["weight"]
@@ -481,6 +523,10 @@ def convert_ln_to_rms(model: Model, compressed: bool = False) -> Conversion:
             axes = g.tensors[t].axes
             if space in axes:
                 recipe(t).centre = axes.index(space)
+                if w_op.name in stream.scaled:
+                    recipe(t).scale = stream.scaled[w_op.name].params["scale"]
+        if w_op.name in stream.scaled:  # the layer scale now lives in the writer's rows
+            new.remove_op(stream.scaled[w_op.name].name, keep="output")
 
     # 3. CRMS: the stream loses its last coordinate
     if compressed:
@@ -498,8 +544,9 @@ def convert_ln_to_rms(model: Model, compressed: bool = False) -> Conversion:
 
     # drop the norms' parameters; check that every tensor in the stream space is accounted for
     new.prune()
+    kept = {t for n in stream.kept for t in g.op(n).params.values()}
     for name, spec in new.tensors.items():
-        if space in spec.axes and name not in recipes:
+        if space in spec.axes and name not in recipes and name not in kept:
             raise NormtoolError(
                 f"cannot convert to RMSNorm: tensor {name!r} lies in the residual stream but "
                 "belongs to no writer or reader the conversion knows"
@@ -533,7 +580,21 @@ def convert_ln_to_rms(model: Model, compressed: bool = False) -> Conversion:
         untied=untied,
         check=rw.finite,
         dropped=rw.drop,
+        notes=[f"{n} keeps its γ/β after the RMSNorm ({why})" for n, why in stream.kept.items()]
+        + [f"layer scale {a.name} folded into {w}" for w, a in stream.scaled.items()],
     )
+
+
+def _keep_affine(graph: Graph, norm: str, gamma: str, beta: str | None) -> None:
+    """Put ``norm``'s γ (and β) in an ``affine`` op after it, which takes over its output."""
+    op = graph.op(norm)
+    value = f"{norm}.normed"
+    graph.value_spaces[value] = graph.value_spaces[op.output]
+    params = {"scale": gamma} | ({"shift": beta} if beta is not None else {})
+    affine = Op(f"{norm}.affine", "affine", (value,), op.output, params)
+    op.output = value
+    graph.ops.insert(graph.ops.index(op) + 1, affine)
+    graph.reindex()
 
 
 def _dropped_coordinate(rw: _Rewriter, stream: Stream) -> int:
