@@ -15,13 +15,13 @@ from safetensors.torch import save_file
 from devkit.factories import (
     load_hf,
     load_timm_vit,
-    make_family as make_hf_family,
     make_gpt2,
     make_opt,
     make_reference_transformer,
     make_timm_vit,
     make_vit,
 )
+from devkit.factories import make_family as make_hf_family
 from normtool.inputs import random_inputs
 from normtool.load import load_model
 from normtool.nn.save import load_reference
