@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from normtool.graph import Graph, Op
+from normtool.graph import Graph, InputSpec, Op
 from normtool.opspec import SPECS
 
 
@@ -68,3 +68,18 @@ def current_info(graph: Graph) -> dict[str, Any]:
     if "tied_head" in info:
         info["tied_head"] = tied_head(graph)
     return info
+
+
+def size_free(graph: Graph, spec: InputSpec) -> bool:
+    """Whether image input ``spec`` can take any height and width: everything reading its
+    feature maps is a size-free op (``OpSpec.size_free``) or the global pooling that ends them."""
+    if spec.kind != "pixels" or len(spec.shape) != 4:
+        return False
+    maps = {spec.name}
+    for op in graph.ops:
+        if not maps.intersection(op.inputs) or op.kind == "global_avgpool":
+            continue
+        if not SPECS[op.kind].size_free:
+            return False
+        maps.add(op.output)
+    return not maps.intersection(graph.outputs)

@@ -33,6 +33,8 @@ cls_concat         token[C]                     x[B,N,C] → [token; x] → [B,N
 add                —                            a + b (broadcasting)
 linear             weight[O,I], bias?[O]        x @ Wᵀ + b
 layernorm          weight?[C], bias?[C]         (x−μ)/√(σ²+eps)·γ+β over the channel axis
+layernorm2d        weight?[C], bias?[C]         layernorm over the channels of each pixel of a
+                                                [B,C,H,W] map (timm's LayerNorm2d)
 rmsnorm            weight?[C]                   x/√(mean(x²)+eps)·γ
 crmsnorm           weight?[C]                   x/√((Σx²+(Σx)²)/(C+1)+eps)·γ  (Jiang et al. 2023)
 group_rmsnorm      —                            x split in ``groups`` channel groups, each / its RMS (eps)
@@ -41,7 +43,7 @@ powernorm          weight, bias, running_phi    γ·GS(x)/√(running_phi+eps)+�
 batchnorm          weight, bias, running_mean,  (x−m)/√(v+eps)·γ+β on the channel axis
                    running_var
 affine             scale[C], shift?[C]          x·s + t on the channel axis
-act                —                            fn ∈ relu|gelu|gelu_tanh|tanh|silu|quick_gelu
+act                —                            fn ∈ relu|relu6|gelu|gelu_tanh|tanh|silu|quick_gelu
 attention          —                            (q,k,v)[B,T,H·D] → softmax(q kᵀ·scale [+causal]) v
 select             —                            x[B,T,C] → x[:, index]  ([B,C])
 pick_token         —                            (x[B,T,C], ids[B,T]) → x at each row's first
@@ -76,7 +78,7 @@ SPACE_KINDS = frozenset(
     {"resid", "hidden", "heads_qk", "heads_vo", "channels", "input", "output", "fixed"}
 )
 
-ACTIVATIONS = frozenset({"relu", "gelu", "gelu_tanh", "tanh", "silu", "quick_gelu"})
+ACTIVATIONS = frozenset({"relu", "relu6", "gelu", "gelu_tanh", "tanh", "silu", "quick_gelu"})
 
 #: Outputs of base models (no head), named as transformers names them.
 BASE_OUTPUTS = frozenset({"last_hidden_state", "pooler_output"})

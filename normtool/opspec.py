@@ -148,6 +148,16 @@ _TABLE = (
         skip_fusable=True,
     ),
     OpSpec(
+        "layernorm2d",
+        1,
+        (),
+        ("weight", "bias"),
+        eps_attrs=("eps",),
+        norm=True,
+        token_stats=True,
+        size_free=True,
+    ),
+    OpSpec(
         "rmsnorm",
         1,
         (),

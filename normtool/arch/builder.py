@@ -6,6 +6,7 @@ tensor or a wrong shape fails with the tensor's name instead of producing a brok
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from normtool.errors import NormtoolError
@@ -45,9 +46,12 @@ class GraphBuilder:
         slice: tuple[int, int, int] | None = None,
         transpose: bool = False,
         squeeze: bool = False,
+        reshape: tuple[int, ...] | None = None,
     ) -> str:
         """Declare graph tensor ``name`` as a view of checkpoint tensor ``key``; ``squeeze``
-        drops size-1 axes (stored ``[1, P, d]`` tables and ``[1, C, 1, 1]`` statistics)."""
+        drops size-1 axes (stored ``[1, P, d]`` tables and ``[1, C, 1, 1]`` statistics);
+        ``reshape`` reads it in another shape of the same size (a ``Linear`` weight ``[O, I]``
+        as the 1×1 conv ``[O, I, 1, 1]`` it computes on image maps)."""
         if key not in self.ck:
             raise NormtoolError(f"expected tensor {key!r} is missing", self.ck.path)
         shape = list(self.ck.shape(key))
@@ -62,7 +66,14 @@ class GraphBuilder:
             if len(shape) != 2:
                 raise NormtoolError(f"tensor {key!r} should be 2-D", self.ck.path)
             shape.reverse()
-        reshape = None
+        if reshape is not None:
+            if math.prod(reshape) != math.prod(shape):
+                raise NormtoolError(
+                    f"tensor {key!r} has shape {tuple(shape)}: expected {math.prod(reshape)} "
+                    f"values (read as {reshape})",
+                    self.ck.path,
+                )
+            shape = list(reshape)
         if squeeze and 1 in shape:
             shape = [s for s in shape if s != 1]
             reshape = tuple(shape)

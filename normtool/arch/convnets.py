@@ -33,6 +33,58 @@ HF_BN_EPS = 1e-5
 DEFAULT_IMAGE_SIZE = 224
 
 
+def conv(
+    b: GraphBuilder,
+    x: str,
+    spaces: tuple[str, str],
+    name: str,
+    key: str,
+    stride: int,
+    padding: int | None = None,
+    bias: str | None = None,
+    reshape: tuple[int, ...] | None = None,
+    ws: dict | None = None,
+) -> str:
+    """Add a ``conv2d`` (``ws_conv2d`` with ``ws``: ``variant``, ``eps``) named ``name`` from
+    ``spaces`` ``(in, out)``, weight ``<key>.weight`` (read as ``reshape`` if given), bias the
+    checkpoint key ``bias``; returns its output.
+
+    ``padding`` None: "same" padding of an odd kernel. The group count is the input width over
+    the weight's input channels, so a depthwise conv needs no flag; the out space is created
+    from the weight's shape (a depthwise conv may write into its input's space).
+    """
+    in_space, out_space = spaces
+    wkey = f"{key}.weight"
+    if wkey not in b.ck:
+        raise NormtoolError(f"expected tensor {wkey!r} is missing", b.ck.path)
+    shape = reshape or b.ck.shape(wkey)
+    if len(shape) != 4 or shape[2] != shape[3] or (padding is None and shape[2] % 2 == 0):
+        kind = "square conv kernel" if padding is not None else "square odd-sized conv kernel"
+        raise NormtoolError(f"tensor {wkey!r} has shape {shape}: expected a {kind}", b.ck.path)
+    width = b.spaces[in_space].size
+    if width % shape[1]:
+        raise NormtoolError(
+            f"tensor {wkey!r} has shape {shape}: {shape[1]} input channels per group do not "
+            f"divide the {width} channels it reads",
+            b.ck.path,
+        )
+    groups = width // shape[1]
+    b.space(out_space, shape[0], "channels")
+    axes = (out_space, in_space if groups == 1 else None, None, None)
+    params = {"weight": b.tensor(f"{name}.weight", wkey, axes, reshape=reshape)}
+    if bias is not None:
+        params["bias"] = b.tensor(f"{name}.bias", bias, (out_space,))
+    attrs: dict = {"stride": stride, "padding": shape[2] // 2 if padding is None else padding}
+    if groups > 1:
+        attrs["groups"] = groups
+    if ws is not None:
+        problem = ws_problem(ws["variant"], ws["eps"], shape[1] * shape[2] * shape[3])
+        if problem:
+            raise NormtoolError(f"{name}: {problem}", b.ck.path)
+        attrs.update(variant=ws["variant"], eps=float(ws["eps"]))
+    return b.op("ws_conv2d" if ws else "conv2d", name, [x], out_space, params, **attrs)
+
+
 def conv_bn(
     b: GraphBuilder,
     x: str,
@@ -45,38 +97,19 @@ def conv_bn(
     conv_bias: str | None = None,
     ws: dict | None = None,
 ) -> str:
-    """Add ``conv2d`` (same padding, ``stride``) then ``batchnorm``; returns the BN's output.
+    """Add ``conv`` (same padding, ``stride``) then ``batchnorm``; returns the BN's output.
 
     ``names`` are the graph names of the conv and BN ops (their tensors are ``<name>.<role>``);
     ``keys`` are the checkpoint prefixes of the conv weight and the BN tensors; ``conv_bias`` the
     checkpoint key of a conv bias, if any; ``ws`` (``variant``, ``eps``) makes the conv a
-    ``ws_conv2d``. The out space is created from the conv weight's shape.
+    ``ws_conv2d``.
     """
-    conv, bn = names
-    wkey = f"{keys[0]}.weight"
-    if wkey not in b.ck:
-        raise NormtoolError(f"expected tensor {wkey!r} is missing", b.ck.path)
-    shape = b.ck.shape(wkey)
-    if len(shape) != 4 or shape[2] != shape[3] or shape[2] % 2 == 0:
-        raise NormtoolError(
-            f"tensor {wkey!r} has shape {shape}: expected a square odd-sized conv kernel", b.ck.path
-        )
-    b.space(out_space, shape[0], "channels")
-    params = {"weight": b.tensor(f"{conv}.weight", wkey, (out_space, in_space, None, None))}
-    if conv_bias is not None:
-        params["bias"] = b.tensor(f"{conv}.bias", conv_bias, (out_space,))
-    attrs: dict = {"stride": stride, "padding": shape[2] // 2}
-    if ws is not None:
-        problem = ws_problem(ws["variant"], ws["eps"], shape[1] * shape[2] * shape[3])
-        if problem:
-            raise NormtoolError(f"{conv}: {problem}", b.ck.path)
-        attrs.update(variant=ws["variant"], eps=float(ws["eps"]))
-    x = b.op("ws_conv2d" if ws else "conv2d", conv, [x], out_space, params, **attrs)
-    bn_params = {r: b.tensor(f"{bn}.{r}", f"{keys[1]}.{r}", (out_space,)) for r in BN_ROLES}
-    return b.op("batchnorm", bn, [x], out_space, bn_params, eps=eps)
+    x = conv(b, x, (in_space, out_space), names[0], keys[0], stride, bias=conv_bias, ws=ws)
+    bn_params = {r: b.tensor(f"{names[1]}.{r}", f"{keys[1]}.{r}", (out_space,)) for r in BN_ROLES}
+    return b.op("batchnorm", names[1], [x], out_space, bn_params, eps=eps)
 
 
-def _head(b: GraphBuilder, x: str, in_space: str, key: str) -> str:
+def linear_head(b: GraphBuilder, x: str, in_space: str, key: str) -> str:
     """The classifier: op ``logits`` (the graph's first output) with tensors ``head.*``."""
     n = b.ck.shape(f"{key}.weight")[0]
     out = b.space("logits", n, "output")
@@ -132,7 +165,7 @@ def build_cnn(ck: Checkpoint, opts: BuildOptions) -> Graph:
         x = b.op("act", f"{p}.act", [x], out, fn="relu")
         space = out
     x = b.op("global_avgpool", "pool", [x], space)
-    return b.build([_head(b, x, space, "head")])
+    return b.build([linear_head(b, x, space, "head")])
 
 
 # ---- Hugging Face ResNet -------------------------------------------------------------------
@@ -226,7 +259,7 @@ def build_resnet(ck: Checkpoint, opts: BuildOptions) -> Graph:
             x = b.op("act", f"{name}.act", [x], resid, fn=act)
             space = resid
     x = b.op("global_avgpool", "pool", [x], space)
-    return b.build([_head(b, x, space, "classifier.1")])
+    return b.build([linear_head(b, x, space, "classifier.1")])
 
 
 CNN_FAMILY = Family(

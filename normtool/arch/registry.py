@@ -6,7 +6,7 @@ one place and checked by a test.
 
 from __future__ import annotations
 
-from normtool.arch import convnets, mlp, transformer
+from normtool.arch import convnets, convnext, mlp, torch_cnns, transformer
 from normtool.arch.family import BuildOptions, Family
 from normtool.errors import NormtoolError
 from normtool.graph import Graph
@@ -15,6 +15,9 @@ from normtool.io.store import Checkpoint
 FAMILIES: list[Family] = [
     convnets.CNN_FAMILY,
     convnets.RESNET_FAMILY,
+    torch_cnns.RESNET_FAMILY,
+    torch_cnns.MOBILENET_V2_FAMILY,
+    convnext.FAMILY,
     mlp.FAMILY,
     *transformer.FAMILIES,
 ]

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from safetensors import safe_open
 
+from normtool.analysis import size_free
 from normtool.errors import NormtoolError
 from normtool.graph import Graph
 from normtool.io import reads
@@ -53,8 +54,9 @@ def load_data(
         raise NormtoolError(
             f"'inputs' has shape {tuple(x.shape)}; the model takes {list(spec.shape)}", path
         )
+    free = (2, 3) if size_free(graph, spec) else ()  # a CNN's image: any height and width
     for ax, d in enumerate(spec.shape):
-        if isinstance(d, int) and x.shape[ax] != d:
+        if isinstance(d, int) and x.shape[ax] != d and ax not in free:
             raise NormtoolError(
                 f"'inputs' has shape {tuple(x.shape)}; the model takes {list(spec.shape)}", path
             )

@@ -175,7 +175,11 @@ def _nothing_foldable(graph: Graph) -> str | None:
         return None
     kinds = Counter(o.kind for o in graph.ops if SPECS[o.kind].norm)
     has = ", ".join(f"{k} ×{n}" for k, n in kinds.items()) or "none"
-    also = "; convert-ln-to-rms handles LayerNorm" if "layernorm" in kinds else ""
+    also = ""
+    if "layernorm2d" in kinds:
+        also = "; LayerNorm over channels uses each pixel's own statistics, no fixed affine map"
+    elif "layernorm" in kinds:
+        also = "; convert-ln-to-rms handles LayerNorm"
     return f"no UN, PowerNorm, BatchNorm or WS conv (norms: {has}{also})"
 
 

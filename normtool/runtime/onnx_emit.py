@@ -5,7 +5,8 @@ kind has one small emitter (``_<kind>``, bound to ``normtool.opspec.SPECS`` on i
 forms ONNX Runtime runs fastest are chosen on purpose and nothing falls back silently.
 
 Forms (all exact rewrites of the op table's semantics):
-* layernorm → ``LayerNormalization`` (stash_type 1: statistics in fp32 even for fp16 activations).
+* layernorm → ``LayerNormalization`` (stash_type 1: statistics in fp32 even for fp16 activations);
+  layernorm2d → the same between two ``Transpose`` (channels last, then back).
 * rmsnorm → ``RMSNormalization`` at opset ≥ 23; below, ``Pow → ReduceMean → Add → Sqrt → Div →
   Mul(scale)``, the pattern ORT fuses into ``SimplifiedLayerNormalization`` (a weightless norm gets
   a ones scale so the pattern, and the fusion, stay complete).
@@ -49,6 +50,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from normtool import __version__
+from normtool.analysis import size_free
 from normtool.errors import NormtoolError
 from normtool.graph import Graph, InputSpec, Op, rotary_dims
 from normtool.nn.ws_conv import standardize_weight
@@ -407,6 +409,13 @@ def _layernorm(em: _Emitter, op: Op, xs: list[str], p: dict[str, str]) -> str:
     )
 
 
+def _layernorm2d(em: _Emitter, op: Op, xs: list[str], p: dict[str, str]) -> str:
+    """NCHW → NHWC, ``LayerNormalization`` over the last axis, back to NCHW (ONNX normalises
+    over all axes from ``axis`` on, so the channels must come last)."""
+    nhwc = em.node("Transpose", xs, perm=[0, 2, 3, 1])
+    return em.node("Transpose", [_layernorm(em, op, [nhwc], p)], perm=[0, 3, 1, 2])
+
+
 def _rmsnorm(em: _Emitter, op: Op, xs: list[str], p: dict[str, str]) -> str:
     scale = em.weight(p["weight"]) if "weight" in p else em.ones(_width(em, op))
     return em.rms(xs[0], op.attrs["eps"], scale)
@@ -508,6 +517,8 @@ def _act(em: _Emitter, op: Op, xs: list[str], p: dict[str, str]) -> str:
         return em.node("Mul", [x, em.node("Sigmoid", [x])])
     if fn == "quick_gelu":
         return em.node("Mul", [x, em.node("Sigmoid", [em.node("Mul", [x, em.scalar(1.702)])])])
+    if fn == "relu6":
+        return em.node("Clip", [x, em.scalar(0.0), em.scalar(6.0)])
     op_type = {"relu": "Relu", "tanh": "Tanh"}.get(fn)
     if op_type is None:
         raise NormtoolError(f"op {op.name!r}: activation {fn!r} cannot be exported")
@@ -695,21 +706,6 @@ EMITTERS: dict[str, Emit] = implementations(globals(), "ONNX emitter")
 # ---- the model ----------------------------------------------------------------------------
 def _input_type(spec: InputSpec, act: int) -> int:
     return TensorProto.INT64 if spec.kind == "tokens" else act
-
-
-def size_free(graph: Graph, spec: InputSpec) -> bool:
-    """Whether image input ``spec`` can take any height and width: everything reading its
-    feature maps is a size-free op (``OpSpec.size_free``) or the global pooling that ends them."""
-    if spec.kind != "pixels" or len(spec.shape) != 4:
-        return False
-    maps = {spec.name}
-    for op in graph.ops:
-        if not maps.intersection(op.inputs) or op.kind == "global_avgpool":
-            continue
-        if not SPECS[op.kind].size_free:
-            return False
-        maps.add(op.output)
-    return not maps.intersection(graph.outputs)
 
 
 def _input_dims(graph: Graph, spec: InputSpec) -> list[int | str]:

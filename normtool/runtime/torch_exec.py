@@ -62,6 +62,11 @@ def _layernorm(op: Op, xs, p):
     return y
 
 
+def _layernorm2d(op: Op, xs, p):
+    """``layernorm`` over the channel axis of a ``[B, C, H, W]`` map, each pixel on its own."""
+    return _per_channel(lambda z: _layernorm(op, [z], p))(xs[0])
+
+
 def _rms(x: torch.Tensor, eps: float) -> torch.Tensor:
     xf = _stat_dtype(x)
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
@@ -138,6 +143,7 @@ def _ws_conv2d(op: Op, xs, p):
 
 ACT_FNS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "relu": F.relu,
+    "relu6": F.relu6,
     "gelu": F.gelu,
     "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
     "tanh": torch.tanh,
