@@ -9,13 +9,21 @@ ConvNeXt's MLP as ``Linear`` layers on channels-last maps, as timm does, not as 
 convs normtool's graph uses. ``eps`` defaults are the libraries' (BatchNorm 1e-5, timm's
 ConvNeXt LayerNorm 1e-6).
 
-Sizes are the tests': tiny widths, one or two blocks per stage, 32×32 images.
+Sizes are the tests': tiny widths, one or two blocks per stage, 32×32 images. ``FAMILIES``
+maps each normtool family to its state dict maker and forward; ``save`` writes a dict as
+``.safetensors`` or a ``.pt``/``.pth`` pickle, ``save_timm_folder`` as a Hugging Face hub
+folder of a timm model (``config.json`` with ``architecture`` and ``pretrained_cfg``).
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 
 SD = dict[str, torch.Tensor]
 #: torchvision's MobileNetV2 groups: blocks per group and the group's first stride.
@@ -95,7 +103,12 @@ def resnet_state_dict(
     return m.sd
 
 
-def _bn(x: torch.Tensor, sd: SD, key: str, eps: float) -> torch.Tensor:
+def _bn(
+    x: torch.Tensor, sd: SD, key: str, eps: float, seen: dict[str, torch.Tensor] | None
+) -> torch.Tensor:
+    """Inference BatchNorm ``key``; ``seen`` (if given) records its input under ``key``."""
+    if seen is not None:
+        seen[key] = x
     return F.batch_norm(
         x,
         sd[f"{key}.running_mean"],
@@ -107,10 +120,11 @@ def _bn(x: torch.Tensor, sd: SD, key: str, eps: float) -> torch.Tensor:
     )
 
 
-def resnet_forward(sd: SD, x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """torchvision's ``ResNet.forward`` (timm's ``resnet*`` computes the same)."""
+def resnet_forward(sd: SD, x: torch.Tensor, eps: float = 1e-5, seen: dict | None = None):
+    """torchvision's ``ResNet.forward`` (timm's ``resnet*`` computes the same); ``seen``
+    receives every BatchNorm's input."""
     sd = {k: v.to(x.dtype) for k, v in sd.items() if v.is_floating_point()}
-    x = F.relu(_bn(F.conv2d(x, sd["conv1.weight"], stride=2, padding=3), sd, "bn1", eps))
+    x = F.relu(_bn(F.conv2d(x, sd["conv1.weight"], stride=2, padding=3), sd, "bn1", eps, seen))
     x = F.max_pool2d(x, 3, 2, 1)
     s = 1
     while f"layer{s}.0.conv1.weight" in sd:
@@ -122,15 +136,14 @@ def resnet_forward(sd: SD, x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
             for j in range(1, n + 1):
                 w = sd[f"{key}.conv{j}.weight"]
                 st = stride if (j == 2 if n == 3 else j == 1) else 1
-                h = _bn(
-                    F.conv2d(h, w, stride=st, padding=w.shape[-1] // 2), sd, f"{key}.bn{j}", eps
-                )
+                h = F.conv2d(h, w, stride=st, padding=w.shape[-1] // 2)
+                h = _bn(h, sd, f"{key}.bn{j}", eps, seen)
                 if j < n:
                     h = F.relu(h)
             skip = x
             if f"{key}.downsample.0.weight" in sd:
                 skip = F.conv2d(x, sd[f"{key}.downsample.0.weight"], stride=stride)
-                skip = _bn(skip, sd, f"{key}.downsample.1", eps)
+                skip = _bn(skip, sd, f"{key}.downsample.1", eps, seen)
             x = F.relu(h + skip)
             i += 1
         s += 1
@@ -174,8 +187,9 @@ def mobilenet_v2_state_dict(
     return m.sd
 
 
-def mobilenet_v2_forward(sd: SD, x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
-    """torchvision's ``MobileNetV2.forward`` (inverted residuals, ReLU6, depthwise 3×3)."""
+def mobilenet_v2_forward(sd: SD, x: torch.Tensor, eps: float = 1e-5, seen: dict | None = None):
+    """torchvision's ``MobileNetV2.forward`` (inverted residuals, ReLU6, depthwise 3×3);
+    ``seen`` receives every BatchNorm's input."""
     sd = {k: v.to(x.dtype) for k, v in sd.items() if v.is_floating_point()}
 
     def conv(h: torch.Tensor, key: str, stride: int) -> torch.Tensor:
@@ -184,19 +198,19 @@ def mobilenet_v2_forward(sd: SD, x: torch.Tensor, eps: float = 1e-5) -> torch.Te
         groups = h.shape[1] // w.shape[1]
         return F.conv2d(h, w, stride=stride, padding=w.shape[-1] // 2, groups=groups)
 
-    x = F.relu6(_bn(conv(x, "features.0", 2), sd, "features.0.1", eps))
+    x = F.relu6(_bn(conv(x, "features.0", 2), sd, "features.0.1", eps, seen))
     strides = [s if k == 0 else 1 for n, s in MOBILENET_V2_GROUPS for k in range(n)]
     for i, stride in enumerate(strides, start=1):
         p = f"features.{i}.conv"
         h, j = x, 0
         if f"{p}.3.weight" in sd:
-            h = F.relu6(_bn(conv(h, f"{p}.0", 1), sd, f"{p}.0.1", eps))
+            h = F.relu6(_bn(conv(h, f"{p}.0", 1), sd, f"{p}.0.1", eps, seen))
             j = 1
-        h = F.relu6(_bn(conv(h, f"{p}.{j}", stride), sd, f"{p}.{j}.1", eps))
-        h = _bn(F.conv2d(h, sd[f"{p}.{j + 1}.weight"]), sd, f"{p}.{j + 2}", eps)
+        h = F.relu6(_bn(conv(h, f"{p}.{j}", stride), sd, f"{p}.{j}.1", eps, seen))
+        h = _bn(F.conv2d(h, sd[f"{p}.{j + 1}.weight"]), sd, f"{p}.{j + 2}", eps, seen)
         x = x + h if stride == 1 and h.shape[1] == x.shape[1] else h
     n = len(strides) + 1
-    x = F.relu6(_bn(F.conv2d(x, sd[f"features.{n}.0.weight"]), sd, f"features.{n}.1", eps))
+    x = F.relu6(_bn(F.conv2d(x, sd[f"features.{n}.0.weight"]), sd, f"features.{n}.1", eps, seen))
     return F.linear(x.mean((2, 3)), sd["classifier.1.weight"], sd["classifier.1.bias"])
 
 
@@ -279,3 +293,39 @@ def convnext_forward(sd: SD, x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor
         x = x.mean((2, 3))
         x = F.layer_norm(x, (x.shape[1],), sd["head.norm.weight"], sd["head.norm.bias"], eps)
     return F.linear(x, sd["head.fc.weight"], sd["head.fc.bias"])
+
+
+#: normtool family → (state dict maker, reference forward).
+FAMILIES: dict[str, tuple[Callable[..., SD], Callable[..., torch.Tensor]]] = {
+    "timm_resnet": (resnet_state_dict, resnet_forward),
+    "tv_mobilenet_v2": (mobilenet_v2_state_dict, mobilenet_v2_forward),
+    "timm_convnext": (convnext_state_dict, convnext_forward),
+}
+
+
+def save(sd: SD, path: Path) -> Path:
+    """``sd`` as ``.safetensors``, or pickled with ``torch.save`` for any other suffix."""
+    if path.suffix == ".safetensors":
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+    else:
+        torch.save(sd, path)
+    return path
+
+
+def make(family: str, dir: Path, name: str | None = None, **kw) -> Path:
+    """``FAMILIES[family]``'s state dict (``kw`` to its maker) saved as ``<name>.safetensors``."""
+    dir.mkdir(parents=True, exist_ok=True)
+    return save(FAMILIES[family][0](**kw), dir / f"{name or family}.safetensors")
+
+
+def save_timm_folder(sd: SD, folder: Path, architecture: str, input_size: int) -> Path:
+    """A Hugging Face hub folder as timm writes one: ``config.json`` + ``model.safetensors``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = {
+        "architecture": architecture,
+        "num_classes": 5,
+        "pretrained_cfg": {"input_size": [3, input_size, input_size], "crop_pct": 0.875},
+    }
+    (folder / "config.json").write_text(json.dumps(cfg))
+    save(sd, folder / "model.safetensors")
+    return folder

@@ -21,6 +21,7 @@ import torch
 
 from devkit import factories as fh
 from devkit import factories as fr
+from devkit import torch_cnns as tc
 from devkit.proc import run_cli
 from normtool.errors import CheckFailed, DeviceUnavailable, NormtoolError
 from normtool.export import default_opset, export_model
@@ -53,6 +54,7 @@ FAMILIES = {
     "cnn": lambda d: fr.make_cnn(d),
     "cnn_ws": lambda d: fr.make_cnn(d, name="cnn_ws", weight_standardization="std"),
     "resnet": lambda d: fr.make_resnet(d),
+    **{f: (lambda d, f=f: tc.make(f, d)) for f in tc.FAMILIES},
     "ref_post_par": lambda d: fr.make_reference_transformer(d, placement="post", parallel=True),
     **{
         f"ref_{n}": (lambda d, n=n: fr.make_reference_transformer(d, norm=n))
@@ -60,7 +62,15 @@ FAMILIES = {
     },
 }
 #: families also exported at the lowest opset (norm and GELU decompositions instead of ops)
-LOW_OPSET = ("gpt2", "ref_rmsnorm", "ref_crmsnorm", "ref_powernorm", "vit", "resnet")
+LOW_OPSET = (
+    "gpt2",
+    "ref_rmsnorm",
+    "ref_crmsnorm",
+    "ref_powernorm",
+    "vit",
+    "resnet",
+    "timm_convnext",
+)
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +121,7 @@ def test_every_op_kind_is_exercised_here(checkpoint, tmp_path):
     kinds = {op.kind for g in graphs for op in g.ops}
     assert kinds == set(SPECS)
     acts = {op.attrs["fn"] for g in graphs for op in g.ops_of("act")}
-    assert acts == {"relu", "gelu", "gelu_tanh", "tanh", "silu", "quick_gelu"}
+    assert acts == {"relu", "relu6", "gelu", "gelu_tanh", "tanh", "silu", "quick_gelu"}
 
 
 # ---- every family: ORT (CPU) equals the executor -----------------------------------------------
@@ -142,8 +152,14 @@ def test_family_fp16_within_fp16_tolerance(family, checkpoint, tmp_path):
     assert big and all(t.data_type == onnx.TensorProto.FLOAT16 for t in big)
     sess = create_session(out, "cpu")
     for batch, seq in _shapes(model.graph):
-        err, scale, _, _ = _max_err(sess, model.graph, model.weights(), batch, seq)
-        assert err <= RTOL_FP16 * max(1.0, scale), (family, batch, seq, err, scale)
+        err, scale, want, _ = _max_err(sess, model.graph, model.weights(), batch, seq)
+        # a deep net (MobileNetV2: 52 convs) loses more than that to fp16 in any runtime: the
+        # export may then be as far off as twice the executor's own fp16 run
+        x = random_inputs(model.graph, batch, seq, seed=batch * 100 + seq)
+        own = run_graph(model.graph, model.weights(), x, dtype=torch.float16)["logits"]
+        own_err = (own.float() - want["logits"]).abs().max().item()
+        bar = max(RTOL_FP16 * max(1.0, scale), 2 * own_err)
+        assert err <= bar, (family, batch, seq, err, scale, own_err)
 
 
 def test_tied_lm_head_is_stored_once(checkpoint, tmp_path):

@@ -20,6 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from devkit import factories as fh
 from devkit import factories as fr
+from devkit import torch_cnns as tc
 from normtool.cli import main
 from normtool.inputs import max_seq, random_inputs
 from normtool.load import HISTORY_KEY, load_model
@@ -71,6 +72,7 @@ FACTORIES = {
     "normtool_cnn": (lambda d: fr.make_cnn(d), {}),
     "resnet_basic": (lambda d: fr.make_resnet(d), {}),
     "resnet_bottleneck": (lambda d: fr.make_resnet(d, layer_type="bottleneck"), {}),
+    **{f: (lambda d, f=f: tc.make(f, d), {}) for f in tc.FAMILIES},
 }
 
 
@@ -130,7 +132,9 @@ def test_head_groups_are_whole_heads(family_path):
     assert _rel_err(run_graph(g, w, x), run_graph(g, permute_weights(g, w, bad), x)) > 1e-3
 
 
-@pytest.mark.parametrize("family", ["mlp", "gpt2", "resnet_basic"])
+@pytest.mark.parametrize(
+    "family", ["mlp", "gpt2", "resnet_basic", "tv_mobilenet_v2", "timm_convnext"]
+)
 def test_weight_matching_recovers_known_permutation(family, family_path):
     path, kw = family_path(family)
     model = load_model(path, **kw)
