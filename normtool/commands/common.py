@@ -49,8 +49,8 @@ EpsOpt = Annotated[
     float | None,
     typer.Option(
         "--eps",
-        help="Norm eps, where the checkpoint lacks it (timm-style ViT; default: the family's, "
-        "stated as an assumption).",
+        help="Norm eps, where the checkpoint lacks it (timm-style ViT, timm/torchvision CNN "
+        "state dicts; default: the family's, stated as an assumption).",
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
