@@ -23,23 +23,19 @@ eps is not stored: timm's 1e-6 for every ConvNeXt LayerNorm, stated as an assump
 from __future__ import annotations
 
 from normtool.arch.builder import GraphBuilder
-from normtool.arch.convnets import conv, linear_head
+from normtool.arch.convnets import conv
 from normtool.arch.family import BuildOptions, Family
-from normtool.arch.state_dicts import config_fits, image_size, require_all_used, stated_eps
+from normtool.arch.state_dicts import classify, config_fits, image_input, key_prefix, stated_eps
 from normtool.errors import NormtoolError
-from normtool.graph import Graph, InputSpec
+from normtool.graph import Graph
 from normtool.io.store import Checkpoint
 
 #: timm's ConvNeXt LayerNorm eps (``LayerNorm2d`` and ``LayerNorm`` defaults).
 TIMM_CONVNEXT_EPS = 1e-6
-_PREFIXES = ("", "module.")
 
 
 def _prefix(ck: Checkpoint) -> str | None:
-    for p in _PREFIXES:
-        if f"{p}stem.0.weight" in ck and f"{p}stages.0.blocks.0.conv_dw.weight" in ck:
-            return p
-    return None
+    return key_prefix(ck, "stem.0.weight", "stages.0.blocks.0.conv_dw.weight")
 
 
 def detect(ck: Checkpoint) -> bool:
@@ -96,10 +92,7 @@ def build(ck: Checkpoint, opts: BuildOptions) -> Graph:
         )
     eps = stated_eps(opts, "LayerNorm eps", TIMM_CONVNEXT_EPS, "timm's ConvNeXt default")
     b = GraphBuilder("timm_convnext", ck)
-    c_in = ck.shape(f"{p}stem.0.weight")[1]
-    size = image_size(ck)
-    space = b.space("pixels", c_in, "input")
-    x = b.input(InputSpec("pixel_values", "pixels", ("batch", c_in, size, size)), space)
+    x, space = image_input(b, f"{p}stem.0.weight")
     patch = ck.shape(f"{p}stem.0.weight")[-1]
     x = conv(b, x, (space, "stages.0"), "stem.0", f"{p}stem.0", patch, 0, _bias(b, f"{p}stem.0"))
     space = "stages.0"
@@ -121,16 +114,14 @@ def build(ck: Checkpoint, opts: BuildOptions) -> Graph:
             i += 1
         depths.append(i)
         s += 1
-    b.info.update(depths=depths, image_size=size)
+    b.info["depths"] = depths
     if f"{p}norm_pre.weight" in ck:  # head_norm_first: norm, then pool
         x = _norm(b, x, space, "norm_pre", f"{p}norm_pre", "layernorm2d", eps)
         x = b.op("global_avgpool", "pool", [x], space)
     else:
         x = b.op("global_avgpool", "pool", [x], space)
         x = _norm(b, x, space, "head.norm", f"{p}head.norm", "layernorm", eps)
-    out = linear_head(b, x, space, f"{p}head.fc")
-    require_all_used(b, "ConvNeXt")
-    return b.build([out])
+    return classify(b, x, space, f"{p}head.fc", "ConvNeXt")
 
 
 FAMILY = Family(

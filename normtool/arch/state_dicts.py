@@ -12,14 +12,26 @@ from __future__ import annotations
 import math
 
 from normtool.arch.builder import GraphBuilder
+from normtool.arch.convnets import linear_head
 from normtool.arch.family import BuildOptions
 from normtool.errors import NormtoolError
+from normtool.graph import Graph, InputSpec
 from normtool.io.store import Checkpoint
 
 #: ImageNet's training size, used by verify and bench unless a timm config gives its own.
 DEFAULT_IMAGE_SIZE = 224
 #: Buffers a state dict keeps that no inference computation reads.
 UNUSED_SUFFIXES = (".num_batches_tracked",)
+#: Key prefixes of the same layout: none, or ``DataParallel``'s ``module.``.
+PREFIXES = ("", "module.")
+
+
+def key_prefix(ck: Checkpoint, *keys: str) -> str | None:
+    """The prefix under which ``ck`` holds all of ``keys`` (None: it does not)."""
+    for p in PREFIXES:
+        if all(f"{p}{k}" in ck for k in keys):
+            return p
+    return None
 
 
 def timm_architecture(ck: Checkpoint) -> str | None:
@@ -53,6 +65,16 @@ def image_size(ck: Checkpoint) -> int:
     return DEFAULT_IMAGE_SIZE
 
 
+def image_input(b: GraphBuilder, stem_key: str) -> tuple[str, str]:
+    """The ``pixel_values`` input (channels from the stem conv ``stem_key``, square size from
+    ``image_size``) and its space."""
+    c_in = b.ck.shape(stem_key)[1]
+    size = image_size(b.ck)
+    b.info["image_size"] = size
+    space = b.space("pixels", c_in, "input")
+    return b.input(InputSpec("pixel_values", "pixels", ("batch", c_in, size, size)), space), space
+
+
 def stated_eps(opts: BuildOptions, what: str, value: float, why: str) -> float:
     """A norm eps a state dict does not record: ``--eps`` where given (finite, above 0), else
     ``value``, recorded as an assumption."""
@@ -81,3 +103,11 @@ def require_all_used(b: GraphBuilder, family: str) -> None:
             "(a variant normtool does not know)",
             b.ck.path,
         )
+
+
+def classify(b: GraphBuilder, x: str, space: str, head_key: str, family: str) -> Graph:
+    """The graph ending in the linear classifier ``head_key`` on ``x``, once every stored
+    tensor is known to be read (``require_all_used``)."""
+    out = linear_head(b, x, space, head_key)
+    require_all_used(b, family)
+    return b.build([out])

@@ -25,44 +25,27 @@ BatchNorm eps is not stored: ``nn.BatchNorm2d``'s 1e-5, stated as an assumption 
 from __future__ import annotations
 
 from normtool.arch.builder import GraphBuilder
-from normtool.arch.convnets import conv_bn, linear_head
+from normtool.arch.convnets import conv_bn
 from normtool.arch.family import BuildOptions, Family
-from normtool.arch.state_dicts import (
-    config_fits,
-    image_size,
-    require_all_used,
-    stated_eps,
-)
+from normtool.arch.state_dicts import classify, config_fits, image_input, key_prefix, stated_eps
 from normtool.errors import NormtoolError
-from normtool.graph import Graph, InputSpec
+from normtool.graph import Graph
 from normtool.io.store import Checkpoint
 
 #: nn.BatchNorm2d's default eps, which timm's and torchvision's CNNs keep.
 TORCH_BN_EPS = 1e-5
 _BN_WHY = "nn.BatchNorm2d's default, which timm and torchvision keep"
-_PREFIXES = ("", "module.")
 
 
 def _bn_eps(opts: BuildOptions) -> float:
     return stated_eps(opts, "BatchNorm eps", TORCH_BN_EPS, _BN_WHY)
 
 
-def _image_input(b: GraphBuilder, ck: Checkpoint, stem_key: str) -> tuple[str, str]:
-    c_in = ck.shape(stem_key)[1]
-    size = image_size(ck)
-    b.info["image_size"] = size
-    space = b.space("pixels", c_in, "input")
-    return b.input(InputSpec("pixel_values", "pixels", ("batch", c_in, size, size)), space), space
-
-
 # ---- ResNet --------------------------------------------------------------------------------
 
 
 def _resnet_prefix(ck: Checkpoint) -> str | None:
-    for p in _PREFIXES:
-        if f"{p}layer1.0.conv1.weight" in ck and f"{p}fc.weight" in ck:
-            return p
-    return None
+    return key_prefix(ck, "layer1.0.conv1.weight", "fc.weight")
 
 
 def detect_resnet(ck: Checkpoint) -> bool:
@@ -122,7 +105,7 @@ def build_resnet(ck: Checkpoint, opts: BuildOptions) -> Graph:
         )
     eps = _bn_eps(opts)
     b = GraphBuilder("timm_resnet", ck)
-    x, space = _image_input(b, ck, f"{p}conv1.weight")
+    x, space = image_input(b, f"{p}conv1.weight")
     x = conv_bn(b, x, space, "stem", ("conv1", "bn1"), (f"{p}conv1", f"{p}bn1"), 2, eps)
     space = "stem"
     x = b.op("act", "act1", [x], space, fn="relu")
@@ -139,9 +122,7 @@ def build_resnet(ck: Checkpoint, opts: BuildOptions) -> Graph:
     bottleneck = f"{p}layer1.0.conv3.weight" in ck
     b.info.update(layer_type="bottleneck" if bottleneck else "basic", depths=depths)
     x = b.op("global_avgpool", "pool", [x], space)
-    out = linear_head(b, x, space, f"{p}fc")
-    require_all_used(b, "ResNet")
-    return b.build([out])
+    return classify(b, x, space, f"{p}fc", "ResNet")
 
 
 # ---- MobileNetV2 ---------------------------------------------------------------------------
@@ -151,10 +132,7 @@ MOBILENET_V2_GROUPS = ((1, 1), (2, 2), (3, 2), (4, 2), (3, 1), (3, 2), (1, 1))
 
 
 def _mobilenet_prefix(ck: Checkpoint) -> str | None:
-    for p in _PREFIXES:
-        if f"{p}features.1.conv.0.0.weight" in ck and f"{p}classifier.1.weight" in ck:
-            return p
-    return None
+    return key_prefix(ck, "features.1.conv.0.0.weight", "classifier.1.weight")
 
 
 def detect_mobilenet_v2(ck: Checkpoint) -> bool:
@@ -214,7 +192,7 @@ def build_mobilenet_v2(ck: Checkpoint, opts: BuildOptions) -> Graph:
         )
     eps = _bn_eps(opts)
     b = GraphBuilder("tv_mobilenet_v2", ck)
-    x, space = _image_input(b, ck, f"{p}features.0.0.weight")
+    x, space = image_input(b, f"{p}features.0.0.weight")
     names = ("features.0.0", "features.0.1")
     x = conv_bn(b, x, space, "features.0", names, (f"{p}{names[0]}", f"{p}{names[1]}"), 2, eps)
     space = "features.0"
@@ -230,9 +208,7 @@ def build_mobilenet_v2(ck: Checkpoint, opts: BuildOptions) -> Graph:
     space = f"features.{n}"
     x = b.op("act", f"features.{n}.2", [x], space, fn="relu6")
     x = b.op("global_avgpool", "pool", [x], space)
-    out = linear_head(b, x, space, f"{p}classifier.1")
-    require_all_used(b, "MobileNetV2")
-    return b.build([out])
+    return classify(b, x, space, f"{p}classifier.1", "MobileNetV2")
 
 
 RESNET_FAMILY = Family(
