@@ -13,7 +13,8 @@ are far from 1 and 0 and an adapter that ignored one of them would fail its test
 statistics of PowerNorm, UN and BatchNorm are set to random positive values (as after
 training) so that tests exercise them instead of their identity initial values.
 
-Functions: ``make_gpt2 / make_opt / make_vit / make_bert(dir, **config) -> folder`` and
+Functions: ``make_gpt2 / make_opt / make_vit / make_bert(dir, **config) -> folder``,
+``make_decoder(dir, model, **config)`` for the Llama-class decoders, and
 ``load_hf(folder, dtype)`` for the transformers reference; ``gpt2_shapes(**config)`` for
 scripts that stream random GPT-2 weights without building the model; ``make_timm_vit(dir, ...)
 -> file`` and ``load_timm_vit(file, heads)`` for the timm-style reference;
@@ -247,6 +248,36 @@ def make_family(
     config = getattr(transformers, config_cls)(**{**base, **cfg})
     net = getattr(transformers, model or default)(config)
     return _save_hf(net.eval(), out, seed, None)
+
+
+#: A tiny grouped-query decoder: 4 query heads sharing 2 key/value heads, head width 8.
+DECODER_TINY: dict[str, Any] = dict(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=32,
+)
+
+
+def make_decoder(
+    out: Path,
+    model: str = "LlamaForCausalLM",
+    seed: int = 0,
+    save: dict | None = None,
+    **cfg: Any,
+) -> Path:
+    """A Llama-class decoder (``LlamaForCausalLM``, ``MistralModel``, ``Qwen2ForCausalLM``…: the
+    config class is the model class's family); ``cfg`` overrides ``DECODER_TINY``."""
+    import transformers
+
+    family = model.removesuffix("ForCausalLM").removesuffix("Model")
+    config = getattr(transformers, f"{family}Config")(**{**DECODER_TINY, **cfg})
+    torch.manual_seed(seed)
+    net = getattr(transformers, model)(config)
+    return _save_hf(net, out, seed, save)
 
 
 def load_hf(folder: Path, dtype: torch.dtype = torch.float32) -> Any:

@@ -31,6 +31,7 @@ row                weight[R, C]                 x → weight[index] as [1,1,C] (
 patch_embed        weight[C,Cin,p,p], bias?[C]   pixels[B,Cin,H,W] → conv stride p, flatten → [B,N,C]
 cls_concat         token[C]                     x[B,N,C] → [token; x] → [B,N+1,C]
 add                —                            a + b (broadcasting)
+mul                —                            a ⊙ b (gated MLPs: act(gate(x)) ⊙ up(x))
 linear             weight[O,I], bias?[O]        x @ Wᵀ + b
 layernorm          weight?[C], bias?[C]         (x−μ)/√(σ²+eps)·γ+β over the channel axis
 layernorm2d        weight?[C], bias?[C]         layernorm over the channels of each pixel of a
@@ -44,7 +45,10 @@ batchnorm          weight, bias, running_mean,  (x−m)/√(v+eps)·γ+β on the
                    running_var
 affine             scale[C], shift?[C]          x·s + t on the channel axis
 act                —                            fn ∈ relu|relu6|gelu|gelu_tanh|tanh|silu|quick_gelu
-attention          —                            (q,k,v)[B,T,H·D] → softmax(q kᵀ·scale [+causal]) v
+attention          —                            (q,k,v)[B,T,H·D] → softmax(q kᵀ·scale [+causal]) v;
+                                                ``kv_heads`` G < H: k, v are [B,T,G·D] and query
+                                                head h reads kv head h // (H/G) (grouped-query);
+                                                ``window`` W: a query sees keys < W positions back
 select             —                            x[B,T,C] → x[:, index]  ([B,C])
 pick_token         —                            (x[B,T,C], ids[B,T]) → x at each row's first
                                                 ids == eos (eos < 0: first largest id; CLIP)
@@ -57,7 +61,8 @@ loki               d2[K,N]                      logits[B,K] → argmin_y Σ p_i 
 rope               —                            x[B,T,H·D] → each head's first ``fraction``·D dims
                                                 rotated by position (angles t·base^(−2i/r),
                                                 halves paired as in GPT-NeoX/Llama; attrs heads,
-                                                fraction 1.0, base 10000)
+                                                fraction 1.0, base 10000, ``scaling``:
+                                                ``normtool.rotary``)
 =================  ===========================  =====================================================
 """
 
@@ -72,6 +77,7 @@ from typing import Any
 
 from normtool.errors import NormtoolError
 from normtool.opspec import SPECS
+from normtool.rotary import scaling_problem
 
 #: Space kinds. ``input``/``output``/``fixed`` spaces are never permuted by merge.
 SPACE_KINDS = frozenset(
@@ -395,11 +401,14 @@ class Graph:
         if o.kind == "act" and a["fn"] not in ACTIVATIONS:
             return f"unknown activation {a['fn']!r}"
         if o.kind == "attention":
-            widths = (self._width(o.inputs[0]), self._width(o.inputs[2]))
-            if None in widths or not all(self._divides(a["heads"], w) for w in widths):
-                return f"heads {a['heads']!r} is not a positive integer dividing widths {widths}"
+            width = self._width(o.inputs[0])
+            if width is None or not self._divides(a["heads"], width):
+                return f"heads {a['heads']!r} is not a positive integer dividing width {width}"
             if a.get("scale") is not None and not _positive_finite(a["scale"]):
                 return f"scale {a['scale']!r} is not a finite number > 0"
+            return self._kv_heads_problem(o)
+        if o.kind == "mul" and self._width(o.inputs[0]) != self._width(o.inputs[1]):
+            return f"multiplies widths {self._width(o.inputs[0])} and {self._width(o.inputs[1])}"
         if o.kind in ("group_rmsnorm", "powernorm"):
             width = self._width(o.inputs[0])
             if width is None or not self._divides(a["groups"], width):
@@ -415,6 +424,21 @@ class Graph:
             return f"index {a['index']!r}: only 0 (the first token) exists in every input"
         return None
 
+    def _kv_heads_problem(self, o: Op) -> str | None:
+        """Grouped-query attention: ``kv_heads`` divides ``heads`` and the k/v widths, and a
+        query head is as wide as its key head (their dot product)."""
+        heads, kv = o.attrs["heads"], o.attrs.get("kv_heads", o.attrs["heads"])
+        widths = [self._width(v) for v in o.inputs[:3]]
+        if None in widths or not self._divides(kv, heads):
+            return f"kv_heads {kv!r} does not divide heads {heads!r}"
+        if not all(self._divides(kv, w) for w in widths[1:]):
+            return f"kv_heads {kv!r} does not divide the k/v widths {widths[1:]}"
+        if widths[0] // heads != widths[1] // kv:
+            return (
+                f"query heads ({widths[0] // heads} wide) differ from key heads ({widths[1] // kv})"
+            )
+        return None
+
     def _rope_problem(self, o: Op) -> str | None:
         """Rotary dims must be whole (cos, sin) pairs of a head: ``fraction`` of the head width
         rounded down to an even count ≥ 2; ``base`` sets the angles' frequencies."""
@@ -427,7 +451,7 @@ class Graph:
         dims = rotary_dims(width // a["heads"], a.get("fraction", 1.0))
         if a.get("fraction", 1.0) > 1 or dims < 2 or dims % 2:
             return f"fraction {a.get('fraction')!r} gives {dims} rotary dims, not an even count ≥ 2"
-        return None
+        return scaling_problem(a.get("scaling"))
 
     def _table_problem(self, o: Op) -> str | None:
         """An embedding-like op must only read rows its table has: token ids below the vocab,

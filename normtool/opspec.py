@@ -25,7 +25,8 @@ Rank = Callable[[list[int]], int]
 #: What an op pins for merge's permutations (``normtool.merge.groups``): ``groups``: with
 #: ``groups > 1`` it treats channel groups of its input separately; ``grouped_map``: with
 #: ``groups > 1`` it maps channel groups of one space to another; ``input``: its input's channels
-#: have positions of their own (rotary pairs) that no permutation may move.
+#: have positions of their own within each head (rotary pairs): whole heads may move, channels
+#: within a head may not.
 Pins = Literal["", "groups", "grouped_map", "input"]
 
 
@@ -136,6 +137,7 @@ _TABLE = (
     ),
     OpSpec("cls_concat", 1, ("token",), carries_stream=True),
     OpSpec("add", 2, rank=max, carries_stream=True, size_free=True),
+    OpSpec("mul", 2, rank=max, size_free=True),
     OpSpec("linear", 1, ("weight",), ("bias",), writes_stream=True, absorbs_affine=True),
     OpSpec(
         "layernorm",
@@ -207,7 +209,7 @@ _TABLE = (
     ),
     OpSpec("affine", 1, ("scale",), ("shift",), size_free=True),
     OpSpec("act", 1, attrs=("fn",), size_free=True),
-    OpSpec("attention", 3, attrs=("heads",)),
+    OpSpec("attention", 3, attrs=("heads",), int_attrs={"kv_heads": 1, "window": 0}),
     OpSpec(
         "select",
         1,

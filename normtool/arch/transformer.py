@@ -66,6 +66,7 @@ from typing import Any
 from normtool.arch.builder import GraphBuilder
 from normtool.arch.family import BuildOptions, Family
 from normtool.arch.hf_config import activation, model_config
+from normtool.arch.rope_config import rope_attrs
 from normtool.errors import NormtoolError
 from normtool.graph import Graph, InputSpec, Op
 from normtool.io.store import Checkpoint
@@ -85,6 +86,9 @@ ORDER = (
     "bert",
     "distilbert",
     "roberta",
+    "llama",
+    "mistral",
+    "qwen2",
     "timm_vit",
 )
 
@@ -123,12 +127,28 @@ GS_EPS = 1e-5
 @cache
 def layouts() -> dict[str, dict[str, Any]]:
     """Every family layout shipped in ``arch/families``, by name (each checked)."""
+    read = {f.name: json.loads(f.read_text(encoding="utf-8")) for f in LAYOUT_DIR.glob("*.json")}
+    bases = {d["name"]: d for d in read.values() if "extends" not in d}
     out = {}
-    for f in sorted(LAYOUT_DIR.glob("*.json")):
-        d = json.loads(f.read_text(encoding="utf-8"))
-        check_layout(d, f.name)
+    for where, d in sorted(read.items()):
+        if "extends" in d:
+            d = _extended(bases, d, where)
+        check_layout(d, where)
         out[d["name"]] = d
     return out
+
+
+def _extended(bases: dict[str, dict[str, Any]], d: dict[str, Any], where: str) -> dict[str, Any]:
+    """A layout that ``extends`` another: the other's keys, with ``settings`` and ``require``
+    merged key by key and every other key of ``d`` replacing the base's (Mistral and Qwen2 are
+    Llama's layout under other names, with a setting or a requirement of their own)."""
+    base = bases.get(d["extends"])
+    if base is None:
+        raise ValueError(f"family layout {where}: extends unknown layout {d['extends']!r}")
+    merged = {**base, **{k: v for k, v in d.items() if k != "extends"}}
+    for key in ("settings", "require"):
+        merged[key] = {**base.get(key, {}), **d.get(key, {})}
+    return merged
 
 
 _LAYOUT_KEYS = {
@@ -147,6 +167,7 @@ _LAYOUT_KEYS = {
         "optional",
         "ignore",
         "variants",
+        "extends",
     },
     "detect": {"architectures", "model_type", "keys"},
     "embed": {"tok", "pos", "type", "norm", "project_in", "patch", "cls", "dist"},
@@ -158,6 +179,7 @@ _LAYOUT_KEYS = {
         "v",
         "qkv",
         "o",
+        "gate",
         "fc1",
         "fc2",
         "conv1d",
@@ -231,6 +253,11 @@ class Settings:
     affine: bool
     eos: int
     eos_argmax: int | None
+    kv_heads: int
+    head_dim: int
+    rope: bool
+    window: int
+    max_len: int
 
 
 _DEFAULTS: dict[str, Any] = {
@@ -245,6 +272,11 @@ _DEFAULTS: dict[str, Any] = {
     "affine": False,
     "eos": -1,
     "eos_argmax": None,
+    "kv_heads": None,
+    "head_dim": None,
+    "rope": False,
+    "window": None,
+    "max_len": 0,
 }
 
 _MISSING = object()
@@ -334,6 +366,10 @@ def _settings(layout: dict, ck: Checkpoint, opts: BuildOptions, block_count: int
         s["stat_eps"] = s["eps"]
     if s["pn_groups"] is _MISSING:
         s["pn_groups"] = heads
+    if s["kv_heads"] in (_MISSING, None):
+        s["kv_heads"] = heads
+    s["head_dim"] = 0 if s["head_dim"] in (_MISSING, None) else s["head_dim"]
+    s["window"] = 0 if s["window"] in (_MISSING, None) else s["window"]
     if s["placement"] not in ("pre", "post"):
         raise NormtoolError(f"norm placement {s['placement']!r} is not pre or post", ck.path)
     if s["norm"] != "auto" and s["norm"] not in NORM_NAMES:
@@ -350,6 +386,11 @@ def _settings(layout: dict, ck: Checkpoint, opts: BuildOptions, block_count: int
             **s,
             "heads": _count(heads, _named(layout, "heads"), ck),
             "pn_groups": _count(s["pn_groups"], _named(layout, "pn_groups"), ck),
+            "kv_heads": _count(s["kv_heads"], _named(layout, "kv_heads"), ck),
+            "head_dim": s["head_dim"] and _count(s["head_dim"], _named(layout, "head_dim"), ck),
+            "window": s["window"] and _count(s["window"], _named(layout, "window"), ck),
+            "max_len": 0 if s["max_len"] is _MISSING else int(s["max_len"] or 0),
+            "rope": bool(s["rope"]),
             "layers": block_count,
             "act": activation(str(s["act"]), ck),
             "tie": bool(s["tie"]),
@@ -430,6 +471,7 @@ class _Build:
         self.assumed = _assumed(layout, ck)
         self.b = GraphBuilder(layout["name"], ck)
         self.described: set[str] = set()
+        self.rope = rope_attrs(model_config(ck) or {}, ck) if s.rope else {}
 
     def present(self, part: str, prefix: str | None) -> bool:
         """Whether an optional part (``project_in``, ``norm_f``…) is in the checkpoint."""
@@ -554,9 +596,11 @@ class _Build:
         vocab, width = ck.shape(e["tok"]) if e["tok"] in ck else (0, 0)
         project_in = self.present("project_in", e.get("project_in"))
         emb_space = b.space("emb", width, "hidden") if project_in else "resid"
-        pos_rows = ck.shape(e["pos"])[0] if e["pos"] in ck else 0
         first_pos = s.pos_offset if s.pos_pad is None else s.pos_pad + 1
-        max_len = pos_rows - first_pos
+        if "pos" in e:
+            max_len = (ck.shape(e["pos"])[0] if e["pos"] in ck else 0) - first_pos
+        else:  # rotary positions: the context the config states (0: unbounded)
+            max_len = s.max_len
         ids = b.input(
             InputSpec("input_ids", "tokens", ("batch", "seq"), vocab=vocab, max_len=max_len),
             b.space("tokens", vocab, "input"),
@@ -580,12 +624,13 @@ class _Build:
                 index=s.type_index,
             )
             x = b.op("add", "type_add", [x, t], "resid")
-        pos = {"weight": b.tensor("pos_emb.weight", e["pos"], (None, "resid"))}
-        if s.pos_pad is None:
-            p = b.op("positions", "pos_emb", [ids], "resid", pos, offset=s.pos_offset)
-        else:  # RoBERTa: positions counted over the non-padding tokens
-            p = b.op("id_positions", "pos_emb", [ids], "resid", pos, pad=s.pos_pad)
-        x = b.op("add", "pos_add", [x, p], "resid")
+        if "pos" in e:
+            pos = {"weight": b.tensor("pos_emb.weight", e["pos"], (None, "resid"))}
+            if s.pos_pad is None:
+                p = b.op("positions", "pos_emb", [ids], "resid", pos, offset=s.pos_offset)
+            else:  # RoBERTa: positions counted over the non-padding tokens
+                p = b.op("id_positions", "pos_emb", [ids], "resid", pos, pad=s.pos_pad)
+            x = b.op("add", "pos_add", [x, p], "resid")
         b.info.update(vocab=vocab, max_len=max_len)
         return x
 
@@ -628,28 +673,16 @@ class _Build:
         t = {k: _fill(v, i) for k, v in self.layout["block"].items() if isinstance(v, str)}
         conv1d = bool(self.layout["block"].get("conv1d"))
         pre = f"blocks.{i}"
-        qk = b.space(f"{pre}.qk", b.spaces["resid"].size, "heads_qk", s.heads)
-        vo = b.space(f"{pre}.vo", b.spaces["resid"].size, "heads_vo", s.heads)
-        hid = b.space(f"{pre}.mlp", d_ff, "hidden")
         h = self.norm(f"{pre}.norm1", x, t["norm1"]) if s.placement == "pre" else x
-        qkv = []
-        for j, (role, space) in enumerate((("q", qk), ("k", qk), ("v", vo))):
-            name = f"{pre}.attn.{role}"
-            if "qkv" in t:
-                qkv.append(self.linear(name, h, t["qkv"], space, "resid", conv1d, (j, 3)))
-            else:
-                qkv.append(self.linear(name, h, t[role], space, "resid", conv1d))
-        a = b.op("attention", f"{pre}.attn", qkv, vo, heads=s.heads, causal=s.causal)
-        a = self.linear(f"{pre}.attn.o", a, t["o"], "resid", vo, conv1d)
+        a = self.attention(pre, h, t, conv1d)
+        a = self.linear(f"{pre}.attn.o", a, t["o"], "resid", f"{pre}.vo", conv1d)
         a = self.layer_scale(f"{pre}.attn.scale", a, t.get("scale1"))
         x = b.op("add", f"{pre}.resid1", [x, a], "resid")
         if s.placement == "post" and not s.parallel:
             x = self.norm(f"{pre}.norm1", x, t["norm1"])
         if not s.parallel:
             h = self.norm(f"{pre}.norm2", x, t["norm2"]) if s.placement == "pre" else x
-        f = self.linear(f"{pre}.mlp.fc1", h, t["fc1"], hid, "resid", conv1d)
-        f = b.op("act", f"{pre}.mlp.act", [f], hid, fn=s.act)
-        f = self.linear(f"{pre}.mlp.fc2", f, t["fc2"], "resid", hid, conv1d)
+        f = self.mlp(pre, h, t, d_ff, conv1d)
         f = self.layer_scale(f"{pre}.mlp.scale", f, t.get("scale2"))
         x = b.op("add", f"{pre}.resid2", [x, f], "resid")
         if s.placement == "post":  # a parallel block has one norm, after the joint sum
@@ -663,6 +696,52 @@ class _Build:
             return x
         scale = self.b.tensor(f"{name}.scale", key, ("resid",))
         return self.b.op("affine", name, [x], "resid", {"scale": scale})
+
+    def attention(self, pre: str, h: str, t: dict[str, str], conv1d: bool) -> str:
+        """q/k/v projections (rotated when the family uses rotary embeddings) and attention.
+
+        Spaces: ``{pre}.qk`` (queries and keys) and ``{pre}.vo`` (values and the output the
+        ``o`` projection reads), ``heads`` heads each; with fewer kv heads (grouped-query) keys
+        and values get spaces of their own, ``{pre}.k`` and ``{pre}.v``, of ``kv_heads`` heads.
+        """
+        b, s = self.b, self.s
+        heads, kv = s.heads, s.kv_heads
+        dim = s.head_dim or b.spaces["resid"].size // heads
+        qk = b.space(f"{pre}.qk", heads * dim, "heads_qk", heads)
+        vo = b.space(f"{pre}.vo", heads * dim, "heads_vo", heads)
+        k_space, v_space = qk, vo
+        if kv != heads:
+            k_space = b.space(f"{pre}.k", kv * dim, "heads_qk", kv)
+            v_space = b.space(f"{pre}.v", kv * dim, "heads_vo", kv)
+        qkv = []
+        for j, (role, space) in enumerate((("q", qk), ("k", k_space), ("v", v_space))):
+            name = f"{pre}.attn.{role}"
+            if "qkv" in t:
+                qkv.append(self.linear(name, h, t["qkv"], space, "resid", conv1d, (j, 3)))
+            else:
+                qkv.append(self.linear(name, h, t[role], space, "resid", conv1d))
+        if s.rope:
+            for j, n in ((0, heads), (1, kv)):
+                space = b.value_spaces[qkv[j]]
+                qkv[j] = b.op("rope", f"{qkv[j]}.rope", [qkv[j]], space, heads=n, **self.rope)
+        attrs: dict[str, Any] = {"heads": heads, "causal": s.causal}
+        if kv != heads:
+            attrs["kv_heads"] = kv
+        if s.window:
+            attrs["window"] = s.window
+        return b.op("attention", f"{pre}.attn", qkv, vo, **attrs)
+
+    def mlp(self, pre: str, h: str, t: dict[str, str], d_ff: int, conv1d: bool) -> str:
+        """``fc2(act(fc1(h)))``, or gated (SwiGLU/GeGLU) ``fc2(act(gate(h)) ⊙ fc1(h))``."""
+        b, s = self.b, self.s
+        hid = b.space(f"{pre}.mlp", d_ff, "hidden")
+        first = "gate" if "gate" in t else "fc1"
+        f = self.linear(f"{pre}.mlp.{first}", h, t[first], hid, "resid", conv1d)
+        f = b.op("act", f"{pre}.mlp.act", [f], hid, fn=s.act)
+        if "gate" in t:
+            up = self.linear(f"{pre}.mlp.fc1", h, t["fc1"], hid, "resid", conv1d)
+            f = b.op("mul", f"{pre}.mlp.gated", [f, up], hid)
+        return self.linear(f"{pre}.mlp.fc2", f, t["fc2"], "resid", hid, conv1d)
 
     def head(self, x: str) -> list[str]:
         """The final norm, projection and head; returns the graph's outputs."""
@@ -801,7 +880,7 @@ def build(layout: dict, ck: Checkpoint, opts: BuildOptions) -> Graph:
     o_key = _fill(layout["block"]["o"], 0) + ".weight"
     conv1d = bool(layout["block"].get("conv1d"))
     d = ck.shape(o_key)[1 if conv1d else 0]
-    if d % s.heads:
+    if d % s.heads and not s.head_dim:
         raise NormtoolError(f"width {d} is not divisible by {s.heads} heads", ck.path)
     b.space("resid", d, "resid")
     fc1 = _fill(layout["block"]["fc1"], 0) + ".weight"
@@ -828,7 +907,12 @@ def build(layout: dict, ck: Checkpoint, opts: BuildOptions) -> Graph:
         causal=s.causal,
         norm=",".join(norms),
         variant=layout.get("variant", layout["name"]),
+        kv_heads=s.kv_heads,
+        head_dim=s.head_dim or d // s.heads,
+        gated="gate" in layout["block"],
     )
+    if s.rope:
+        b.info["rope"] = run.rope
     return b.build(outputs)
 
 

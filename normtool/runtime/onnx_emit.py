@@ -55,6 +55,7 @@ from normtool.errors import NormtoolError
 from normtool.graph import Graph, InputSpec, Op, rotary_dims
 from normtool.nn.ws_conv import standardize_weight
 from normtool.opspec import SPECS, implementations
+from normtool.rotary import inv_frequencies
 from normtool.runtime.onnx_fuse import FusionPlan, plan_fusions
 
 INPUTS_KEY = "normtool.inputs"
@@ -358,6 +359,10 @@ def _linear(em: _Emitter, op: Op, xs: list[str], p: dict[str, str]) -> str:
     return em.node("Add", [y, *bias]) if bias else y
 
 
+def _mul(em: _Emitter, op: Op, xs: list[str], p: dict[str, str]) -> str:
+    return em.node("Mul", [em.settle(xs[0]), em.settle(xs[1])])
+
+
 def _add(em: _Emitter, op: Op, xs: list[str], p: dict[str, str]) -> str:
     """A residual add; with the norm reading it (``ort`` target) one Skip*Normalization node."""
     norm = em.plan.skip_norm.get(op.name)
@@ -539,32 +544,70 @@ def _attention(em: _Emitter, op: Op, xs: list[str], p: dict[str, str]) -> str:
         for linear in lin:  # not a [B, T, C] stream: the planned linears as their own nodes
             em.emit(linear)
         xs = [em.env[v] for v in op.inputs]
+    kv = int(op.attrs.get("kv_heads") or heads)
+    mask = _score_mask(em, xs[0], causal, int(op.attrs.get("window", 0)))
     if em.opts.attention == "op":
         extra = {"softmax_precision": TensorProto.FLOAT} if em.low else {}
+        window = bool(op.attrs.get("window"))
         return em.node(
             "Attention",
-            xs,
+            [*xs, em.from_stat(mask)] if window and mask else xs,
             q_num_heads=heads,
-            kv_num_heads=heads,
-            is_causal=int(causal),
+            kv_num_heads=kv,
+            is_causal=int(causal and not window),
             scale=scale,
             **extra,
         )
+    if kv != heads:
+        return _grouped_attention(em, xs, heads, kv, scale, mask)
     q, k, v = (em.node("Reshape", [x, em.i64([0, 0, heads, -1])], "heads") for x in xs)
     q = em.node("Transpose", [q], "q", perm=[0, 2, 1, 3])
     k = em.node("Transpose", [k], "kT", perm=[0, 2, 3, 1])
     v = em.node("Transpose", [v], "v", perm=[0, 2, 1, 3])
-    scores = em.to_stat(em.node("Mul", [em.node("MatMul", [q, k]), em.scalar(scale)], "scores"))
-    if causal:
-        seq = em.node("Shape", [xs[0]], "seq", start=1, end=2)
-        square = em.node("Concat", [seq, seq], axis=0)
-        neg = helper.make_tensor("neg_inf", TensorProto.FLOAT, [1], [-math.inf])
-        full = em.node("ConstantOfShape", [square], value=neg)
-        mask = em.node("Trilu", [full, em.i64(1)], "causal_mask", upper=1)
+    y = _softmax_attention(em, q, k, v, scale, mask)
+    y = em.node("Transpose", [y], perm=[0, 2, 1, 3])
+    return em.node("Reshape", [y, em.i64([0, 0, -1])])
+
+
+def _grouped_attention(
+    em: _Emitter, xs: list[str], heads: int, kv: int, scale: float, mask: str | None
+) -> str:
+    """Grouped-query attention as broadcasting MatMuls: queries ``[B, G, H/G, T, D]`` against
+    keys and values ``[B, G, 1, T, D]`` (no Expand copying each kv head H/G times)."""
+    q = em.node("Reshape", [xs[0], em.i64([0, 0, kv, heads // kv, -1])], "heads")
+    k, v = (em.node("Reshape", [x, em.i64([0, 0, kv, 1, -1])], "kv_heads") for x in xs[1:])
+    q = em.node("Transpose", [q], "q", perm=[0, 2, 3, 1, 4])
+    k = em.node("Transpose", [k], "kT", perm=[0, 2, 3, 4, 1])
+    v = em.node("Transpose", [v], "v", perm=[0, 2, 3, 1, 4])
+    y = _softmax_attention(em, q, k, v, scale, mask)
+    y = em.node("Transpose", [y], perm=[0, 3, 1, 2, 4])
+    return em.node("Reshape", [y, em.i64([0, 0, -1])])
+
+
+def _softmax_attention(
+    em: _Emitter, q: str, k_t: str, v: str, scale: float, mask: str | None
+) -> str:
+    """``softmax(q·kᵀ·scale + mask)·v`` over head-split operands (softmax in fp32)."""
+    scores = em.to_stat(em.node("Mul", [em.node("MatMul", [q, k_t]), em.scalar(scale)], "scores"))
+    if mask is not None:
         scores = em.node("Add", [scores, mask])
     w = em.from_stat(em.node("Softmax", [scores], axis=-1))
-    y = em.node("Transpose", [em.node("MatMul", [w, v])], perm=[0, 2, 1, 3])
-    return em.node("Reshape", [y, em.i64([0, 0, -1])])
+    return em.node("MatMul", [w, v])
+
+
+def _score_mask(em: _Emitter, x: str, causal: bool, window: int) -> str | None:
+    """``[T, T]`` fp32 of 0 and −inf: −inf above the diagonal when ``causal``, and ``window`` or
+    more positions below it with a sliding window; None when nothing is masked."""
+    if not causal and not window:
+        return None
+    seq = em.node("Shape", [x], "seq", start=1, end=2)
+    square = em.node("Concat", [seq, seq], axis=0)
+    neg = helper.make_tensor("neg_inf", TensorProto.FLOAT, [1], [-math.inf])
+    full = em.node("ConstantOfShape", [square], value=neg)
+    parts = [em.node("Trilu", [full, em.i64(1)], "causal_mask", upper=1)] if causal else []
+    if window:
+        parts.append(em.node("Trilu", [full, em.i64(-window)], "window_mask", upper=0))
+    return parts[0] if len(parts) == 1 else em.node("Add", parts, "mask")
 
 
 def _packed_attention(
@@ -663,11 +706,12 @@ def _rope(em: _Emitter, op: Op, xs: list[str], p: dict[str, str]) -> str:
     """Rotary embedding: at opset 23 the ``RotaryEmbedding`` node, below it the rotation written
     out (``x1·cos − x2·sin``, ``x2·cos + x1·sin`` on each head's rotary halves). Both read
     cos/sin tables computed from the running sequence length as the executor computes them
-    (``torch_exec.rotary_tables``: frequencies rounded once from fp64, angles in fp32)."""
+    (``torch_exec.rotary_tables``: frequencies of ``normtool.rotary`` rounded once from fp64,
+    angles in fp32)."""
     heads = int(op.attrs["heads"])
     dims = rotary_dims(_width(em, op) // heads, op.attrs.get("fraction", 1.0))
     base = float(op.attrs.get("base", 10000.0))
-    inv = 1.0 / base ** (np.arange(0, dims, 2, dtype=np.float64) / dims)
+    inv = np.array(inv_frequencies(dims, base, op.attrs.get("scaling")), dtype=np.float64)
     seq = em.node("Squeeze", [em.node("Shape", [xs[0]], "seq", start=1, end=2), em.i64([0])])
     steps = em.node("Range", [em.i64(0), seq, em.i64(1)], "positions")
     pos = em.node("Cast", [steps], to=TensorProto.FLOAT)

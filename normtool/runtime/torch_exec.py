@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 from normtool.graph import Graph, Op, rotary_dims
 from normtool.nn.ws_conv import standardize_weight
 from normtool.opspec import implementations
+from normtool.rotary import inv_frequencies
 
 Fn = Callable[[Op, list[torch.Tensor], dict[str, torch.Tensor]], torch.Tensor]
 
@@ -152,21 +154,34 @@ ACT_FNS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 }
 
 
+def attention_mask(t: int, causal: bool, window: int, device: torch.device) -> torch.Tensor | None:
+    """``[t, t]`` True where query ``i`` may not see key ``j``: later keys when causal, and with
+    a sliding ``window`` keys ``window`` or more positions back (Mistral's ``i − j < window``)."""
+    i = torch.arange(t, device=device)
+    gap = i[:, None] - i[None, :]
+    hidden = gap < 0 if causal else torch.zeros(t, t, dtype=torch.bool, device=device)
+    return hidden | (gap >= window) if window else (hidden if causal else None)
+
+
 def _attention(op: Op, xs, p):
+    """Softmax attention over ``heads`` query heads; with ``kv_heads`` < ``heads`` (grouped-query
+    attention) query head ``h`` reads key/value head ``h // (heads / kv_heads)``."""
     q, k, v = xs
     h = op.attrs["heads"]
+    g = op.attrs.get("kv_heads") or h
     b, t, _ = q.shape
-    dq, dv = q.shape[-1] // h, v.shape[-1] // h
-    q = q.reshape(b, t, h, dq).transpose(1, 2)
-    k = k.reshape(b, t, h, dq).transpose(1, 2)
-    v = v.reshape(b, t, h, dv).transpose(1, 2)
+    dq, dv = q.shape[-1] // h, v.shape[-1] // g
+    # [B, G, H/G, T, D] queries against [B, G, 1, T, D] keys/values: broadcast, no copies
+    q = q.reshape(b, t, g, h // g, dq).permute(0, 2, 3, 1, 4)
+    k = k.reshape(b, t, g, 1, dq).permute(0, 2, 3, 1, 4)
+    v = v.reshape(b, t, g, 1, dv).permute(0, 2, 3, 1, 4)
     scale = op.attrs.get("scale") or 1.0 / math.sqrt(dq)
     scores = (q @ k.transpose(-1, -2)) * scale
-    if op.attrs.get("causal"):
-        mask = torch.ones(t, t, dtype=torch.bool, device=q.device).triu(1)
+    mask = attention_mask(t, bool(op.attrs.get("causal")), op.attrs.get("window", 0), q.device)
+    if mask is not None:
         scores = scores.masked_fill(mask, float("-inf"))
     w = torch.softmax(_stat_dtype(scores), dim=-1).to(v.dtype)
-    return (w @ v).transpose(1, 2).reshape(b, t, h * dv)
+    return (w @ v).permute(0, 3, 1, 2, 4).reshape(b, t, h * dv)
 
 
 def _loki(op: Op, xs, p):
@@ -217,6 +232,10 @@ def _add(op: Op, xs, p):
     return xs[0] + xs[1]
 
 
+def _mul(op: Op, xs, p):
+    return xs[0] * xs[1]
+
+
 def _linear(op: Op, xs, p):
     return F.linear(xs[0], p["weight"], p.get("bias"))
 
@@ -243,16 +262,21 @@ def _global_avgpool(op: Op, xs, p):
 
 
 def rotary_tables(
-    seq: int, dims: int, base: float, dtype: torch.dtype, device: str | torch.device = "cpu"
+    seq: int,
+    dims: int,
+    base: float,
+    dtype: torch.dtype,
+    device: str | torch.device = "cpu",
+    scaling: Mapping[str, Any] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(cos, sin)`` ``[seq, dims/2]`` of the angles ``t · base^(−2i/dims)``.
+    """``(cos, sin)`` ``[seq, dims/2]`` of the angles ``t · θ_i`` (``normtool.rotary``).
 
     Why this precision: the frequencies are computed in float64 and rounded once, the angles in
     float32 (float64 for a float64 run) — the arithmetic the ONNX export repeats node by node,
     so both compute the same angles.
     """
     work = torch.float64 if dtype == torch.float64 else torch.float32
-    inv = 1.0 / base ** (torch.arange(0, dims, 2, dtype=torch.float64) / dims)
+    inv = torch.tensor(inv_frequencies(dims, base, scaling), dtype=torch.float64)
     angles = torch.arange(seq, dtype=work, device=device)[:, None] * inv.to(work).to(device)
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
@@ -263,7 +287,8 @@ def _rope(op: Op, xs, p):
     b, t, c = x.shape
     heads = op.attrs["heads"]
     dims = rotary_dims(c // heads, op.attrs.get("fraction", 1.0))
-    cos, sin = rotary_tables(t, dims, op.attrs.get("base", 10000.0), x.dtype, x.device)
+    base = op.attrs.get("base", 10000.0)
+    cos, sin = rotary_tables(t, dims, base, x.dtype, x.device, op.attrs.get("scaling"))
     cos, sin = cos[:, None, :], sin[:, None, :]  # broadcast over heads
     xh = x.reshape(b, t, heads, -1)
     x1, x2, rest = xh[..., : dims // 2], xh[..., dims // 2 : dims], xh[..., dims:]

@@ -1,0 +1,51 @@
+"""A Hugging Face config's rotary embedding: base, rotated fraction and scaling, as ``rope`` attrs.
+
+Why a reader of its own: the same facts are written two ways. Configs saved by transformers 4
+(most of the Hub) hold ``rope_theta`` and ``rope_scaling`` (``{"type" | "rope_type": …}``);
+transformers 5 writes one ``rope_parameters`` object holding the theta too. Both are read here
+into the ``rope`` op's attributes (``normtool.rotary`` computes them); a scaling type normtool
+does not compute is refused by name rather than run unscaled.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from normtool.errors import NormtoolError
+from normtool.io.store import Checkpoint
+from normtool.rotary import SCALING_KEYS, scaling_problem
+
+#: transformers' default base when a config does not record one (LlamaConfig's own default).
+DEFAULT_THETA = 10000.0
+
+
+def rope_attrs(cfg: dict[str, Any], ck: Checkpoint) -> dict[str, Any]:
+    """``{"base": θ, "fraction": f[, "scaling": {...}]}`` from ``cfg``, or NormtoolError."""
+    params = cfg.get("rope_parameters")
+    if isinstance(params, dict):
+        where, scaling = "rope_parameters", params
+        theta = params.get("rope_theta", cfg.get("rope_theta", DEFAULT_THETA))
+    else:
+        where, scaling = "rope_scaling", cfg.get("rope_scaling")
+        theta = cfg.get("rope_theta", DEFAULT_THETA)
+    attrs: dict[str, Any] = {
+        "base": theta,
+        "fraction": cfg.get("partial_rotary_factor", 1.0),
+    }
+    if scaling is not None:
+        if not isinstance(scaling, dict):
+            raise NormtoolError(f"config {where} = {scaling!r} is not an object", ck.path)
+        kind = scaling.get("rope_type", scaling.get("type", "default"))
+        if kind != "default":
+            keys = SCALING_KEYS.get(kind, ())
+            attrs["scaling"] = {"type": kind, **{k: scaling.get(k) for k in keys}}
+    for name in ("base", "fraction"):
+        v = attrs[name]
+        if not (isinstance(v, int | float) and not isinstance(v, bool) and 0 < v < float("inf")):
+            raise NormtoolError(
+                f"config rope {name} = {v!r} is not a finite number above 0", ck.path
+            )
+    problem = scaling_problem(attrs.get("scaling"))
+    if problem:
+        raise NormtoolError(f"config {where}: {problem}", ck.path)
+    return attrs
