@@ -25,7 +25,13 @@ import torch
 
 from normtool.graph import Graph
 from normtool.merge.groups import Group
-from normtool.merge.permute import Perms, head_structured, identity_perms, permute_tensor
+from normtool.merge.permute import (
+    Perms,
+    grouped_heads,
+    head_structured,
+    identity_perms,
+    permute_tensor,
+)
 
 #: Wraps the groups of one sweep (the CLI passes a progress bar); identity by default.
 SweepWrapper = Callable[[Iterable[Group], int], Iterable[Group]]
@@ -101,8 +107,23 @@ def _score(c: np.ndarray, p: torch.Tensor) -> float:
     return float(c[np.arange(len(p)), p.numpy()].sum())
 
 
-def _solve_heads(heads: int, sims: list[np.ndarray]) -> tuple[list[torch.Tensor], float]:
-    """Best head-structured permutation of each space in ``sims`` (one head order shared)."""
+def _trace(c: np.ndarray, p: np.ndarray) -> float:
+    return float(c[np.arange(len(p)), p].sum())
+
+
+def _within(block: np.ndarray, fixed: bool) -> tuple[np.ndarray, float]:
+    """Best within-head permutation for a block of similarities, or the identity if ``fixed``."""
+    if fixed:
+        keep = np.arange(len(block))
+        return keep, _trace(block, keep)
+    return _assign(block)
+
+
+def _solve_heads(
+    heads: int, sims: list[np.ndarray], rotary: bool = False
+) -> tuple[list[torch.Tensor], float]:
+    """Best head-structured permutation of each space in ``sims`` (one head order shared;
+    ``rotary``: the first space's dims stay in place inside each head)."""
     dims = [len(c) // heads for c in sims]
     head_score = np.zeros((heads, heads))
     within: list[dict[tuple[int, int], np.ndarray]] = [{} for _ in sims]
@@ -110,7 +131,7 @@ def _solve_heads(heads: int, sims: list[np.ndarray]) -> tuple[list[torch.Tensor]
         for a in range(heads):
             for b in range(heads):
                 block = c[a * d : (a + 1) * d, b * d : (b + 1) * d]
-                p, s = _assign(block)
+                p, s = _within(block, rotary and si == 0)
                 within[si][a, b] = p
                 head_score[a, b] += s
     order, total = _assign(head_score)
@@ -123,6 +144,51 @@ def _solve_heads(heads: int, sims: list[np.ndarray]) -> tuple[list[torch.Tensor]
         for si, d in enumerate(dims)
     ]
     return perms, total
+
+
+def _solve_kv_groups(g: Group, sims: list[np.ndarray]) -> tuple[list[torch.Tensor], float]:
+    """Head-structured permutations of a grouped-query attention's (q, k, v, out) spaces.
+
+    For each (new kv group a, old kv group b): the order of the query heads inside the group
+    by an assignment of their pairwise scores, each pair taking its own best dims; given that
+    order, the q/k dims by one assignment of the key heads' block plus the matched query
+    heads' blocks (identity when rotary), and the v dims likewise with the output heads; then
+    the query order again given those dims. Then the kv groups by an assignment of those
+    scores. Not the exact optimum over this structure (the inner choices are made one after
+    the other, not jointly) — exact for plain attention, where a group is one head — but weight
+    matching keeps a new permutation only when it raises the objective.
+    """
+    cq, ck, cv, co = sims
+    kv, r = g.kv_heads, g.heads // g.kv_heads
+    dqk, dvo = len(ck) // kv, len(cv) // kv
+
+    def block(c: np.ndarray, d: int, a: int, b: int) -> np.ndarray:
+        return c[a * d : (a + 1) * d, b * d : (b + 1) * d]
+
+    score = np.zeros((kv, kv))
+    best: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    for a in range(kv):
+        for b in range(kv):
+            qs = [[block(cq, dqk, a * r + j, b * r + i) for i in range(r)] for j in range(r)]
+            os_ = [[block(co, dvo, a * r + j, b * r + i) for i in range(r)] for j in range(r)]
+            k_blk, v_blk = block(ck, dqk, a, b), block(cv, dvo, a, b)
+            own = [
+                [_within(qs[j][i], g.rotary)[1] + _assign(os_[j][i])[1] for i in range(r)]
+                for j in range(r)
+            ]
+            sigma, _ = _assign(np.array(own))
+            rho, _ = _within(k_blk + sum(qs[j][sigma[j]] for j in range(r)), g.rotary)
+            tau, _ = _assign(v_blk + sum(os_[j][sigma[j]] for j in range(r)))
+            pair = [
+                [_trace(qs[j][i], rho) + _trace(os_[j][i], tau) for i in range(r)] for j in range(r)
+            ]
+            sigma, s = _assign(np.array(pair))
+            score[a, b] = _trace(k_blk, rho) + _trace(v_blk, tau) + s
+            best[a, b] = (sigma, rho, tau)
+    order, total = _assign(score)
+    chosen = {int(order[a]): best[a, int(order[a])] for a in range(kv)}
+    parts = [{b: torch.from_numpy(c[i]) for b, c in chosen.items()} for i in range(3)]
+    return grouped_heads(torch.from_numpy(order), *parts, (dqk, dvo)), total
 
 
 def objective(
@@ -192,8 +258,10 @@ def weight_matching(
                 for s in g.spaces
             ]
             old = sum(_score(c, perms[s]) for c, s in zip(sims, g.spaces, strict=True))
-            if g.heads:
-                new_perms, new = _solve_heads(g.heads, sims)
+            if g.kv_heads:
+                new_perms, new = _solve_kv_groups(g, sims)
+            elif g.heads:
+                new_perms, new = _solve_heads(g.heads, sims, g.rotary)
             else:
                 p, new = _assign(sims[0])
                 new_perms = [torch.from_numpy(p)]
