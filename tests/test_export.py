@@ -50,6 +50,7 @@ FAMILIES = {
     "vit": lambda d: fh.make_vit(d / "vit"),
     "bert": lambda d: fh.make_bert(d / "bert"),
     "roberta": lambda d: fh.make_family(d / "roberta", "roberta"),
+    "mistral": lambda d: fh.make_decoder(d / "mistral", "MistralForCausalLM", sliding_window=5),
     "timm_vit": lambda d: fh.make_timm_vit(d / "timm"),
     "cnn": lambda d: fr.make_cnn(d),
     "cnn_ws": lambda d: fr.make_cnn(d, name="cnn_ws", weight_standardization="std"),
@@ -70,6 +71,7 @@ LOW_OPSET = (
     "vit",
     "resnet",
     "timm_convnext",
+    "mistral",
 )
 
 

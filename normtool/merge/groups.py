@@ -90,7 +90,8 @@ def _attention_group(
     heads = int(op.attrs["heads"])
     kv = int(op.attrs.get("kv_heads") or heads)
     turned = q in rotary or k in rotary
-    bad = [s for s in (q, k, v, out) if s in pinned and s not in rotary]
+    # a rotary space may hold q/k heads (their dims stay put), not values, whose dims move
+    bad = [s for s in (q, k, v, out) if s in pinned and (s not in rotary or s in (v, out))]
     if bad:
         return None, pinned[bad[0]]
     if kv == heads and (q != k or v != out):
