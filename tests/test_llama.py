@@ -17,13 +17,13 @@ import pytest
 import torch
 
 from devkit.factories import load_hf, make_decoder
-from normtool.cli import main
 from normtool.load import load_model
 from normtool.merge.groups import permutation_groups
 from normtool.merge.matching import weight_matching
 from normtool.merge.permute import invert, permute_weights, random_perms
 from normtool.runtime.onnx_emit import EmitOptions, emit_onnx
 from normtool.runtime.torch_exec import run_graph
+from tests.conftest import cli
 
 LLAMA3 = {
     "rope_type": "llama3",
@@ -60,14 +60,6 @@ CASES = {
 TOL = 1e-4
 
 
-def cli(capsys, *args: object) -> tuple[int, str, str]:
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as e:
-        main([str(a) for a in args])
-    out = capsys.readouterr()
-    return e.value.code, out.out, out.err
-
-
 @pytest.fixture(scope="module")
 def decoder(tmp_path_factory):
     made: dict[str, Path] = {}
@@ -79,6 +71,11 @@ def decoder(tmp_path_factory):
         return made[case]
 
     return get
+
+
+def _run(*args: object) -> tuple[int, str, str]:
+    r = cli(*args)
+    return r.returncode, r.stdout, r.stderr
 
 
 def _ids(seed: int, batch: int = 2, seq: int = 12) -> torch.Tensor:
@@ -131,7 +128,7 @@ def test_onnx_export_matches_transformers(case, opts, decoder):
     assert err <= TOL, err
 
 
-def test_hub_style_rope_config_reads_as_the_new_one(decoder, tmp_path, capsys):
+def test_hub_style_rope_config_reads_as_the_new_one(decoder, tmp_path):
     """transformers 4's ``rope_theta`` + ``rope_scaling`` (most Hub configs) give the graph that
     transformers 5's ``rope_parameters`` gives; an unsupported scaling is refused by name."""
     src = decoder("llama3_scaled")
@@ -149,7 +146,7 @@ def test_hub_style_rope_config_reads_as_the_new_one(decoder, tmp_path, capsys):
 
     cfg["rope_scaling"] = {"type": "yarn", "factor": 4.0}
     (old_style / "config.json").write_text(json.dumps(cfg))
-    code, _, err = cli(capsys, "inspect", old_style)
+    code, _, err = _run("inspect", old_style)
     assert code == 2 and "'yarn' is not supported" in err and len(err.strip().splitlines()) == 1
 
 
@@ -163,35 +160,21 @@ def test_sharded_folder_loads(tmp_path):
     assert (got - want).abs().max().item() <= TOL
 
 
-def test_cli_inspect_export_verify_bench_and_refusals(decoder, tmp_path, capsys):
+def test_cli_inspect_export_verify_bench_and_refusals(decoder, tmp_path):
     path = decoder("mistral_window")
-    code, out, _ = cli(capsys, "inspect", path)
+    code, out, _ = _run("inspect", path)
     assert code == 0 and out.startswith(f"{path}: mistral") and "kv_heads=2" in out
     onnx_path = tmp_path / "m.onnx"
-    code, _, err = cli(capsys, "export", path, "-o", onnx_path, "--opset", "17")
+    code, _, err = _run("export", path, "-o", onnx_path, "--opset", "17")
     assert code == 0, err
-    code, out, err = cli(capsys, "verify", path, onnx_path)
+    code, out, err = _run("verify", path, onnx_path)
     assert code == 0 and "equivalent" in out, err
-    code, out, err = cli(
-        capsys,
-        "bench",
-        path,
-        onnx_path,
-        "--batch",
-        "1",
-        "--seq",
-        "8",
-        "--warmup",
-        "1",
-        "--iters",
-        "3",
-        "--sessions",
-        "2",
-    )
+    bench = "--batch 1 --seq 8 --warmup 1 --iters 3 --sessions 2".split()
+    code, out, err = _run("bench", path, onnx_path, *bench)
     assert code == 0 and "baseline" in out, err
-    code, _, err = cli(capsys, "convert-ln-to-rms", path, "-o", path.parent / "c")
+    code, _, err = _run("convert-ln-to-rms", path, "-o", path.parent / "c")
     assert code == 2 and "no LayerNorm (norms: rmsnorm)" in err
-    code, _, err = cli(capsys, "fold", path, "-o", path.parent / "f")
+    code, _, err = _run("fold", path, "-o", path.parent / "f")
     assert code == 2 and "nothing to fold" in err
 
 
@@ -247,10 +230,10 @@ def test_weight_matching_recovers_a_grouped_query_permutation(decoder):
     assert all(torch.equal(p, undo[s]) for s, p in r.perms.items())
 
 
-def test_merge_of_two_llamas_loads_in_transformers(decoder, tmp_path, capsys):
+def test_merge_of_two_llamas_loads_in_transformers(decoder, tmp_path):
     a = decoder("llama")
     b = make_decoder(tmp_path / "b", "LlamaForCausalLM", seed=1)
-    code, out, err = cli(capsys, "merge", a, b, "--weights", "0,1", "-o", tmp_path / "pb")
+    code, out, err = _run("merge", a, b, "--weights", "0,1", "-o", tmp_path / "pb")
     assert code == 0, err
     assert "skipped" not in out
     ids = _ids(5)
@@ -258,6 +241,6 @@ def test_merge_of_two_llamas_loads_in_transformers(decoder, tmp_path, capsys):
     _, have = _reference(tmp_path / "pb", ids)
     # B permuted into A's basis computes B's function in transformers: fp32 rounding only
     assert float((want - have).abs().max() / want.abs().max()) <= 1e-5
-    code, out, err = cli(capsys, "merge", a, b, "-o", tmp_path / "mid")
+    code, out, err = _run("merge", a, b, "-o", tmp_path / "mid")
     assert code == 0, err
     assert load_hf(tmp_path / "mid") is not None
