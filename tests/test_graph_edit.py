@@ -70,7 +70,7 @@ def edited_graphs(draw):
             ok = [
                 o
                 for o in single
-                if g.producer(o.inputs[0]) is not None
+                if g.producer(o.inputs[0]) not in (None, o)  # a replace can make o read itself
                 and g.consumers(o.inputs[0]) == [o]
                 and o.inputs[0] not in g.outputs
             ]

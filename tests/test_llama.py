@@ -169,7 +169,7 @@ def test_cli_inspect_export_verify_bench_and_refusals(decoder, tmp_path):
     assert code == 0, err
     code, out, err = _run("verify", path, onnx_path)
     assert code == 0 and "equivalent" in out, err
-    bench = "--batch 1 --seq 8 --warmup 1 --iters 3 --sessions 2".split()
+    bench = ["--batch", "1", "--seq", "8", "--warmup", "1", "--iters", "3", "--sessions", "2"]
     code, out, err = _run("bench", path, onnx_path, *bench)
     assert code == 0 and "baseline" in out, err
     code, _, err = _run("convert-ln-to-rms", path, "-o", path.parent / "c")
