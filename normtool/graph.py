@@ -32,6 +32,7 @@ patch_embed        weight[C,Cin,p,p], bias?[C]   pixels[B,Cin,H,W] → conv stri
 cls_concat         token[C]                     x[B,N,C] → [token; x] → [B,N+1,C]
 add                —                            a + b (broadcasting)
 mul                —                            a ⊙ b (gated MLPs: act(gate(x)) ⊙ up(x))
+mean               —                            (a + b) / 2 (DeiT's class and distillation heads)
 linear             weight[O,I], bias?[O]        x @ Wᵀ + b
 layernorm          weight?[C], bias?[C]         (x−μ)/√(σ²+eps)·γ+β over the channel axis
 layernorm2d        weight?[C], bias?[C]         layernorm over the channels of each pixel of a
@@ -49,7 +50,8 @@ attention          —                            (q,k,v)[B,T,H·D] → softmax(
                                                 ``kv_heads`` G < H: k, v are [B,T,G·D] and query
                                                 head h reads kv head h // (H/G) (grouped-query);
                                                 ``window`` W: a query sees keys < W positions back
-select             —                            x[B,T,C] → x[:, index]  ([B,C])
+select             —                            x[B,T,C] → x[:, index]  ([B,C]); index below the
+                                                count of tokens ``cls_concat`` ops prepend
 pick_token         —                            (x[B,T,C], ids[B,T]) → x at each row's first
                                                 ids == eos (eos < 0: first largest id; CLIP)
 conv2d             weight, bias?                stride, padding, groups, dilation
@@ -419,9 +421,15 @@ class Graph:
             return self._table_problem(o)
         if o.kind == "rope":
             return self._rope_problem(o)
-        if o.kind == "select" and a.get("index", 0) != 0:
-            # sequences may be one token long (verify runs them): only the first is always there
-            return f"index {a['index']!r}: only 0 (the first token) exists in every input"
+        prepended = sum(op.kind == "cls_concat" for op in self.ops)
+        if o.kind == "select" and a.get("index", 0) not in range(max(prepended, 1)):
+            # sequences may be one token long (verify runs them): only the first is always
+            # there, and the class/distillation tokens an image model prepends
+            last = max(prepended, 1) - 1
+            return (
+                f"index {a['index']!r}: only tokens 0..{last} (the first, and those cls_concat "
+                "prepends) exist in every input"
+            )
         return None
 
     def _kv_heads_problem(self, o: Op) -> str | None:

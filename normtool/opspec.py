@@ -138,6 +138,7 @@ _TABLE = (
     OpSpec("cls_concat", 1, ("token",), carries_stream=True),
     OpSpec("add", 2, rank=max, carries_stream=True, size_free=True),
     OpSpec("mul", 2, rank=max, size_free=True),
+    OpSpec("mean", 2, rank=max),
     OpSpec("linear", 1, ("weight",), ("bias",), writes_stream=True, absorbs_affine=True),
     OpSpec(
         "layernorm",

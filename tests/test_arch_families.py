@@ -33,6 +33,7 @@ CASES = {
     "roberta": ("roberta", "RobertaForSequenceClassification", 1e-12, False, False),
     "roberta_model": ("roberta", "RobertaModel", 1e-12, False, False),
     "deit": ("deit", "DeiTForImageClassification", 2e-6, True, True),
+    "deit_teacher": ("deit", "DeiTForImageClassificationWithTeacher", 2e-6, True, True),
     "dinov2": ("dinov2", "Dinov2Model", 1e-12, True, False),
     "clip_vision": ("clip_vision", "CLIPVisionModel", 2e-6, False, False),
     "clip_text": ("clip_text", "CLIPTextModel", 2e-6, True, False),

@@ -116,9 +116,12 @@ def test_every_op_kind_has_an_emitter():
 
 def test_every_op_kind_is_exercised_here(checkpoint, tmp_path):
     """The families and hand-written graphs below together use every op kind (and activation);
-    CLIP's text tower (``pick_token``) is exported in ``test_arch_families``."""
+    CLIP's text tower (``pick_token``) and DeiT with teacher (``mean``) are exported in
+    ``test_arch_families``."""
     graphs = [load_model(checkpoint(f), heads=4).graph for f in FAMILIES]
     graphs.append(load_model(fh.make_family(tmp_path / "clip_text", "clip_text")).graph)
+    teacher = "DeiTForImageClassificationWithTeacher"
+    graphs.append(load_model(fh.make_family(tmp_path / "deit", "deit", teacher)).graph)
     graphs += [_features_graph()[0], _image_graph()[0], rope_graph()[0]]
     kinds = {op.kind for g in graphs for op in g.ops}
     assert kinds == set(SPECS)

@@ -37,7 +37,9 @@ Layout keys
                 linear and ``transform_norm``). A head without ``linear`` is a base model's: the
                 outputs are ``last_hidden_state`` and, with a pooler, ``pooler_output``; or with
                 ``pool`` (``first`` token, or ``eos``: CLIP's text tower) and an optional
-                ``pool_norm``, ``pooler_output`` is that token (normalised).
+                ``pool_norm``, ``pooler_output`` is that token (normalised). ``distill``: a
+                second classifier on token 1 whose logits are averaged with ``linear``'s
+                (DeiT with teacher).
 ``optional``    parts used only when present; ``ignore``: key templates that are not weights.
 ``variants``    by config architecture (``BertForMaskedLM``, ``GPT2Model``…): the ``head``,
                 ``optional`` parts and ``settings`` that differ from the common layout. The
@@ -196,6 +198,7 @@ _LAYOUT_KEYS = {
         "transform_norm",
         "pool",
         "pool_norm",
+        "distill",
     },
 }
 _VARIANT_KEYS = {"keys", "settings", "head", "optional"}
@@ -760,6 +763,9 @@ class _Build:
             elif "pool" in h:
                 outputs.append(self.pooled_token(outputs[0], width, h))
             return outputs
+        if "distill" in h:
+            self.distilled_logits(x, width, h)
+            return ["logits"]
         if "pooler" in h:
             self.present("pooler", h["pooler"])
             x, width = self.pooler(x, width, h, "pooler.act")
@@ -771,6 +777,19 @@ class _Build:
             x = self.norm("head.transform.norm", x, h["transform_norm"])
         self.logits(x, width, h, "logits" if s.classify or "pooler" in h else "vocab")
         return ["logits"]
+
+    def distilled_logits(self, x: str, width: str, h: dict) -> None:
+        """DeiT with teacher: the mean of the class token's head and the distillation token's
+        (token 1) ``distill`` head."""
+        b = self.b
+        out = b.space("logits", self.ck.shape(h["linear"] + ".weight")[0], "output")
+        cls = b.op("select", "pool", [x], width, index=0)
+        dist = b.op("select", "pool.distill", [x], width, index=1)
+        heads = [
+            self.linear("head", cls, h["linear"], out, width),
+            self.linear("head.distill", dist, h["distill"], out, width),
+        ]
+        b.op("mean", "logits", heads, out)
 
     def pooled_token(self, x: str, width: str, h: dict) -> str:
         """``pooler_output`` without a dense layer: the first token (DINOv2, CLIP's image

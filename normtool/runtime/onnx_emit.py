@@ -343,6 +343,10 @@ def _cls_concat(em: _Emitter, op: Op, xs: list[str], p: dict[str, str]) -> str:
     return em.node("Concat", [em.node("Expand", [token, shape]), xs[0]], axis=1)
 
 
+def _mean(em: _Emitter, op: Op, xs: list[str], p: dict[str, str]) -> str:
+    return em.node("Div", [em.node("Add", xs), em.scalar(2.0)])
+
+
 def _linear(em: _Emitter, op: Op, xs: list[str], p: dict[str, str]) -> str:
     w = p["weight"]
     bias = [em.weight(p["bias"])] if "bias" in p else []

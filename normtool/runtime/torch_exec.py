@@ -236,6 +236,10 @@ def _mul(op: Op, xs, p):
     return xs[0] * xs[1]
 
 
+def _mean(op: Op, xs, p):
+    return (xs[0] + xs[1]) / 2
+
+
 def _linear(op: Op, xs, p):
     return F.linear(xs[0], p["weight"], p.get("bias"))
 
