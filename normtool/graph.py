@@ -97,6 +97,16 @@ FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
 INPUT_KINDS = frozenset({"tokens", "pixels", "features"})
 
 
+def sliced_size(size: int, sl: tuple[int, ...]) -> int | None:
+    """The length an axis of ``size`` has after a ``Source`` slice ``(axis, start, stop
+    [, period])`` (None: the slice does not fit the axis)."""
+    _, start, stop, *rest = sl
+    period = rest[0] if rest else size
+    if len(rest) > 1 or period < 1 or size % period or not 0 <= start <= stop <= period:
+        return None
+    return size // period * (stop - start)
+
+
 def rotary_dims(head_dim: int, fraction: float) -> int:
     """Dims of each head a ``rope`` op rotates (GPT-NeoX's ``int(head_size * rotary_pct)``)."""
     return int(head_dim * fraction)
@@ -123,12 +133,14 @@ class Space:
 @dataclass(frozen=True)
 class Source:
     """Where a graph tensor is stored: ``key`` in the checkpoint, optionally a slice
-    ``(axis, start, stop)`` of the stored tensor, then optionally transposed (2-D), then
+    ``(axis, start, stop)`` of the stored tensor — or ``(axis, start, stop, period)``: entries
+    ``start:stop`` of every block of ``period`` along the axis (GPT-NeoX stores q, k, v
+    interleaved head by head) —, then optionally transposed (2-D), then
     optionally reshaped (same element count: e.g. ViT's stored ``[1, P, d]`` position table read
     as the canonical ``[P, d]``)."""
 
     key: str
-    slice: tuple[int, int, int] | None = None
+    slice: tuple[int, ...] | None = None
     transpose: bool = False
     reshape: tuple[int, ...] | None = None
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from normtool.arch.family import BuildOptions
 from normtool.arch.registry import build_graph
 from normtool.errors import NormtoolError
-from normtool.graph import FLOAT_DTYPES, Graph, Source
+from normtool.graph import FLOAT_DTYPES, Graph, Source, sliced_size
 from normtool.io.keys import GRAPH_KEY, HISTORY_KEY
 from normtool.io.safetensors_format import DTYPE_NAMES
 from normtool.io.store import Checkpoint, open_checkpoint
@@ -109,12 +109,13 @@ def _check_sources(graph: Graph, ck: Checkpoint) -> None:
 def _view_shape(src: Source, shape: list[int]) -> list[int] | None:
     """The shape ``read_view`` makes of a stored tensor of ``shape`` (None: it cannot)."""
     if src.slice is not None:
-        if len(src.slice) != 3 or not all(type(v) is int for v in src.slice):
+        if len(src.slice) not in (3, 4) or not all(type(v) is int for v in src.slice):
             return None
-        axis, start, stop = src.slice
-        if not (0 <= axis < len(shape) and 0 <= start <= stop <= shape[axis]):
-            return None
-        shape[axis] = stop - start
+        axis = src.slice[0]
+        size = sliced_size(shape[axis], src.slice) if 0 <= axis < len(shape) else None
+        if size is None or (len(src.slice) == 4 and src.transpose):
+            return None  # a periodic slice is never transposed (the writer could not undo it)
+        shape[axis] = size
     if src.transpose is not False:
         if src.transpose is not True or len(shape) != 2:
             return None

@@ -19,6 +19,16 @@ from normtool.graph import Graph, Source
 from normtool.io.store import Checkpoint
 
 
+def sliced(t: torch.Tensor, sl: tuple[int, ...]) -> torch.Tensor:
+    """A view of ``t`` holding a ``Source`` slice ``(axis, start, stop[, period])`` — one a
+    writer can copy into. With a period the sliced axis is split in two, ``[blocks,
+    stop − start]``; flattening those gives the graph tensor (a copy: the view is strided)."""
+    axis, start, stop, *period = sl
+    if not period:
+        return t.narrow(axis, start, stop - start)
+    return t.unflatten(axis, (-1, period[0])).narrow(axis + 1, start, stop - start)
+
+
 def read_view(
     ck: Checkpoint, src: Source, cache: dict[str, torch.Tensor] | None = None
 ) -> torch.Tensor:
@@ -30,8 +40,9 @@ def read_view(
         if cache is not None:
             cache[src.key] = t
     if src.slice is not None:
-        axis, start, stop = src.slice
-        t = t.narrow(axis, start, stop - start)
+        t = sliced(t, src.slice)
+        if len(src.slice) == 4:
+            t = t.flatten(src.slice[0], src.slice[0] + 1)
     if src.transpose:
         t = t.t()
     if src.reshape is not None:

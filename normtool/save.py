@@ -23,7 +23,7 @@ from normtool.io.keys import GRAPH_KEY, HISTORY_KEY, VERSION_KEY
 from normtool.io.safetensors_format import DTYPES
 from normtool.io.source_writer import is_normtool, write_like_checkpoint
 from normtool.io.writer import DEFAULT_MAX_SHARD, write_checkpoint
-from normtool.model import Model, read_view
+from normtool.model import Model, read_view, sliced
 
 
 def save_model(
@@ -114,8 +114,7 @@ class _Assembler:
             values[name] = v
             target = out
             if src.slice is not None:
-                axis, start, stop = src.slice
-                target = out.narrow(axis, start, stop - start)
+                target = sliced(out, src.slice)
             # undo read_view's steps in reverse: reshape, then transpose
             view = v.reshape(target.t().shape if src.transpose else target.shape)
             target.copy_(view.t() if src.transpose else view)

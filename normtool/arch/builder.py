@@ -10,7 +10,7 @@ import math
 from typing import Any
 
 from normtool.errors import NormtoolError
-from normtool.graph import Graph, InputSpec, Op, Source, Space, TensorSpec
+from normtool.graph import Graph, InputSpec, Op, Source, Space, TensorSpec, sliced_size
 from normtool.io.safetensors_format import DTYPE_NAMES
 from normtool.io.store import Checkpoint
 
@@ -43,7 +43,7 @@ class GraphBuilder:
         name: str,
         key: str,
         axes: tuple[str | None, ...],
-        slice: tuple[int, int, int] | None = None,
+        slice: tuple[int, ...] | None = None,
         transpose: bool = False,
         squeeze: bool = False,
         reshape: tuple[int, ...] | None = None,
@@ -56,12 +56,12 @@ class GraphBuilder:
             raise NormtoolError(f"expected tensor {key!r} is missing", self.ck.path)
         shape = list(self.ck.shape(key))
         if slice is not None:
-            axis, start, stop = slice
-            if stop > shape[axis]:
+            size = sliced_size(shape[slice[0]], slice)
+            if size is None:
                 raise NormtoolError(
                     f"tensor {key!r} has shape {tuple(shape)}, too small", self.ck.path
                 )
-            shape[axis] = stop - start
+            shape[slice[0]] = size
         if transpose:
             if len(shape) != 2:
                 raise NormtoolError(f"tensor {key!r} should be 2-D", self.ck.path)

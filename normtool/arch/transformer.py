@@ -30,7 +30,8 @@ Layout keys
                 images ``patch`` (conv prefix, bias optional), ``cls``, ``dist`` (DeiT's
                 distillation token, after the class token), ``pos``.
 ``block``       prefixes with ``{i}``: norm1, norm2, q/k/v or fused ``qkv``, o, fc1, fc2;
-                ``conv1d``: linears stored ``[in, out]`` (GPT-2); ``scale1``/``scale2``: keys of
+                ``conv1d``: linears stored ``[in, out]`` (GPT-2); ``qkv_per_head``: the fused
+                ``qkv`` holds each head's q, k, v together (GPT-NeoX); ``scale1``/``scale2``: keys of
                 a per-channel layer scale on the attention / MLP branch (DINOv2).
 ``norm_f``, ``project_out``, ``head`` (``linear``, ``tied`` key, ``bias`` key when the head's
                 bias is stored apart from it, ``pooler``, ``pooler_act``, an MLM ``transform``
@@ -185,6 +186,7 @@ _LAYOUT_KEYS = {
         "fc1",
         "fc2",
         "conv1d",
+        "qkv_per_head",
         "scale1",
         "scale2",
     },
@@ -502,7 +504,8 @@ class _Build:
         """A linear op ``name`` reading ``prefix.weight`` (``+ .bias`` when stored).
 
         ``conv1d``: stored ``[in, out]``; ``part=(j, n)``: the j-th of n equal slices along the
-        output axis of a fused weight (q, k, v of ``c_attn`` / ``qkv``).
+        output axis of a fused weight (q, k, v of ``c_attn`` / ``qkv``) — or, with the layout's
+        ``qkv_per_head``, the j-th of n slices within each head's block (GPT-NeoX).
         """
         b, wk, bk = self.b, prefix + ".weight", prefix + ".bias"
         w_slice = b_slice = None
@@ -514,8 +517,12 @@ class _Build:
                 raise NormtoolError(
                     f"fused tensor {wk!r} should have {n}×{size} outputs", self.ck.path
                 )
-            w_slice = (1 if conv1d else 0, j * size, (j + 1) * size)
-            b_slice = (0, j * size, (j + 1) * size)
+            if self.layout["block"].get("qkv_per_head"):
+                dim = size // self.b.spaces[out_space].heads
+                w_slice = (1 if conv1d else 0, j * dim, (j + 1) * dim, n * dim)
+            else:
+                w_slice = (1 if conv1d else 0, j * size, (j + 1) * size)
+            b_slice = (0, *w_slice[1:])
         params = {
             "weight": b.tensor(
                 f"{name}.weight", wk, (out_space, in_space), w_slice, transpose=conv1d
