@@ -219,6 +219,22 @@ FAMILY_CONFIGS: dict[str, tuple[str, str, dict[str, Any]]] = {
         {**_IMAGE, "intermediate_size": 64, "num_labels": 5},
     ),
     "dinov2": ("Dinov2Config", "Dinov2Model", {**_IMAGE, "mlp_ratio": 2}),
+    # half of each head rotated, as in Pythia (rotary_pct 0.25) and Phi-2 (0.4)
+    "gpt_neox": (
+        "GPTNeoXConfig",
+        "GPTNeoXForCausalLM",
+        {**_TEXT, "intermediate_size": 64, "max_position_embeddings": 16, "rotary_pct": 0.5},
+    ),
+    "phi": (
+        "PhiConfig",
+        "PhiForCausalLM",
+        {
+            **_TEXT,
+            "intermediate_size": 64,
+            "max_position_embeddings": 16,
+            "partial_rotary_factor": 0.5,
+        },
+    ),
     "clip_vision": ("CLIPVisionConfig", "CLIPVisionModel", {**_IMAGE, "intermediate_size": 64}),
     "clip_text": (
         "CLIPTextConfig",

@@ -30,7 +30,7 @@ from normtool.runtime.torch_exec import run_graph
 FAMILIES = ["gpt2", "opt", "vit", "timm_vit", "ref", "ref_parallel"]
 #: Measured by ``scripts/ln_to_rms_errors.py`` only (``tests/test_arch_families`` tests them);
 #: DINOv2 and CLIP's text tower output their final norm, so only RMS applies to them.
-MORE_FAMILIES = ["deit", "dinov2", "clip_text"]
+MORE_FAMILIES = ["deit", "dinov2", "clip_text", "gpt_neox", "phi"]
 RMS_ONLY = frozenset({"dinov2", "clip_text"})
 HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
 #: At least this many logits per input batch (4 batches): the RMS error averages over ~1000
@@ -60,7 +60,7 @@ def make_family(kind: str, root: Path) -> tuple[Path, list[str]]:
 
 def reference_forward(kind: str, path: Path, dtype: torch.dtype = torch.float32):
     """The original model's own forward, independent of normtool: inputs -> logits."""
-    if kind in ("gpt2", "opt", "clip_text"):
+    if kind in ("gpt2", "opt", "clip_text", "gpt_neox", "phi"):
         m = load_hf(path, dtype)
         return lambda x: m(input_ids=x)[0]  # logits, or a base model's last_hidden_state
     if kind in ("vit", "deit", "dinov2"):

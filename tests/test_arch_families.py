@@ -1,11 +1,13 @@
-"""DistilBERT, RoBERTa, DeiT, DINOv2 and CLIP's two towers: each recognised from its
+"""DistilBERT, RoBERTa, DeiT, DINOv2, CLIP's two towers, GPT-NeoX and Phi: each recognised from its
 ``config.json``, computed by the executor and exported to ONNX equal to ``transformers`` run on
 the same tiny random model, and every transform that applies checked against that reference.
 
 Inputs are chosen to exercise what each family does differently: RoBERTa's padding tokens
 (positions counted over the others), CLIP's EOS pooling (first EOS, none, the legacy "largest
 id" rule), DeiT's distillation token and DINOv2's layer scale (all weights perturbed away from
-their init by the factory, so a layer scale of 1 or a missing token would fail).
+their init by the factory, so a layer scale of 1 or a missing token would fail), GPT-NeoX's
+q, k, v interleaved head by head in one fused tensor, and partial rotary embeddings (half of
+each head).
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ CASES = {
     "dinov2": ("dinov2", "Dinov2Model", 1e-12, True, False),
     "clip_vision": ("clip_vision", "CLIPVisionModel", 2e-6, False, False),
     "clip_text": ("clip_text", "CLIPTextModel", 2e-6, True, False),
+    # transformers computes the rotary tables in fp32 for fp64 models too
+    "gpt_neox": ("gpt_neox", "GPTNeoXForCausalLM", 2e-6, True, True),
+    "phi": ("phi", "PhiForCausalLM", 2e-6, True, True),
 }
 EOS, PAD = 7, 1  # the factory's CLIP eos_token_id and RoBERTa's pad_token_id
 
@@ -105,6 +110,15 @@ def test_roberta_positions_skip_padding(made):
     ids = torch.tensor([[5, 6, 9, 12], [PAD, PAD, 5, 6]])
     errs = _errors(model, load_hf(made("roberta_model")), {"input_ids": ids}, torch.float32)
     assert max(errs.values()) <= 1e-4
+
+
+def test_gpt_neox_serial_blocks(tmp_path):
+    """use_parallel_residual false: attention, then the MLP on the updated stream."""
+    path = make_family(tmp_path / "m", "gpt_neox", use_parallel_residual=False)
+    model = load_model(path)
+    assert model.graph.info["parallel"] is False
+    x = _inputs(model, torch.float32)
+    assert max(_errors(model, load_hf(path), x, torch.float32).values()) <= 1e-4
 
 
 def test_clip_text_legacy_eos_pools_the_largest_id(tmp_path):

@@ -21,17 +21,18 @@ DEFAULT_THETA = 10000.0
 
 def rope_attrs(cfg: dict[str, Any], ck: Checkpoint) -> dict[str, Any]:
     """``{"base": θ, "fraction": f[, "scaling": {...}]}`` from ``cfg``, or NormtoolError."""
+    # the fraction of each head rotated: Phi's partial_rotary_factor, GPT-NeoX's rotary_pct
+    # (and rotary_emb_base for the theta) in transformers 4; inside rope_parameters in 5
+    fraction = cfg.get("partial_rotary_factor", cfg.get("rotary_pct", 1.0))
+    theta = cfg.get("rope_theta", cfg.get("rotary_emb_base", DEFAULT_THETA))
     params = cfg.get("rope_parameters")
     if isinstance(params, dict):
         where, scaling = "rope_parameters", params
-        theta = params.get("rope_theta", cfg.get("rope_theta", DEFAULT_THETA))
+        theta = params.get("rope_theta", theta)
+        fraction = params.get("partial_rotary_factor", fraction)
     else:
         where, scaling = "rope_scaling", cfg.get("rope_scaling")
-        theta = cfg.get("rope_theta", DEFAULT_THETA)
-    attrs: dict[str, Any] = {
-        "base": theta,
-        "fraction": cfg.get("partial_rotary_factor", 1.0),
-    }
+    attrs: dict[str, Any] = {"base": theta, "fraction": fraction}
     if scaling is not None:
         if not isinstance(scaling, dict):
             raise NormtoolError(f"config {where} = {scaling!r} is not an object", ck.path)

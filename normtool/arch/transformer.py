@@ -14,7 +14,8 @@ Layout keys
 ``settings``    each a constant or ``{"config": key, "default": v, "map": {...}, "nonzero": b}``:
                 heads, layers, eps, stat_eps (UN/PowerNorm/BatchNorm eps), pn_groups (PowerNorm's
                 group count; the head count when absent), act, tie, placement (pre|post),
-                parallel, causal, norm (a kind, or ``auto``: recognised from buffers), classify
+                parallel, parallel_norm2 (Pre-LN parallel blocks whose MLP branch reads norm2,
+                GPT-NeoX; else both branches read norm1), causal, norm (a kind, or ``auto``: recognised from buffers), classify
                 (head on token 0), pos_offset, pos_pad (RoBERTa: positions counted over the
                 tokens that are not this padding id, from it + 1), eos and eos_argmax (the
                 EOS id CLIP's text tower pools at; the id for which it pools the largest id
@@ -89,6 +90,8 @@ ORDER = (
     "bert",
     "distilbert",
     "roberta",
+    "gpt_neox",
+    "phi",
     "llama",
     "mistral",
     "qwen2",
@@ -249,6 +252,7 @@ class Settings:
     tie: bool
     placement: str
     parallel: bool
+    parallel_norm2: bool
     causal: bool
     norm: str
     classify: bool
@@ -269,6 +273,7 @@ _DEFAULTS: dict[str, Any] = {
     "eps": 1e-5,
     "tie": False,
     "parallel": False,
+    "parallel_norm2": False,
     "causal": False,
     "classify": False,
     "pos_offset": 0,
@@ -400,6 +405,7 @@ def _settings(layout: dict, ck: Checkpoint, opts: BuildOptions, block_count: int
             "act": activation(str(s["act"]), ck),
             "tie": bool(s["tie"]),
             "parallel": bool(s["parallel"]),
+            "parallel_norm2": bool(s["parallel_norm2"]) and bool(s["parallel"]),
             "causal": bool(s["causal"]),
         }
     )
@@ -683,6 +689,7 @@ class _Build:
         t = {k: _fill(v, i) for k, v in self.layout["block"].items() if isinstance(v, str)}
         conv1d = bool(self.layout["block"].get("conv1d"))
         pre = f"blocks.{i}"
+        x_in = x
         h = self.norm(f"{pre}.norm1", x, t["norm1"]) if s.placement == "pre" else x
         a = self.attention(pre, h, t, conv1d)
         a = self.linear(f"{pre}.attn.o", a, t["o"], "resid", f"{pre}.vo", conv1d)
@@ -692,6 +699,8 @@ class _Build:
             x = self.norm(f"{pre}.norm1", x, t["norm1"])
         if not s.parallel:
             h = self.norm(f"{pre}.norm2", x, t["norm2"]) if s.placement == "pre" else x
+        elif s.parallel_norm2:  # GPT-NeoX: the MLP branch has a norm of its own
+            h = self.norm(f"{pre}.norm2", x_in, t["norm2"])
         f = self.mlp(pre, h, t, d_ff, conv1d)
         f = self.layer_scale(f"{pre}.mlp.scale", f, t.get("scale2"))
         x = b.op("add", f"{pre}.resid2", [x, f], "resid")

@@ -167,6 +167,19 @@ def find_stream(graph: Graph) -> tuple[Stream | None, list[str]]:
             if u not in stream:
                 stream.add(u)
                 todo.append(u)
+    # its head: a writer's output that a norm reads as well as a sum (the token embedding of a
+    # model without position table, GPT-NeoX, Phi) is the stream's first value
+    heads = {
+        u
+        for v in stream
+        if (p := graph.producer(v)).kind == "add"
+        for u in p.inputs
+        if u not in stream
+        and (w := graph.producer(u)) is not None
+        and SPECS[w.kind].writes_stream
+        and any(SPECS[c.kind].token_stats for c in graph.consumers(u))
+    }
+    stream |= heads
 
     reasons: list[str] = []
     writers: list[Op] = []
@@ -174,6 +187,9 @@ def find_stream(graph: Graph) -> tuple[Stream | None, list[str]]:
     order = {o.name: i for i, o in enumerate(graph.ops)}
     for v in sorted(stream, key=lambda v: order[graph.producer(v).name]):
         p = graph.producer(v)
+        if v in heads:
+            writers.append(p)
+            continue
         if p.kind == "cls_concat":
             writers.append(p)  # its token is written into the stream
         for u in p.inputs:
