@@ -23,7 +23,7 @@ Op kinds (inputs → output; params; attrs) — each one row of ``normtool.opspe
 =================  ===========================  =====================================================
 kind               params                       semantics
 =================  ===========================  =====================================================
-embed              weight[V, C]                 ids[B,T] → weight[ids]
+embed              weight[V, C]                 ids[B,T] → weight[ids]·scale (scale 1; Gemma: √C)
 positions          weight[P, C]                 x[B,T,·] → weight[offset : offset+T] (broadcast [1,T,C])
 id_positions       weight[P, C]                 ids[B,T] → weight[cumsum(ids≠pad)·(ids≠pad) + pad] (RoBERTa:
                                                 non-padding tokens count from pad+1; attr pad)
@@ -37,7 +37,8 @@ linear             weight[O,I], bias?[O]        x @ Wᵀ + b
 layernorm          weight?[C], bias?[C]         (x−μ)/√(σ²+eps)·γ+β over the channel axis
 layernorm2d        weight?[C], bias?[C]         layernorm over the channels of each pixel of a
                                                 [B,C,H,W] map (timm's LayerNorm2d)
-rmsnorm            weight?[C]                   x/√(mean(x²)+eps)·γ
+rmsnorm            weight?[C]                   x/√(mean(x²)+eps)·(offset+γ)  (offset 0; Gemma
+                                                stores γ−1: offset 1)
 crmsnorm           weight?[C]                   x/√((Σx²+(Σx)²)/(C+1)+eps)·γ  (Jiang et al. 2023)
 group_rmsnorm      —                            x split in ``groups`` channel groups, each / its RMS (eps)
 unorm              weight, bias, running_var    γ·x/√(running_var+eps)+β  (UN inference)
@@ -49,7 +50,9 @@ act                —                            fn ∈ relu|relu6|gelu|gelu_ta
 attention          —                            (q,k,v)[B,T,H·D] → softmax(q kᵀ·scale [+causal]) v;
                                                 ``kv_heads`` G < H: k, v are [B,T,G·D] and query
                                                 head h reads kv head h // (H/G) (grouped-query);
-                                                ``window`` W: a query sees keys < W positions back
+                                                ``window`` W: a query sees keys < W positions back;
+                                                ``softcap`` c: scores → c·tanh(scores/c) first
+softcap            —                            x → cap·tanh(x / cap)  (Gemma 2's final logits)
 select             —                            x[B,T,C] → x[:, index]  ([B,C]); index below the
                                                 count of tokens ``cls_concat`` ops prepend
 pick_token         —                            (x[B,T,C], ids[B,T]) → x at each row's first
@@ -114,6 +117,10 @@ def rotary_dims(head_dim: int, fraction: float) -> int:
 
 def _is_int(x: object) -> bool:
     return type(x) is int
+
+
+def _finite(x: object) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def _positive_finite(x: object) -> bool:
@@ -414,12 +421,14 @@ class Graph:
         a = o.attrs
         if o.kind == "act" and a["fn"] not in ACTIVATIONS:
             return f"unknown activation {a['fn']!r}"
+        for name in ("offset", "scale", "softcap"):
+            v = a.get(name)
+            if v is not None and not (_finite(v) and (name == "offset" or v > 0)):
+                return f"{name} {v!r} is not a finite number" + ("" if name == "offset" else " > 0")
         if o.kind == "attention":
             width = self._width(o.inputs[0])
             if width is None or not self._divides(a["heads"], width):
                 return f"heads {a['heads']!r} is not a positive integer dividing width {width}"
-            if a.get("scale") is not None and not _positive_finite(a["scale"]):
-                return f"scale {a['scale']!r} is not a finite number > 0"
             return self._kv_heads_problem(o)
         if o.kind == "mul" and self._width(o.inputs[0]) != self._width(o.inputs[1]):
             return f"multiplies widths {self._width(o.inputs[0])} and {self._width(o.inputs[1])}"

@@ -257,6 +257,7 @@ _TABLE = (
         size_free=True,
     ),
     OpSpec("global_avgpool", 1, rank=_const(2), commutes_affine="always"),
+    OpSpec("softcap", 1, attrs=("cap",), eps_attrs=("cap",)),
     OpSpec("loki", 1, ("d2",), rank=_const(1)),
     OpSpec("rope", 1, attrs=("heads",), pins="input"),
 )

@@ -53,6 +53,20 @@ CASES = {
     ),
     "mistral_window": ("MistralForCausalLM", {"sliding_window": 5}, "mistral"),
     "qwen2": ("Qwen2ForCausalLM", {}, "qwen2"),
+    # 3 layers: sliding, full, sliding; soft caps low enough to bend the scores and logits
+    "gemma2": (
+        "Gemma2ForCausalLM",
+        {
+            "head_dim": 8,
+            "num_hidden_layers": 3,
+            "sliding_window": 5,
+            "query_pre_attn_scalar": 16,
+            "attn_logit_softcapping": 2.0,
+            "final_logit_softcapping": 3.0,
+        },
+        "gemma2",
+    ),
+    "gemma2_base": ("Gemma2Model", {"head_dim": 8, "sliding_window": 5}, "gemma2"),
 }
 #: fp32 bound on max-abs logits (magnitude ~3-5): the executor and transformers do the same
 #: fp32 arithmetic up to summation order and the rotary frequencies (transformers computes
@@ -112,6 +126,9 @@ def test_executor_matches_transformers(case, decoder):
         ("qwen2", EmitOptions(opset=23)),
         ("llama3_scaled", EmitOptions(opset=23)),
         ("llama_tied_mha", EmitOptions(opset=17)),
+        ("gemma2", EmitOptions(opset=17)),
+        ("gemma2", EmitOptions(opset=23, attention="op")),
+        ("gemma2_base", EmitOptions(opset=23)),
     ],
     ids=lambda v: v if isinstance(v, str) else f"{v.opset}-{v.target}-{v.attention}",
 )
@@ -150,6 +167,21 @@ def test_hub_style_rope_config_reads_as_the_new_one(decoder, tmp_path):
     assert code == 2 and "'yarn' is not supported" in err and len(err.strip().splitlines()) == 1
 
 
+def test_gemma2_config_without_layer_types_slides_on_even_layers(decoder, tmp_path):
+    """Hub configs from transformers 4 have no ``layer_types``: Gemma 2 then slides on even
+    layers, as the config's ``layer_types`` written by transformers 5 says explicitly."""
+    src = decoder("gemma2")
+    cfg = json.loads((src / "config.json").read_text())
+    assert cfg.pop("layer_types") == ["sliding_attention", "full_attention", "sliding_attention"]
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "model.safetensors").write_bytes((src / "model.safetensors").read_bytes())
+    (old / "config.json").write_text(json.dumps(cfg))
+    graph = load_model(old).graph
+    assert graph.to_json() == load_model(src).graph.to_json()
+    assert [o.attrs.get("window") for o in graph.ops_of("attention")] == [5, None, 5]
+
+
 def test_sharded_folder_loads(tmp_path):
     path = make_decoder(tmp_path / "sharded", "Qwen2ForCausalLM", save={"max_shard_size": "20KB"})
     assert len(list(path.glob("*.safetensors"))) > 1
@@ -185,13 +217,13 @@ def _logits(model, weights, ids) -> torch.Tensor:
     return run_graph(model.graph, weights, {"input_ids": ids}, dtype=torch.float64)["logits"]
 
 
-@pytest.mark.parametrize("case", ["llama", "llama_tied_mha"])
+@pytest.mark.parametrize("case", ["llama", "llama_tied_mha", "gemma2"])
 def test_permutation_groups_keep_rotary_pairs_and_kv_groups(case, decoder):
     model = load_model(decoder(case))
     g = model.graph
     groups, skipped = permutation_groups(g)
     attn = [gr for gr in groups if gr.heads]
-    assert len(attn) == 2 and all(gr.rotary for gr in attn) and not skipped
+    assert len(attn) == g.info["layers"] and all(gr.rotary for gr in attn) and not skipped
     perms = random_perms(g, groups, torch.Generator().manual_seed(4))
     w = {k: model.tensor(k).double() for k in g.tensors}
     pw = permute_weights(g, w, perms)

@@ -95,6 +95,7 @@ ORDER = (
     "llama",
     "mistral",
     "qwen2",
+    "gemma2",
     "timm_vit",
 )
 
@@ -192,6 +193,8 @@ _LAYOUT_KEYS = {
         "qkv_per_head",
         "scale1",
         "scale2",
+        "post1",
+        "post2",
     },
     "head": {
         "linear",
@@ -267,6 +270,12 @@ class Settings:
     rope: bool
     window: int
     max_len: int
+    window_pattern: int
+    embed_scale: bool
+    norm_offset: float
+    attn_scalar: float | None
+    attn_softcap: float | None
+    logit_softcap: float | None
 
 
 _DEFAULTS: dict[str, Any] = {
@@ -287,6 +296,12 @@ _DEFAULTS: dict[str, Any] = {
     "rope": False,
     "window": None,
     "max_len": 0,
+    "window_pattern": 1,
+    "embed_scale": False,
+    "norm_offset": 0.0,
+    "attn_scalar": None,
+    "attn_softcap": None,
+    "logit_softcap": None,
 }
 
 _MISSING = object()
@@ -556,6 +571,8 @@ class _Build:
         setting = "eps" if kind in _AFFINE_EPS else "stat_eps"
         eps = self.stated(setting, f"{kind} eps", "--eps", self.opts.eps)
         attrs: dict[str, Any] = {"eps": eps}
+        if kind == "rmsnorm" and self.s.norm_offset:
+            attrs["offset"] = self.s.norm_offset
         if kind == "powernorm":
             groups = self.stated(
                 "pn_groups", "powernorm groups", "--pn-groups", self.opts.pn_groups
@@ -621,12 +638,14 @@ class _Build:
             InputSpec("input_ids", "tokens", ("batch", "seq"), vocab=vocab, max_len=max_len),
             b.space("tokens", vocab, "input"),
         )
+        scale = {"scale": math.sqrt(width)} if s.embed_scale else {}  # Gemma: √d
         x = b.op(
             "embed",
             "tok_emb",
             [ids],
             emb_space,
             {"weight": b.tensor("tok_emb.weight", e["tok"], (None, emb_space))},
+            **scale,
         )
         if project_in:
             x = self.linear("project_in", x, e["project_in"], "resid", "emb")
@@ -691,9 +710,11 @@ class _Build:
         pre = f"blocks.{i}"
         x_in = x
         h = self.norm(f"{pre}.norm1", x, t["norm1"]) if s.placement == "pre" else x
-        a = self.attention(pre, h, t, conv1d)
+        a = self.attention(i, h, t, conv1d)
         a = self.linear(f"{pre}.attn.o", a, t["o"], "resid", f"{pre}.vo", conv1d)
         a = self.layer_scale(f"{pre}.attn.scale", a, t.get("scale1"))
+        if "post1" in t:  # Peri-LN (Gemma 2): the branch's output normalised too
+            a = self.norm(f"{pre}.post_norm1", a, t["post1"])
         x = b.op("add", f"{pre}.resid1", [x, a], "resid")
         if s.placement == "post" and not s.parallel:
             x = self.norm(f"{pre}.norm1", x, t["norm1"])
@@ -703,6 +724,8 @@ class _Build:
             h = self.norm(f"{pre}.norm2", x_in, t["norm2"])
         f = self.mlp(pre, h, t, d_ff, conv1d)
         f = self.layer_scale(f"{pre}.mlp.scale", f, t.get("scale2"))
+        if "post2" in t:
+            f = self.norm(f"{pre}.post_norm2", f, t["post2"])
         x = b.op("add", f"{pre}.resid2", [x, f], "resid")
         if s.placement == "post":  # a parallel block has one norm, after the joint sum
             last = "norm1" if s.parallel else "norm2"
@@ -716,14 +739,14 @@ class _Build:
         scale = self.b.tensor(f"{name}.scale", key, ("resid",))
         return self.b.op("affine", name, [x], "resid", {"scale": scale})
 
-    def attention(self, pre: str, h: str, t: dict[str, str], conv1d: bool) -> str:
+    def attention(self, i: int, h: str, t: dict[str, str], conv1d: bool) -> str:
         """q/k/v projections (rotated when the family uses rotary embeddings) and attention.
 
         Spaces: ``{pre}.qk`` (queries and keys) and ``{pre}.vo`` (values and the output the
         ``o`` projection reads), ``heads`` heads each; with fewer kv heads (grouped-query) keys
         and values get spaces of their own, ``{pre}.k`` and ``{pre}.v``, of ``kv_heads`` heads.
         """
-        b, s = self.b, self.s
+        b, s, pre = self.b, self.s, f"blocks.{i}"
         heads, kv = s.heads, s.kv_heads
         dim = s.head_dim or b.spaces["resid"].size // heads
         qk = b.space(f"{pre}.qk", heads * dim, "heads_qk", heads)
@@ -746,9 +769,22 @@ class _Build:
         attrs: dict[str, Any] = {"heads": heads, "causal": s.causal}
         if kv != heads:
             attrs["kv_heads"] = kv
-        if s.window:
+        if s.window and self.sliding(i):
             attrs["window"] = s.window
+        if s.attn_scalar:  # Gemma: scores scaled by query_pre_attn_scalar^-1/2, not head_dim's
+            attrs["scale"] = s.attn_scalar**-0.5
+        if s.attn_softcap:
+            attrs["softcap"] = s.attn_softcap
         return b.op("attention", f"{pre}.attn", qkv, vo, **attrs)
+
+    def sliding(self, i: int) -> bool:
+        """Whether block ``i`` attends through the sliding window: the config's ``layer_types``
+        where it has them, else every layer but each ``window_pattern``-th (Gemma 2: even
+        layers slide; Mistral: pattern 1, every layer)."""
+        types = (model_config(self.ck) or {}).get("layer_types")
+        if isinstance(types, list) and len(types) == self.s.layers:
+            return types[i] == "sliding_attention"
+        return self.s.window_pattern == 1 or (i + 1) % self.s.window_pattern != 0
 
     def mlp(self, pre: str, h: str, t: dict[str, str], d_ff: int, conv1d: bool) -> str:
         """``fc2(act(fc1(h)))``, or gated (SwiGLU/GeGLU) ``fc2(act(gate(h)) ⊙ fc1(h))``."""
@@ -855,7 +891,13 @@ class _Build:
         params = {"weight": b.tensor("head.weight", wk, (out_space, width))}
         if bk in ck:
             params["bias"] = b.tensor("head.bias", bk, (out_space,))
-        b.ops.append(Op("head", "linear", (x,), "logits", params))
+        if self.s.logit_softcap:  # Gemma 2: cap · tanh(logits / cap)
+            x = b.op("linear", "head", [x], out_space, params)
+            b.ops.append(
+                Op("head.softcap", "softcap", (x,), "logits", {}, {"cap": self.s.logit_softcap})
+            )
+        else:
+            b.ops.append(Op("head", "linear", (x,), "logits", params))
         b.value_spaces["logits"] = out_space
         b.info["tied_head"] = tied
 
@@ -945,6 +987,7 @@ def build(layout: dict, ck: Checkpoint, opts: BuildOptions) -> Graph:
         kv_heads=s.kv_heads,
         head_dim=s.head_dim or d // s.heads,
         gated="gate" in layout["block"],
+        peri_norm="post1" in layout["block"],
     )
     if s.rope:
         b.info["rope"] = run.rope

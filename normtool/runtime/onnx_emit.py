@@ -290,7 +290,19 @@ Emit = Callable[[_Emitter, Op, list[str], dict[str, str]], str]
 
 
 def _embed(em: _Emitter, op: Op, xs: list[str], p: dict[str, str]) -> str:
-    return em.node("Gather", [em.weight(p["weight"]), xs[0]], axis=0)
+    y = em.node("Gather", [em.weight(p["weight"]), xs[0]], axis=0)
+    scale = op.attrs.get("scale")
+    return em.node("Mul", [y, em.scalar(scale)], "scaled") if scale else y
+
+
+def _softcap(em: _Emitter, op: Op, xs: list[str], p: dict[str, str]) -> str:
+    return _capped(em, em.settle(xs[0]), float(op.attrs["cap"]))
+
+
+def _capped(em: _Emitter, x: str, cap: float, stat: bool = False) -> str:
+    """``cap · tanh(x / cap)`` (``stat``: on the fp32 statistics chain)."""
+    t = em.node("Tanh", [em.node("Div", [x, em.scalar(cap, stat)])])
+    return em.node("Mul", [t, em.scalar(cap, stat)], "softcap")
 
 
 def _positions(em: _Emitter, op: Op, xs: list[str], p: dict[str, str]) -> str:
@@ -386,7 +398,7 @@ def _skip_norm(em: _Emitter, add: Op, norm: Op, xs: list[str]) -> str:
     skip = xs[1] if x == xs[0] else xs[0]
     bias = em.take_bias(x) or ""
     p = dict(norm.params)
-    gamma = em.weight(p["weight"]) if "weight" in p else em.ones(_width(em, norm))
+    gamma = _norm_scale(em, norm)
     readers = [o for o in em.graph.consumers(add.output) if o.name != norm.name]
     need_sum = bool(readers) or add.output in em.graph.outputs
     eps = norm.attrs["eps"]
@@ -411,7 +423,7 @@ def _width(em: _Emitter, op: Op) -> int:
 
 
 def _layernorm(em: _Emitter, op: Op, xs: list[str], p: dict[str, str]) -> str:
-    scale = em.weight(p["weight"]) if "weight" in p else em.ones(_width(em, op))
+    scale = _norm_scale(em, op)
     bias = [em.weight(p["bias"])] if "bias" in p else []
     return em.node(
         "LayerNormalization", [xs[0], scale, *bias], axis=-1, epsilon=op.attrs["eps"], stash_type=1
@@ -425,9 +437,18 @@ def _layernorm2d(em: _Emitter, op: Op, xs: list[str], p: dict[str, str]) -> str:
     return em.node("Transpose", [_layernorm(em, op, [nhwc], p)], perm=[0, 3, 1, 2])
 
 
+def _norm_scale(em: _Emitter, op: Op) -> str:
+    """A norm's scale initializer: ``γ``, ``offset + γ`` (Gemma's RMSNorm), or ones."""
+    p, offset = op.params, float(op.attrs.get("offset", 0.0))
+    if "weight" not in p:
+        return em.ones(_width(em, op))
+    if offset:
+        return em.weight(p["weight"], f"plus{offset:g}", lambda w: w + offset)
+    return em.weight(p["weight"])
+
+
 def _rmsnorm(em: _Emitter, op: Op, xs: list[str], p: dict[str, str]) -> str:
-    scale = em.weight(p["weight"]) if "weight" in p else em.ones(_width(em, op))
-    return em.rms(xs[0], op.attrs["eps"], scale)
+    return em.rms(xs[0], op.attrs["eps"], _norm_scale(em, op))
 
 
 def _crmsnorm(em: _Emitter, op: Op, xs: list[str], p: dict[str, str]) -> str:
@@ -549,9 +570,11 @@ def _attention(em: _Emitter, op: Op, xs: list[str], p: dict[str, str]) -> str:
             em.emit(linear)
         xs = [em.env[v] for v in op.inputs]
     kv = int(op.attrs.get("kv_heads") or heads)
+    cap = float(op.attrs.get("softcap") or 0.0)
     mask = _score_mask(em, xs[0], causal, int(op.attrs.get("window", 0)))
     if em.opts.attention == "op":
         extra = {"softmax_precision": TensorProto.FLOAT} if em.low else {}
+        extra.update({"softcap": cap} if cap else {})
         window = bool(op.attrs.get("window"))
         return em.node(
             "Attention",
@@ -563,18 +586,24 @@ def _attention(em: _Emitter, op: Op, xs: list[str], p: dict[str, str]) -> str:
             **extra,
         )
     if kv != heads:
-        return _grouped_attention(em, xs, heads, kv, scale, mask)
+        return _grouped_attention(em, xs, heads, kv, scale, mask, cap)
     q, k, v = (em.node("Reshape", [x, em.i64([0, 0, heads, -1])], "heads") for x in xs)
     q = em.node("Transpose", [q], "q", perm=[0, 2, 1, 3])
     k = em.node("Transpose", [k], "kT", perm=[0, 2, 3, 1])
     v = em.node("Transpose", [v], "v", perm=[0, 2, 1, 3])
-    y = _softmax_attention(em, q, k, v, scale, mask)
+    y = _softmax_attention(em, q, k, v, scale, mask, cap)
     y = em.node("Transpose", [y], perm=[0, 2, 1, 3])
     return em.node("Reshape", [y, em.i64([0, 0, -1])])
 
 
 def _grouped_attention(
-    em: _Emitter, xs: list[str], heads: int, kv: int, scale: float, mask: str | None
+    em: _Emitter,
+    xs: list[str],
+    heads: int,
+    kv: int,
+    scale: float,
+    mask: str | None,
+    cap: float,
 ) -> str:
     """Grouped-query attention as broadcasting MatMuls: queries ``[B, G, H/G, T, D]`` against
     keys and values ``[B, G, 1, T, D]`` (no Expand copying each kv head H/G times)."""
@@ -583,16 +612,18 @@ def _grouped_attention(
     q = em.node("Transpose", [q], "q", perm=[0, 2, 3, 1, 4])
     k = em.node("Transpose", [k], "kT", perm=[0, 2, 3, 4, 1])
     v = em.node("Transpose", [v], "v", perm=[0, 2, 3, 1, 4])
-    y = _softmax_attention(em, q, k, v, scale, mask)
+    y = _softmax_attention(em, q, k, v, scale, mask, cap)
     y = em.node("Transpose", [y], perm=[0, 3, 1, 2, 4])
     return em.node("Reshape", [y, em.i64([0, 0, -1])])
 
 
 def _softmax_attention(
-    em: _Emitter, q: str, k_t: str, v: str, scale: float, mask: str | None
+    em: _Emitter, q: str, k_t: str, v: str, scale: float, mask: str | None, cap: float = 0.0
 ) -> str:
-    """``softmax(q·kᵀ·scale + mask)·v`` over head-split operands (softmax in fp32)."""
+    """``softmax(cap(q·kᵀ·scale) + mask)·v`` over head-split operands (softmax in fp32)."""
     scores = em.to_stat(em.node("Mul", [em.node("MatMul", [q, k_t]), em.scalar(scale)], "scores"))
+    if cap:
+        scores = _capped(em, scores, cap, stat=True)
     if mask is not None:
         scores = em.node("Add", [scores, mask])
     w = em.from_stat(em.node("Softmax", [scores], axis=-1))

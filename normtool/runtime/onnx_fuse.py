@@ -50,8 +50,8 @@ def _sole_reader(graph: Graph, value: str, reader: Op) -> bool:
 
 
 def _qkv(graph: Graph, op: Op):
-    if len(op.inputs) != 3:
-        return None
+    if len(op.inputs) != 3 or any(op.attrs.get(a) for a in ("kv_heads", "window", "softcap")):
+        return None  # the contrib kernel has no grouped heads, sliding window or soft-capping
     lin = [graph.producer(v) for v in op.inputs]
     if any(p is None or p.kind != "linear" for p in lin):
         return None

@@ -75,8 +75,13 @@ def _rms(x: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def _rmsnorm(op: Op, xs, p):
+    """``offset``: Gemma stores γ − 1 and scales by ``1 + γ`` (the sum taken in the weight's
+    dtype, as its reference does in fp32)."""
     y = _rms(xs[0], op.attrs["eps"])
-    return y * p["weight"] if "weight" in p else y
+    if "weight" not in p:
+        return y
+    offset = op.attrs.get("offset", 0.0)
+    return y * (p["weight"] + offset) if offset else y * p["weight"]
 
 
 def _crmsnorm(op: Op, xs, p):
@@ -177,6 +182,8 @@ def _attention(op: Op, xs, p):
     v = v.reshape(b, t, g, 1, dv).permute(0, 2, 3, 1, 4)
     scale = op.attrs.get("scale") or 1.0 / math.sqrt(dq)
     scores = (q @ k.transpose(-1, -2)) * scale
+    if op.attrs.get("softcap"):
+        scores = softcap(scores, op.attrs["softcap"])
     mask = attention_mask(t, bool(op.attrs.get("causal")), op.attrs.get("window", 0), q.device)
     if mask is not None:
         scores = scores.masked_fill(mask, float("-inf"))
@@ -192,7 +199,17 @@ def _loki(op: Op, xs, p):
 
 
 def _embed(op: Op, xs, p):
-    return F.embedding(xs[0], p["weight"])
+    y = F.embedding(xs[0], p["weight"])
+    return y * op.attrs["scale"] if op.attrs.get("scale") else y
+
+
+def softcap(x: torch.Tensor, cap: float) -> torch.Tensor:
+    """``cap · tanh(x / cap)``: smooth clipping to (−cap, cap) (Gemma 2's logits and scores)."""
+    return torch.tanh(x / cap) * cap
+
+
+def _softcap(op: Op, xs, p):
+    return softcap(xs[0], op.attrs["cap"])
 
 
 def _positions(op: Op, xs, p):
