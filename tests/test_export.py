@@ -50,7 +50,16 @@ FAMILIES = {
     "vit": lambda d: fh.make_vit(d / "vit"),
     "bert": lambda d: fh.make_bert(d / "bert"),
     "roberta": lambda d: fh.make_family(d / "roberta", "roberta"),
-    "mistral": lambda d: fh.make_decoder(d / "mistral", "MistralForCausalLM", sliding_window=5),
+    # grouped-query, gated, Peri-LN with 1+γ norms, sliding window, soft-capped scores and logits
+    "gemma2": lambda d: fh.make_decoder(
+        d / "gemma2",
+        "Gemma2ForCausalLM",
+        head_dim=8,
+        sliding_window=5,
+        query_pre_attn_scalar=16,
+        attn_logit_softcapping=2.0,
+        final_logit_softcapping=3.0,
+    ),
     "timm_vit": lambda d: fh.make_timm_vit(d / "timm"),
     "cnn": lambda d: fr.make_cnn(d),
     "cnn_ws": lambda d: fr.make_cnn(d, name="cnn_ws", weight_standardization="std"),
@@ -71,7 +80,7 @@ LOW_OPSET = (
     "vit",
     "resnet",
     "timm_convnext",
-    "mistral",
+    "gemma2",
 )
 
 
