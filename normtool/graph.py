@@ -91,8 +91,9 @@ SPACE_KINDS = frozenset(
 
 ACTIVATIONS = frozenset({"relu", "relu6", "gelu", "gelu_tanh", "tanh", "silu", "quick_gelu"})
 
-#: Outputs of base models (no head), named as transformers names them.
-BASE_OUTPUTS = frozenset({"last_hidden_state", "pooler_output"})
+#: Outputs of base models (no head), named as transformers names them (CLIP's projected
+#: towers: ``image_embeds``, ``text_embeds``).
+BASE_OUTPUTS = frozenset({"last_hidden_state", "pooler_output", "image_embeds", "text_embeds"})
 
 #: Tensor dtypes a graph's ops compute with (safetensors names): every op needs float weights.
 FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})

@@ -39,6 +39,8 @@ CASES = {
     "dinov2": ("dinov2", "Dinov2Model", 1e-12, True, False),
     "clip_vision": ("clip_vision", "CLIPVisionModel", 2e-6, False, False),
     "clip_text": ("clip_text", "CLIPTextModel", 2e-6, True, False),
+    "clip_vision_proj": ("clip_vision", "CLIPVisionModelWithProjection", 2e-6, False, False),
+    "clip_text_proj": ("clip_text", "CLIPTextModelWithProjection", 2e-6, True, False),
     # transformers computes the rotary tables in fp32 for fp64 models too
     "gpt_neox": ("gpt_neox", "GPTNeoXForCausalLM", 2e-6, True, True),
     "phi": ("phi", "PhiForCausalLM", 2e-6, True, True),
@@ -203,3 +205,20 @@ def test_refusal_reasons_name_the_cause(made):
     assert "graph output 'last_hidden_state'" in clip and "emb_norm" in clip
     r = cli("convert-ln-to-rms", made("dinov2"), "--compressed")
     assert r.returncode == 2 and "norm_f" in r.stderr and "without --compressed" in r.stderr
+
+
+def test_clip_model_is_refused_with_the_reason(tmp_path):
+    """CLIPModel (both towers, logits across the batch) is recognised and refused by name."""
+    from transformers import CLIPConfig, CLIPModel
+
+    tower = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64)
+    cfg = CLIPConfig(
+        text_config={**tower, "vocab_size": 64, "max_position_embeddings": 16},
+        vision_config={**tower, "image_size": 16, "patch_size": 4},
+        projection_dim=24,
+    )
+    CLIPModel(cfg).save_pretrained(tmp_path / "clip")
+    for command in ("inspect", "export"):
+        r = cli(command, tmp_path / "clip")
+        assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+        assert "CLIPModel" in r.stderr and "logits_per_image" in r.stderr

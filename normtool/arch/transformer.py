@@ -10,7 +10,8 @@ this module turns a layout plus a checkpoint into the canonical graph (names in
 Layout keys
 -----------
 ``detect``      ``architectures`` / ``model_type`` matched against the config, or (no config)
-                ``keys`` that must all exist.
+                ``keys`` that must all exist; ``refused``: architectures of the family that are
+                recognised only to be refused, with the reason (CLIPModel).
 ``settings``    each a constant or ``{"config": key, "default": v, "map": {...}, "nonzero": b}``:
                 heads, layers, eps, stat_eps (UN/PowerNorm/BatchNorm eps), pn_groups (PowerNorm's
                 group count; the head count when absent), act, tie, placement (pre|post),
@@ -39,7 +40,8 @@ Layout keys
                 linear and ``transform_norm``). A head without ``linear`` is a base model's: the
                 outputs are ``last_hidden_state`` and, with a pooler, ``pooler_output``; or with
                 ``pool`` (``first`` token, or ``eos``: CLIP's text tower) and an optional
-                ``pool_norm``, ``pooler_output`` is that token (normalised). ``distill``: a
+                ``pool_norm``, ``pooler_output`` is that token (normalised); with ``projection``
+                (a linear's prefix) it is projected and output as ``projection_output``. ``distill``: a
                 second classifier on token 1 whose logits are averaged with ``linear``'s
                 (DeiT with teacher).
 ``optional``    parts used only when present; ``ignore``: key templates that are not weights.
@@ -176,7 +178,7 @@ _LAYOUT_KEYS = {
         "variants",
         "extends",
     },
-    "detect": {"architectures", "model_type", "keys"},
+    "detect": {"architectures", "model_type", "keys", "refused"},
     "embed": {"tok", "pos", "type", "norm", "project_in", "patch", "cls", "dist"},
     "block": {
         "norm1",
@@ -207,6 +209,8 @@ _LAYOUT_KEYS = {
         "pool",
         "pool_norm",
         "distill",
+        "projection",
+        "projection_output",
     },
 }
 _VARIANT_KEYS = {"keys", "settings", "head", "optional"}
@@ -440,7 +444,9 @@ def detect(layout: dict, ck: Checkpoint) -> bool:
     cfg = model_config(ck) or {}
     archs = cfg.get("architectures")
     if isinstance(archs, list) and archs:
-        return any(a in rule.get("architectures", ()) for a in archs)
+        return any(
+            a in rule.get("architectures", ()) or a in rule.get("refused", {}) for a in archs
+        )
     if cfg.get("model_type") is not None:
         return cfg["model_type"] in rule.get("model_type", ())
     keys = rule.get("keys")
@@ -452,6 +458,10 @@ def _with_variant(layout: dict, ck: Checkpoint) -> dict:
     a config of this family that names an architecture the layout does not compute."""
     cfg = model_config(ck) or {}
     archs = cfg.get("architectures") if isinstance(cfg.get("architectures"), list) else []
+    refused = layout["detect"].get("refused", {})
+    for a in archs:
+        if a in refused:
+            raise NormtoolError(f"config architectures {archs}: {a} {refused[a]}", ck.path)
     known = layout["detect"].get("architectures", [])
     ours = cfg.get("model_type") in layout["detect"].get("model_type", ())
     if ours and archs and not set(archs) & set(known):
@@ -845,7 +855,9 @@ class _Build:
 
     def pooled_token(self, x: str, width: str, h: dict) -> str:
         """``pooler_output`` without a dense layer: the first token (DINOv2, CLIP's image
-        tower, then its ``pool_norm``) or the EOS token (CLIP's text tower)."""
+        tower, then its ``pool_norm``) or the EOS token (CLIP's text tower); with a
+        ``projection`` (CLIP's ``*WithProjection``), that token projected, output under the
+        name ``projection_output`` instead."""
         if h["pool"] == "eos":
             ids = self.b.inputs[0].name
             x = self.b.op("pick_token", "pool", [x, ids], width, eos=self.s.eos)
@@ -853,7 +865,14 @@ class _Build:
             x = self.b.op("select", "pool", [x], width, index=0)
         if "pool_norm" in h:
             x = self.norm("pool_norm", x, h["pool_norm"])
-        return self.rename(x, "pooler_output")
+        if "projection" not in h:
+            return self.rename(x, "pooler_output")
+        key = h["projection"] + ".weight"
+        if key not in self.ck:
+            raise NormtoolError(f"expected tensor {key!r} is missing", self.ck.path)
+        out = self.b.space("embeds", self.ck.shape(key)[0], "output")
+        x = self.linear("projection", x, h["projection"], out, width)
+        return self.rename(x, h["projection_output"])
 
     def rename(self, value: str, name: str) -> str:
         """Give ``value`` (the newest op's output, read by nothing yet) the output ``name``."""

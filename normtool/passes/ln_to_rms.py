@@ -560,7 +560,13 @@ def convert_ln_to_rms(model: Model, compressed: bool = False) -> Conversion:
 
     # drop the norms' parameters; check that every tensor in the stream space is accounted for
     new.prune()
-    kept = {t for n in stream.kept for t in g.op(n).params.values()}
+    # a kept norm's γ/β and the linears reading its output (the same values as before) stay
+    kept = {
+        t
+        for n in stream.kept
+        for op in (g.op(n), *_norm_readers(g, g.op(n))[0])
+        for t in op.params.values()
+    }
     for name, spec in new.tensors.items():
         if space in spec.axes and name not in recipes and name not in kept:
             raise NormtoolError(
