@@ -290,7 +290,11 @@ def make_decoder(
     import transformers
 
     family = model.removesuffix("ForCausalLM").removesuffix("Model")
-    config = getattr(transformers, f"{family}Config")(**{**DECODER_TINY, **cfg})
+    # Gemma3ForCausalLM is configured by the text config (Gemma3Config is the multimodal one)
+    make = getattr(transformers, f"{family}TextConfig", None) or getattr(
+        transformers, f"{family}Config"
+    )
+    config = make(**{**DECODER_TINY, **cfg})
     torch.manual_seed(seed)
     net = getattr(transformers, model)(config)
     return _save_hf(net, out, seed, save)

@@ -53,6 +53,8 @@ attention          —                            (q,k,v)[B,T,H·D] → softmax(
                                                 ``window`` W: a query sees keys < W positions back;
                                                 ``softcap`` c: scores → c·tanh(scores/c) first
 softcap            —                            x → cap·tanh(x / cap)  (Gemma 2's final logits)
+head_rmsnorm       weight?[D]                   x[B,T,H·D]: each of the ``heads`` heads / its RMS
+                                                (eps), · (offset+γ) (Gemma 3's q/k norms)
 select             —                            x[B,T,C] → x[:, index]  ([B,C]); index below the
                                                 count of tokens ``cls_concat`` ops prepend
 pick_token         —                            (x[B,T,C], ids[B,T]) → x at each row's first
@@ -431,6 +433,14 @@ class Graph:
             if width is None or not self._divides(a["heads"], width):
                 return f"heads {a['heads']!r} is not a positive integer dividing width {width}"
             return self._kv_heads_problem(o)
+        if o.kind == "head_rmsnorm":
+            width = self._width(o.inputs[0])
+            if width is None or not self._divides(a["heads"], width):
+                return f"heads {a['heads']!r} is not a positive integer dividing width {width}"
+            if "weight" in o.params and self.tensors[o.params["weight"]].shape != (
+                width // a["heads"],
+            ):
+                return f"weight is not one value per dim of a head ({width // a['heads']})"
         if o.kind == "mul" and self._width(o.inputs[0]) != self._width(o.inputs[1]):
             return f"multiplies widths {self._width(o.inputs[0])} and {self._width(o.inputs[1])}"
         if o.kind in ("group_rmsnorm", "powernorm"):

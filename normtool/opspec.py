@@ -258,6 +258,7 @@ _TABLE = (
     ),
     OpSpec("global_avgpool", 1, rank=_const(2), commutes_affine="always"),
     OpSpec("softcap", 1, attrs=("cap",), eps_attrs=("cap",)),
+    OpSpec("head_rmsnorm", 1, (), ("weight",), attrs=("heads",), eps_attrs=("eps",), pins="input"),
     OpSpec("loki", 1, ("d2",), rank=_const(1)),
     OpSpec("rope", 1, attrs=("heads",), pins="input"),
 )

@@ -50,10 +50,11 @@ FAMILIES = {
     "vit": lambda d: fh.make_vit(d / "vit"),
     "bert": lambda d: fh.make_bert(d / "bert"),
     "roberta": lambda d: fh.make_family(d / "roberta", "roberta"),
-    # grouped-query, gated, Peri-LN with 1+γ norms, sliding window, soft-capped scores and logits
-    "gemma2": lambda d: fh.make_decoder(
-        d / "gemma2",
-        "Gemma2ForCausalLM",
+    # grouped-query, gated, Peri-LN with 1+γ norms, q/k head norms, sliding window, soft-capped
+    # scores and logits
+    "gemma3": lambda d: fh.make_decoder(
+        d / "gemma3",
+        "Gemma3ForCausalLM",
         head_dim=8,
         sliding_window=5,
         query_pre_attn_scalar=16,
@@ -80,7 +81,7 @@ LOW_OPSET = (
     "vit",
     "resnet",
     "timm_convnext",
-    "gemma2",
+    "gemma3",
 )
 
 

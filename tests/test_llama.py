@@ -32,6 +32,16 @@ LLAMA3 = {
     "high_freq_factor": 4.0,
     "original_max_position_embeddings": 8,
 }
+GEMMA3 = {
+    "head_dim": 8,
+    "num_hidden_layers": 3,
+    "sliding_window": 5,
+    "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+    "rope_parameters": {
+        "sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+        "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0},
+    },
+}
 #: case → (model class, config overrides, expected family)
 CASES = {
     "llama": ("LlamaForCausalLM", {}, "llama"),
@@ -67,6 +77,9 @@ CASES = {
         "gemma2",
     ),
     "gemma2_base": ("Gemma2Model", {"head_dim": 8, "sliding_window": 5}, "gemma2"),
+    # q/k head norms; sliding layers rotate with their own base, the full layer linearly scaled
+    "gemma3": ("Gemma3ForCausalLM", {**GEMMA3, "final_logit_softcapping": 3.0}, "gemma3_text"),
+    "gemma3_base": ("Gemma3TextModel", GEMMA3, "gemma3_text"),
 }
 #: fp32 bound on max-abs logits (magnitude ~3-5): the executor and transformers do the same
 #: fp32 arithmetic up to summation order and the rotary frequencies (transformers computes
@@ -129,6 +142,8 @@ def test_executor_matches_transformers(case, decoder):
         ("gemma2", EmitOptions(opset=17)),
         ("gemma2", EmitOptions(opset=23, attention="op")),
         ("gemma2_base", EmitOptions(opset=23)),
+        ("gemma3", EmitOptions(opset=17)),
+        ("gemma3_base", EmitOptions(opset=23, attention="op")),
     ],
     ids=lambda v: v if isinstance(v, str) else f"{v.opset}-{v.target}-{v.attention}",
 )
@@ -182,6 +197,25 @@ def test_gemma2_config_without_layer_types_slides_on_even_layers(decoder, tmp_pa
     assert [o.attrs.get("window") for o in graph.ops_of("attention")] == [5, None, 5]
 
 
+def test_gemma3_hub_config_reads_as_the_new_one(decoder, tmp_path):
+    """A transformers 4 Gemma 3 config (``sliding_window_pattern``, ``rope_local_base_freq``
+    beside ``rope_theta`` / ``rope_scaling``, no ``layer_types``) gives the same graph."""
+    src = decoder("gemma3")
+    cfg = json.loads((src / "config.json").read_text())
+    del cfg["layer_types"], cfg["rope_parameters"]
+    cfg.update(
+        sliding_window_pattern=2,  # layers 0 and 2 slide, layer 1 attends fully
+        rope_theta=10000.0,
+        rope_scaling={"type": "linear", "factor": 4.0},
+        rope_local_base_freq=100.0,
+    )
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "model.safetensors").write_bytes((src / "model.safetensors").read_bytes())
+    (old / "config.json").write_text(json.dumps(cfg))
+    assert load_model(old).graph.to_json() == load_model(src).graph.to_json()
+
+
 def test_sharded_folder_loads(tmp_path):
     path = make_decoder(tmp_path / "sharded", "Qwen2ForCausalLM", save={"max_shard_size": "20KB"})
     assert len(list(path.glob("*.safetensors"))) > 1
@@ -217,7 +251,7 @@ def _logits(model, weights, ids) -> torch.Tensor:
     return run_graph(model.graph, weights, {"input_ids": ids}, dtype=torch.float64)["logits"]
 
 
-@pytest.mark.parametrize("case", ["llama", "llama_tied_mha", "gemma2"])
+@pytest.mark.parametrize("case", ["llama", "llama_tied_mha", "gemma3"])
 def test_permutation_groups_keep_rotary_pairs_and_kv_groups(case, decoder):
     model = load_model(decoder(case))
     g = model.graph

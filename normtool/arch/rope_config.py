@@ -19,14 +19,27 @@ from normtool.rotary import SCALING_KEYS, scaling_problem
 DEFAULT_THETA = 10000.0
 
 
-def rope_attrs(cfg: dict[str, Any], ck: Checkpoint) -> dict[str, Any]:
-    """``{"base": θ, "fraction": f[, "scaling": {...}]}`` from ``cfg``, or NormtoolError."""
+def rope_attrs(
+    cfg: dict[str, Any], ck: Checkpoint, layer_type: str = "full_attention"
+) -> dict[str, Any]:
+    """``{"base": θ, "fraction": f[, "scaling": {...}]}`` from ``cfg`` for layers of
+    ``layer_type`` (``full_attention`` or ``sliding_attention``), or NormtoolError.
+
+    Gemma 3 rotates its sliding-window layers with a base of their own: in transformers 5
+    ``rope_parameters`` then holds one object per layer type; in 4, ``rope_local_base_freq``
+    (unscaled) beside the full layers' ``rope_theta`` and ``rope_scaling``."""
     # the fraction of each head rotated: Phi's partial_rotary_factor, GPT-NeoX's rotary_pct
     # (and rotary_emb_base for the theta) in transformers 4; inside rope_parameters in 5
     fraction = cfg.get("partial_rotary_factor", cfg.get("rotary_pct", 1.0))
     theta = cfg.get("rope_theta", cfg.get("rotary_emb_base", DEFAULT_THETA))
     params = cfg.get("rope_parameters")
-    if isinstance(params, dict):
+    if isinstance(params, dict) and params and all(isinstance(v, dict) for v in params.values()):
+        if layer_type not in params:
+            raise NormtoolError(f"config rope_parameters has no {layer_type!r} entry", ck.path)
+        params = params[layer_type]
+    if layer_type == "sliding_attention" and "rope_local_base_freq" in cfg and params is None:
+        where, scaling, theta = "rope_local_base_freq", None, cfg["rope_local_base_freq"]
+    elif isinstance(params, dict):
         where, scaling = "rope_parameters", params
         theta = params.get("rope_theta", theta)
         fraction = params.get("partial_rotary_factor", fraction)

@@ -98,6 +98,7 @@ ORDER = (
     "mistral",
     "qwen2",
     "gemma2",
+    "gemma3_text",
     "timm_vit",
 )
 
@@ -137,25 +138,30 @@ GS_EPS = 1e-5
 def layouts() -> dict[str, dict[str, Any]]:
     """Every family layout shipped in ``arch/families``, by name (each checked)."""
     read = {f.name: json.loads(f.read_text(encoding="utf-8")) for f in LAYOUT_DIR.glob("*.json")}
-    bases = {d["name"]: d for d in read.values() if "extends" not in d}
+    named = {d["name"]: d for d in read.values()}
     out = {}
     for where, d in sorted(read.items()):
-        if "extends" in d:
-            d = _extended(bases, d, where)
+        d = _extended(named, d, where)
         check_layout(d, where)
         out[d["name"]] = d
     return out
 
 
-def _extended(bases: dict[str, dict[str, Any]], d: dict[str, Any], where: str) -> dict[str, Any]:
-    """A layout that ``extends`` another: the other's keys, with ``settings`` and ``require``
-    merged key by key and every other key of ``d`` replacing the base's (Mistral and Qwen2 are
-    Llama's layout under other names, with a setting or a requirement of their own)."""
-    base = bases.get(d["extends"])
-    if base is None:
-        raise ValueError(f"family layout {where}: extends unknown layout {d['extends']!r}")
+def _extended(
+    named: dict[str, dict[str, Any]], d: dict[str, Any], where: str, seen: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """``d`` with what it ``extends`` (itself extended first): the other's keys, with
+    ``settings``, ``require`` and ``block`` merged key by key and every other key of ``d``
+    replacing the base's (Mistral and Qwen2 are Llama's layout under other names, with a
+    setting or a requirement of their own; Gemma 3 is Gemma 2's with q/k norms)."""
+    if "extends" not in d:
+        return d
+    base = named.get(d["extends"])
+    if base is None or d["name"] in seen:
+        raise ValueError(f"family layout {where}: extends {d['extends']!r}, unknown or a cycle")
+    base = _extended(named, base, where, (*seen, d["name"]))
     merged = {**base, **{k: v for k, v in d.items() if k != "extends"}}
-    for key in ("settings", "require"):
+    for key in ("settings", "require", "block"):
         merged[key] = {**base.get(key, {}), **d.get(key, {})}
     return merged
 
@@ -197,6 +203,8 @@ _LAYOUT_KEYS = {
         "scale2",
         "post1",
         "post2",
+        "q_norm",
+        "k_norm",
     },
     "head": {
         "linear",
@@ -507,7 +515,7 @@ class _Build:
         self.assumed = _assumed(layout, ck)
         self.b = GraphBuilder(layout["name"], ck)
         self.described: set[str] = set()
-        self.rope = rope_attrs(model_config(ck) or {}, ck) if s.rope else {}
+        self.ropes: dict[str, dict[str, Any]] = {}  # layer type → rope attrs
 
     def present(self, part: str, prefix: str | None) -> bool:
         """Whether an optional part (``project_in``, ``norm_f``…) is in the checkpoint."""
@@ -772,10 +780,13 @@ class _Build:
                 qkv.append(self.linear(name, h, t["qkv"], space, "resid", conv1d, (j, 3)))
             else:
                 qkv.append(self.linear(name, h, t[role], space, "resid", conv1d))
-        if s.rope:
-            for j, n in ((0, heads), (1, kv)):
-                space = b.value_spaces[qkv[j]]
-                qkv[j] = b.op("rope", f"{qkv[j]}.rope", [qkv[j]], space, heads=n, **self.rope)
+        for j, n, norm in ((0, heads, "q_norm"), (1, kv, "k_norm")):
+            space = b.value_spaces[qkv[j]]
+            if norm in t:  # Gemma 3: each q/k head RMS-normalised before the rotation
+                qkv[j] = self.head_norm(f"{qkv[j]}.norm", qkv[j], t[norm], n)
+            if s.rope:
+                rope = self.rope(i)
+                qkv[j] = b.op("rope", f"{qkv[j]}.rope", [qkv[j]], space, heads=n, **rope)
         attrs: dict[str, Any] = {"heads": heads, "causal": s.causal}
         if kv != heads:
             attrs["kv_heads"] = kv
@@ -786,6 +797,31 @@ class _Build:
         if s.attn_softcap:
             attrs["softcap"] = s.attn_softcap
         return b.op("attention", f"{pre}.attn", qkv, vo, **attrs)
+
+    def rope(self, i: int) -> dict[str, Any]:
+        """Block ``i``'s rotary attributes: those of its layer type (Gemma 3 rotates its
+        sliding-window layers with a base of their own)."""
+        kind = "sliding_attention" if self.s.window and self.sliding(i) else "full_attention"
+        if kind not in self.ropes:
+            self.ropes[kind] = rope_attrs(model_config(self.ck) or {}, self.ck, kind)
+        return self.ropes[kind]
+
+    def head_norm(self, name: str, x: str, prefix: str, heads: int) -> str:
+        """A per-head RMSNorm whose ``[head_dim]`` gain every head shares (Gemma 3's q/k norms,
+        stored as γ − 1 like its other norms: ``norm_offset``)."""
+        width = self.b.spaces[self.b.value_spaces[x]].size
+        weight = self.b.tensor(f"{name}.weight", prefix + ".weight", (None,))
+        if self.ck.shape(prefix + ".weight") != (width // heads,):
+            raise NormtoolError(
+                f"{prefix}.weight should hold {width // heads} values", self.ck.path
+            )
+        eps = self.stated("eps", "rmsnorm eps", "--eps", self.opts.eps)
+        attrs: dict[str, Any] = {"heads": heads, "eps": eps}
+        if self.s.norm_offset:
+            attrs["offset"] = self.s.norm_offset
+        return self.b.op(
+            "head_rmsnorm", name, [x], self.b.value_spaces[x], {"weight": weight}, **attrs
+        )
 
     def sliding(self, i: int) -> bool:
         """Whether block ``i`` attends through the sliding window: the config's ``layer_types``
@@ -1009,7 +1045,8 @@ def build(layout: dict, ck: Checkpoint, opts: BuildOptions) -> Graph:
         peri_norm="post1" in layout["block"],
     )
     if s.rope:
-        b.info["rope"] = run.rope
+        ropes = list(run.ropes.values())
+        b.info["rope"] = ropes[0] if len(ropes) == 1 else run.ropes
     return b.build(outputs)
 
 

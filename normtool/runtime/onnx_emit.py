@@ -451,6 +451,13 @@ def _rmsnorm(em: _Emitter, op: Op, xs: list[str], p: dict[str, str]) -> str:
     return em.rms(xs[0], op.attrs["eps"], _norm_scale(em, op))
 
 
+def _head_rmsnorm(em: _Emitter, op: Op, xs: list[str], p: dict[str, str]) -> str:
+    """Reshape to ``[B, T, H, D]``, the RMS form over the last axis, reshape back."""
+    heads = int(op.attrs["heads"])
+    scale = _norm_scale(em, op) if "weight" in p else em.ones(_width(em, op) // heads)
+    return em.grouped(xs[0], heads, lambda g: em.rms(g, op.attrs["eps"], scale))
+
+
 def _crmsnorm(em: _Emitter, op: Op, xs: list[str], p: dict[str, str]) -> str:
     xs32 = em.to_stat(xs[0])
     sq = em.reduce("ReduceSumSquare", xs32, [-1])

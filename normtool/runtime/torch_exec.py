@@ -84,6 +84,15 @@ def _rmsnorm(op: Op, xs, p):
     return y * (p["weight"] + offset) if offset else y * p["weight"]
 
 
+def _head_rmsnorm(op: Op, xs, p):
+    """Each head normalised by its own RMS, then scaled by one ``offset + γ`` shared by all."""
+    x = xs[0]
+    y = _rms(x.reshape(*x.shape[:-1], op.attrs["heads"], -1), op.attrs["eps"])
+    if "weight" in p:
+        y = y * (p["weight"] + op.attrs.get("offset", 0.0))
+    return y.reshape(x.shape)
+
+
 def _crmsnorm(op: Op, xs, p):
     x = xs[0]
     xf = _stat_dtype(x)
