@@ -449,6 +449,10 @@ class Graph:
                 return f"groups {a['groups']!r} is not a positive integer dividing width {width}"
         if o.kind == "maxpool2d" and a.get("padding", 0) > a["kernel"] // 2:
             return f"padding {a.get('padding')} exceeds half the kernel {a['kernel']}"
+        if o.kind in ("id_positions", "pick_token"):
+            problem = self._ids_problem(o)
+            if problem:
+                return problem
         if o.kind in ("embed", "row", "positions", "id_positions"):
             return self._table_problem(o)
         if o.kind == "rope":
@@ -492,6 +496,18 @@ class Graph:
         if a.get("fraction", 1.0) > 1 or dims < 2 or dims % 2:
             return f"fraction {a.get('fraction')!r} gives {dims} rotary dims, not an even count ≥ 2"
         return scaling_problem(a.get("scaling"))
+
+    def _ids_problem(self, o: Op) -> str | None:
+        """``id_positions`` and ``pick_token`` read token ids: a token graph input (any other
+        value would index by floats), and ``pick_token``'s eos an id (−1: the largest id)."""
+        ids = o.inputs[0] if o.kind == "id_positions" else o.inputs[1]
+        spec = next((i for i in self.inputs if i.name == ids), None)
+        if spec is None or spec.kind != "tokens":
+            return f"input {ids!r} is not a graph input of token ids"
+        eos = o.attrs.get("eos", -1)
+        if o.kind == "pick_token" and not (_is_int(eos) and eos >= -1):
+            return f"eos {eos!r} is not a token id (or −1)"
+        return None
 
     def _table_problem(self, o: Op) -> str | None:
         """An embedding-like op must only read rows its table has: token ids below the vocab,

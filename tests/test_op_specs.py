@@ -12,7 +12,7 @@ import torch
 
 import normtool.graph
 from normtool.errors import NormtoolError
-from normtool.graph import Op
+from normtool.graph import Graph, InputSpec, Op, Source, Space, TensorSpec
 from normtool.inputs import random_inputs
 from normtool.merge.groups import permutation_groups
 from normtool.opspec import SPECS, implementations, kinds
@@ -134,3 +134,42 @@ def test_rope_pins_its_space_for_merge():
     groups, skipped = permutation_groups(graph)
     assert "(rope)" in skipped["w16"]
     assert all("w16" not in g.spaces for g in groups)
+
+
+@pytest.mark.parametrize(
+    ("kind", "inputs", "attrs", "problem"),
+    [
+        ("id_positions", ("h",), {"pad": 1}, "not a graph input of token ids"),
+        ("id_positions", ("ids",), {"pad": -2}, "pad -2 is not an integer"),
+        ("pick_token", ("h", "h"), {"eos": 7}, "not a graph input of token ids"),
+        ("pick_token", ("h", "ids"), {"eos": "7"}, "eos '7' is not a token id"),
+        ("pick_token", ("h", "ids"), {"eos": -3}, "eos -3 is not a token id"),
+    ],
+)
+def test_token_id_ops_are_validated(kind, inputs, attrs, problem):
+    """RoBERTa's positions and CLIP's EOS pooling index by token ids: a graph (say, tampered
+    metadata) feeding them anything else is refused, not run into a torch error."""
+    g = Graph(
+        "t",
+        [InputSpec("ids", "tokens", ("batch", "seq"), vocab=8, max_len=4)],
+        ["out"],
+        [
+            Op("emb", "embed", ("ids",), "h", {"weight": "tab"}),
+            Op(
+                "out",
+                kind,
+                inputs,
+                "out",
+                {"weight": "pos"} if kind == "id_positions" else {},
+                attrs,
+            ),
+        ],
+        {"tokens": Space("tokens", 8, "input"), "resid": Space("resid", 4, "resid")},
+        {
+            "tab": TensorSpec((8, 4), (None, "resid"), Source("tab")),
+            "pos": TensorSpec((8, 4), (None, "resid"), Source("pos")),
+        },
+        {"ids": "tokens", "h": "resid", "out": "resid"},
+    )
+    with pytest.raises(NormtoolError, match=problem):
+        g.validate()
