@@ -22,8 +22,8 @@ import torch
 
 from devkit.factories import load_hf, make_family
 from normtool.load import load_model
-from normtool.runtime.torch_exec import run_graph
 from tests.conftest import cli
+from tests.test_arch_transformers import output_errors
 
 # case -> (family, transformers class, fp64 bound, convert-ln-to-rms: RMS, CRMS apply).
 # fp64 bounds: the text models run entirely in fp64 when asked (agreement to rounding);
@@ -76,19 +76,6 @@ def _inputs(model, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     return {"input_ids": ids}
 
 
-def _errors(model, ref, x: dict, dtype: torch.dtype) -> dict[str, float]:
-    """Max-abs error of every graph output against the transformers output of its name."""
-    got = run_graph(model.graph, model.weights(), x, dtype=dtype)
-    with torch.no_grad():
-        want = ref(**x)
-    errs = {}
-    for value, name in model.graph.output_names().items():
-        assert got[value].shape == want[name].shape, name
-        assert want[name].abs().max() > 0.1  # not a comparison of two near-zero tensors
-        errs[name] = (got[value] - want[name]).abs().max().item()
-    return errs
-
-
 @pytest.mark.parametrize("case", CASES)
 def test_executor_matches_transformers(case, made):
     path = made(case)
@@ -96,10 +83,10 @@ def test_executor_matches_transformers(case, made):
     model = load_model(path)
     assert (model.graph.family, model.graph.info["variant"]) in ((family, cls), (family, family))
     # the issue's bound: fp32 max-abs 1e-4 on outputs of magnitude ~1-5
-    errs = _errors(model, load_hf(path), _inputs(model, torch.float32), torch.float32)
+    errs = output_errors(model, load_hf(path), _inputs(model, torch.float32), torch.float32)
     assert max(errs.values()) <= 1e-4, errs
     x64 = _inputs(model, torch.float64)
-    errs64 = _errors(model, load_hf(path, torch.float64), x64, torch.float64)
+    errs64 = output_errors(model, load_hf(path, torch.float64), x64, torch.float64)
     assert max(errs64.values()) <= fp64_tol, errs64
 
 
@@ -110,7 +97,7 @@ def test_roberta_positions_skip_padding(made):
     assert model.graph.op("pos_emb").kind == "id_positions"
     assert model.graph.inputs[0].max_len == 16  # 18 rows, the first two below pad + 1
     ids = torch.tensor([[5, 6, 9, 12], [PAD, PAD, 5, 6]])
-    errs = _errors(model, load_hf(made("roberta_model")), {"input_ids": ids}, torch.float32)
+    errs = output_errors(model, load_hf(made("roberta_model")), {"input_ids": ids}, torch.float32)
     assert max(errs.values()) <= 1e-4
 
 
@@ -120,7 +107,7 @@ def test_gpt_neox_serial_blocks(tmp_path):
     model = load_model(path)
     assert model.graph.info["parallel"] is False
     x = _inputs(model, torch.float32)
-    assert max(_errors(model, load_hf(path), x, torch.float32).values()) <= 1e-4
+    assert max(output_errors(model, load_hf(path), x, torch.float32).values()) <= 1e-4
 
 
 def test_clip_text_legacy_eos_pools_the_largest_id(tmp_path):
@@ -129,7 +116,7 @@ def test_clip_text_legacy_eos_pools_the_largest_id(tmp_path):
     model = load_model(path)
     assert model.graph.op("pool").attrs["eos"] == -1
     x = _inputs(model, torch.float32)
-    assert max(_errors(model, load_hf(path), x, torch.float32).values()) <= 1e-4
+    assert max(output_errors(model, load_hf(path), x, torch.float32).values()) <= 1e-4
 
 
 @pytest.mark.parametrize("case", ["roberta_model", "clip_text"])
@@ -161,7 +148,7 @@ def test_export_verify_and_merge(case, made, tmp_path):
     r = cli("merge", a, b, "-o", merged)
     assert r.returncode == 0, r.stderr
     model = load_model(merged)
-    errs = _errors(model, load_hf(merged), _inputs(model, torch.float32), torch.float32)
+    errs = output_errors(model, load_hf(merged), _inputs(model, torch.float32), torch.float32)
     assert max(errs.values()) <= 1e-4, errs
 
 
@@ -188,7 +175,7 @@ def test_convert_ln_to_rms_or_its_reason(case, made, tmp_path):
         assert not any(o.name.endswith(".scale") for o in conv.graph.ops)
         assert "layernorm" not in kinds and ("crmsnorm" if compressed else "rmsnorm") in kinds
         x = _inputs(conv, torch.float32)
-        errs = _errors(conv, load_hf(path), x, torch.float32)
+        errs = output_errors(conv, load_hf(path), x, torch.float32)
         assert max(errs.values()) <= 1e-4, errs
 
 

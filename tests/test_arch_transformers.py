@@ -379,14 +379,19 @@ def variant_dir(tmp_path_factory):
 
 
 def _variant_errors(model, ref, dtype: torch.dtype) -> dict[str, float]:
-    """Max-abs error of every graph output against the transformers output of the same name."""
+    """``output_errors`` on seeded token ids (3 × 16)."""
     ids = torch.randint(0, 64, (3, 16), generator=torch.Generator().manual_seed(0))
-    got = run_graph(model.graph, model.weights(), {"input_ids": ids}, dtype=dtype)
+    return output_errors(model, ref, {"input_ids": ids}, dtype)
+
+
+def output_errors(model, ref, x: dict, dtype: torch.dtype) -> dict[str, float]:
+    """Max-abs error of every graph output on inputs ``x`` against the transformers output of
+    the same name."""
+    got = run_graph(model.graph, model.weights(), x, dtype=dtype)
     with torch.no_grad():
-        want = ref(input_ids=ids)
-    names = model.graph.output_names()
+        want = ref(**x)
     errs = {}
-    for value, name in names.items():
+    for value, name in model.graph.output_names().items():
         assert got[value].shape == want[name].shape, name
         assert want[name].abs().max() > 0.1  # not a comparison of two near-zero tensors
         errs[name] = (got[value] - want[name]).abs().max().item()
