@@ -47,6 +47,10 @@ class Prepared:
     assumptions: list[Assumption] = field(default_factory=list)  # of a checkpoint's graph
 
 
+#: Integer inputs of a foreign ONNX file that are not token ids, by their transformers names.
+TOKEN_INPUTS = {"attention_mask": "mask", "position_ids": "positions", "token_type_ids": "types"}
+
+
 def _signature(path: Path) -> list[InputSpec]:
     """The input signature of an ONNX file: normtool's metadata, or read off its declared inputs."""
     try:
@@ -71,8 +75,11 @@ def _signature(path: Path) -> list[InputSpec]:
             else:
                 dims.append(DEFAULT_IMAGE_SIZE if image and k >= 2 else "seq")
         kind = "tokens" if tokens else "pixels" if image else "features"
+        if tokens:  # a padding mask and positions by the names transformers gives them
+            kind = TOKEN_INPUTS.get(i.name, kind)
         # a foreign model's vocabulary is unknown: id 0..1 is valid for any embedding table
-        specs.append(InputSpec(i.name, kind, tuple(dims), vocab=2 if kind == "tokens" else 0))
+        vocab = 2 if kind in ("tokens", "types") else 0
+        specs.append(InputSpec(i.name, kind, tuple(dims), vocab=vocab))
     return specs
 
 

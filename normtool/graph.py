@@ -51,10 +51,19 @@ attention          —                            (q,k,v)[B,T,H·D] → softmax(
                                                 ``kv_heads`` G < H: k, v are [B,T,G·D] and query
                                                 head h reads kv head h // (H/G) (grouped-query);
                                                 ``window`` W: a query sees keys < W positions back;
-                                                ``softcap`` c: scores → c·tanh(scores/c) first
+                                                ``softcap`` c: scores → c·tanh(scores/c) first; an
+                                                optional 4th input, a padding mask [B,T] (1 keep,
+                                                0 pad), hides padded keys (their scores get the
+                                                score dtype's lowest finite value, so a row with
+                                                every key hidden stays finite, as in transformers)
 softcap            —                            x → cap·tanh(x / cap)  (Gemma 2's final logits)
 head_rmsnorm       weight?[D]                   x[B,T,H·D]: each of the ``heads`` heads / its RMS
                                                 (eps), · (offset+γ) (Gemma 3's q/k norms)
+mask_positions     weight[P, C]                 mask[B,T] → weight[offset + cumsum(mask)·mask − 1]
+                                                (OPT's positions counted over the unpadded tokens)
+masked_mean        —                            (x[B,T,C], mask[B,T]) → Σ_t m·x / max(Σ_t m, 1e-9)
+                                                (sentence-transformers' mean pooling)
+l2norm             —                            x / max(‖x‖₂, 1e-12) on the channel axis
 select             —                            x[B,T,C] → x[:, index]  ([B,C]); index below the
                                                 count of tokens ``cls_concat`` ops prepend
 pick_token         —                            (x[B,T,C], ids[B,T]) → x at each row's first
@@ -94,13 +103,20 @@ SPACE_KINDS = frozenset(
 ACTIVATIONS = frozenset({"relu", "relu6", "gelu", "gelu_tanh", "tanh", "silu", "quick_gelu"})
 
 #: Outputs of base models (no head), named as transformers names them (CLIP's projected
-#: towers: ``image_embeds``, ``text_embeds``).
-BASE_OUTPUTS = frozenset({"last_hidden_state", "pooler_output", "image_embeds", "text_embeds"})
+#: towers: ``image_embeds``, ``text_embeds``), and a pooled sentence embedding
+#: (``normtool.outputs``), named as sentence-transformers names it.
+BASE_OUTPUTS = frozenset(
+    {"last_hidden_state", "pooler_output", "image_embeds", "text_embeds", "sentence_embedding"}
+)
 
 #: Tensor dtypes a graph's ops compute with (safetensors names): every op needs float weights.
 FLOAT_DTYPES = frozenset({"F64", "F32", "F16", "BF16"})
 
-INPUT_KINDS = frozenset({"tokens", "pixels", "features"})
+#: ``tokens``: int64 ids below ``vocab``; ``pixels``/``features``: floats; the optional token
+#: inputs (``normtool.inputs.DEFAULTS`` fills them when not given): ``mask`` (attention_mask, 1
+#: keep / 0 padding), ``positions`` (position_ids below ``max_len``), ``types``
+#: (token_type_ids below ``vocab``).
+INPUT_KINDS = frozenset({"tokens", "pixels", "features", "mask", "positions", "types"})
 
 
 def sliced_size(size: int, sl: tuple[int, ...]) -> int | None:
@@ -273,6 +289,18 @@ class Graph:
         spaces.update(a for t in self.tensors.values() for a in t.axes if a is not None)
         self.spaces = {k: v for k, v in self.spaces.items() if k in spaces}
 
+    def forget_hidden(self, why: str) -> None:
+        """Record that this graph's values no longer hold the hidden states of the model it was
+        built from (``why``: the rewrite that changed them); ``normtool.outputs`` then refuses
+        to export them. Hidden states that are graph outputs (a base model's) stay recorded:
+        every rewrite keeps the graph's outputs."""
+        kept = [self.info.get(k) for k in ("hidden", "pooler") if self.info.get(k)]
+        if kept and all(v in self.outputs for v in kept):
+            return
+        self.info.pop("hidden", None)
+        self.info.pop("pooler", None)
+        self.info["hidden_lost"] = why
+
     def ops_of(self, *kinds: str) -> Iterator[Op]:
         return (o for o in self.ops if o.kind in kinds)
 
@@ -325,7 +353,7 @@ class Graph:
             spec = SPECS.get(o.kind)
             if spec is None:
                 raise NormtoolError(f"graph op {o.name!r} has unknown kind {o.kind!r}")
-            if len(o.inputs) != spec.inputs:
+            if not spec.inputs <= len(o.inputs) <= spec.inputs + spec.optional_inputs:
                 raise NormtoolError(f"graph op {o.name!r} ({o.kind}) needs {spec.inputs} inputs")
             for v in o.inputs:
                 if v not in defined:
@@ -386,7 +414,7 @@ class Graph:
                     f"graph input {i.name!r}: kind {i.kind!r}, shape {list(i.shape)}, "
                     f"vocab {i.vocab!r}, max_len {i.max_len!r} not valid"
                 )
-            if i.kind == "tokens" and i.vocab < 1:
+            if i.kind in ("tokens", "types") and i.vocab < 1:
                 raise NormtoolError(f"graph input {i.name!r}: token ids need a vocab ≥ 1")
 
     @staticmethod
@@ -453,7 +481,7 @@ class Graph:
             problem = self._ids_problem(o)
             if problem:
                 return problem
-        if o.kind in ("embed", "row", "positions", "id_positions"):
+        if o.kind in ("embed", "row", "positions", "id_positions", "mask_positions"):
             return self._table_problem(o)
         if o.kind == "rope":
             return self._rope_problem(o)
@@ -516,8 +544,16 @@ class Graph:
         rows = self.tensors[o.params["weight"]].shape[0]
         spec = next((i for i in self.inputs if i.name == o.inputs[0]), None)
         if o.kind == "embed":
-            need = spec.vocab if spec is not None and spec.kind == "tokens" else 0
-            first, what = 0, "token ids"
+            kind = spec.kind if spec is not None else ""
+            need = 0
+            if spec is not None and kind in ("tokens", "types", "positions"):
+                need = spec.max_len if kind == "positions" else spec.vocab
+            first, what = 0, "token ids" if kind == "tokens" else f"{o.inputs[0]} values"
+        elif o.kind == "mask_positions":
+            if spec is None or spec.kind != "mask" or spec.max_len < 1:
+                return "positions counted over a mask need a mask input with max_len ≥ 1"
+            # padded tokens read row offset − 1 (count 0, minus 1), the last one offset+max_len−1
+            first, need, what = o.attrs["offset"] - 1, spec.max_len + 1, "positions"
         elif o.kind in ("positions", "id_positions"):
             if spec is None:  # an image's patches: as many as its fixed size gives
                 return None

@@ -41,7 +41,8 @@ def _const(n: int) -> Rank:
 @dataclass(frozen=True)
 class OpSpec:
     """One op kind. ``inputs``: how many values it reads; ``required``/``optional``: its param
-    roles; ``rank``: its output's rank from its inputs' ranks; ``attrs``: attributes it cannot
+    roles; ``optional_inputs``: how many more values it may read after those (attention's
+    padding mask); ``rank``: its output's rank from its inputs' ranks; ``attrs``: attributes it cannot
     run without; ``eps_attrs``: attributes that must be finite numbers > 0; ``int_attrs``:
     integer attributes and their least value (absent ones take the executor's default).
 
@@ -88,6 +89,7 @@ class OpSpec:
     size_free: bool = False
     skip_fusable: bool = False
     pins: Pins = ""
+    optional_inputs: int = 0
 
     @property
     def roles(self) -> tuple[str, ...]:
@@ -133,6 +135,15 @@ _TABLE = (
         rank=_const(3),
         attrs=("patch",),
         int_attrs={"patch": 1},
+        writes_stream=True,
+    ),
+    OpSpec(
+        "mask_positions",
+        1,
+        ("weight",),
+        rank=lambda r: r[0] + 1,
+        attrs=("offset",),
+        int_attrs={"offset": 1},
         writes_stream=True,
     ),
     OpSpec("cls_concat", 1, ("token",), carries_stream=True),
@@ -210,7 +221,13 @@ _TABLE = (
     ),
     OpSpec("affine", 1, ("scale",), ("shift",), size_free=True),
     OpSpec("act", 1, attrs=("fn",), size_free=True),
-    OpSpec("attention", 3, attrs=("heads",), int_attrs={"kv_heads": 1, "window": 0}),
+    OpSpec(
+        "attention",
+        3,
+        attrs=("heads",),
+        int_attrs={"kv_heads": 1, "window": 0},
+        optional_inputs=1,
+    ),
     OpSpec(
         "select",
         1,
@@ -259,6 +276,8 @@ _TABLE = (
     OpSpec("global_avgpool", 1, rank=_const(2), commutes_affine="always"),
     OpSpec("softcap", 1, attrs=("cap",), eps_attrs=("cap",)),
     OpSpec("head_rmsnorm", 1, (), ("weight",), attrs=("heads",), eps_attrs=("eps",), pins="input"),
+    OpSpec("masked_mean", 2, rank=lambda r: r[0] - 1),
+    OpSpec("l2norm", 1),
     OpSpec("loki", 1, ("d2",), rank=_const(1)),
     OpSpec("rope", 1, attrs=("heads",), pins="input"),
 )

@@ -3,8 +3,10 @@ self-check (``compare_models``).
 
 Both models run on the same seeded random inputs drawn from the input signature (token ids
 inside the vocabulary, pixels, features; ``normtool.inputs``), over several batches that include
-batch 1 at the longest sequence and a length-1 sequence. Model ``a`` is the reference. For each
-output we report
+batch 1 at the longest sequence and a length-1 sequence; token models get padded batches
+(``inputs.random_inputs``), and per-token outputs are compared at the positions the
+``attention_mask`` keeps (``inputs.unpadded``: a padded query's value is defined by no one).
+Model ``a`` is the reference. For each output we report
 
 * ``max_abs``: max |a − b| over every element of every batch;
 * ``scale``: max |a| (the output's scale), and ``max_rel = max_abs / scale``;
@@ -57,7 +59,14 @@ import torch
 from normtool.arch.family import Assumption
 from normtool.errors import NormtoolError
 from normtool.graph import Graph, InputSpec
-from normtool.inputs import input_shape, max_seq, random_inputs
+from normtool.inputs import (
+    complete_inputs,
+    input_shape,
+    max_seq,
+    optional,
+    random_inputs,
+    unpadded,
+)
 from normtool.io.safetensors_format import DTYPE_NAMES
 from normtool.load import load_model
 from normtool.model import Model
@@ -177,6 +186,8 @@ class OnnxRunner:
         self.precision = onnx_precision(proto)
 
     def run(self, feeds: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self.inputs is not None:  # optional inputs the other model does not take
+            feeds = complete_inputs(self.inputs, feeds)
         return {k: torch.from_numpy(v) for k, v in self.session.run(feeds).items()}
 
 
@@ -288,15 +299,25 @@ def _describe(spec: InputSpec) -> str:
 
 
 def shared_inputs(a: Runner, b: Runner) -> list[InputSpec]:
-    """The input signature both models accept; NormtoolError naming the first difference.
+    """The inputs both models take, in ``a``'s order; NormtoolError naming the first difference.
 
-    The longest sequence is the shorter of the two position tables (both must accept it).
+    An optional input (a padding mask, position ids, token types: ``inputs.optional``) that
+    only one side takes is left out, and that side gets its default (an unpadded batch): a
+    model exported before masks were inputs still compares with one that takes them. The
+    longest sequence is the shorter of the two position tables (both must accept it).
     """
-    names_a, names_b = [s.name for s in a.inputs], [s.name for s in b.inputs]
-    if names_a != names_b:
+    by_name_b = {s.name: s for s in b.inputs}
+    names_a = {s.name for s in a.inputs}
+    lone = [s for s in a.inputs if s.name not in by_name_b]
+    lone += [s for s in b.inputs if s.name not in names_a]
+    if any(not optional(s) for s in lone):
+        names_a, names_b = ([s.name for s in r.inputs] for r in (a, b))
         raise NormtoolError(f"inputs differ: {a.label} takes {names_a}, {b.label} takes {names_b}")
     specs = []
-    for sa, sb in zip(a.inputs, b.inputs, strict=True):
+    for sa in a.inputs:
+        sb = by_name_b.get(sa.name)
+        if sb is None:
+            continue
         if (sa.kind, tuple(sa.shape), sa.vocab) != (sb.kind, tuple(sb.shape), sb.vocab):
             raise NormtoolError(
                 f"input {sa.name!r} differs: {a.label} takes {_describe(sa)}, "
@@ -382,7 +403,9 @@ def activation_sizes(graph: Graph, batch: int, seq: int) -> tuple[int, int]:
     pos: dict[str, int] = {}
     for spec in graph.inputs:
         shape = input_shape(spec, 1, seq)
-        rows = {"tokens": shape[1:], "pixels": shape[2:]}.get(spec.kind, shape[1:-1])
+        rows = shape[2:] if spec.kind == "pixels" else shape[1:-1]
+        if spec.kind in ("tokens", "mask", "positions", "types"):
+            rows = shape[1:]
         pos[spec.name] = math.prod(rows)
     size = {s.name: math.prod(input_shape(s, batch, seq)) for s in graph.inputs}
     biggest = max(size.values(), default=0)
@@ -507,11 +530,11 @@ def compare(
     if together:
         feeds = list(feeds)
         ys = [r.run_all(feeds) if isinstance(r, TorchRunner) else map(r.run, feeds) for r in (a, b)]
-        results = iter(zip(*ys, strict=True))
+        results = iter(zip(feeds, *ys, strict=True))
     else:
-        results = ((a.run(f), b.run(f)) for f in feeds)
+        results = ((f, a.run(f), b.run(f)) for f in feeds)
     for batch, seq in each(plan):
-        ya, yb = next(results)
+        feed, ya, yb = next(results)
         for o in common:
             if tuple(ya[o].shape) != tuple(yb[o].shape):
                 raise NormtoolError(
@@ -523,7 +546,8 @@ def compare(
                     f"output {o!r} types differ: {a.label} gives {ya[o].dtype}, "
                     f"{b.label} gives {yb[o].dtype}"
                 )
-            acc.setdefault(o, _Acc(ya[o].dtype)).add(ya[o], yb[o], logits=o == "logits")
+            kept = unpadded(feed, ya[o]), unpadded(feed, yb[o])
+            acc.setdefault(o, _Acc(ya[o].dtype)).add(*kept, logits=o == "logits")
     outputs = [acc[o].report(o, tol) for o in common]
     return Report(a.label, b.label, name, seed, plan, tol.atol, tol.rtol, outputs, not_compared)
 
@@ -673,5 +697,7 @@ def open_runners(
                     "checkpoint to take the input signature from",
                     p,
                 )
-            r.inputs = list(known)
+            # the optional inputs (a mask…) this file does not declare are not fed to it
+            declared = {i.name for i in r.session.session.get_inputs()}
+            r.inputs = [s for s in known if s.name in declared or not optional(s)]
     return runners, chosen

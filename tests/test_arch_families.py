@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from devkit.factories import load_hf, make_family
+from normtool.inputs import complete_inputs
 from normtool.load import load_model
 from tests.conftest import cli
 from tests.test_arch_transformers import output_errors
@@ -128,7 +129,9 @@ def test_onnx_positions_and_pooling_match_transformers(case, made, tmp_path):
     model = load_model(path)
     x = _inputs(model, torch.float32)
     sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
-    got = sess.run(None, {"input_ids": x["input_ids"].numpy()})
+    # attention_mask (and token types) as transformers fills them when left out: unpadded
+    feeds = complete_inputs(model.graph, {"input_ids": x["input_ids"]})
+    got = sess.run(None, {k: v.numpy() for k, v in feeds.items()})
     with torch.no_grad():
         want = load_hf(path)(**x)
     for out, value in zip(sess.get_outputs(), got, strict=True):

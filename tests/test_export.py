@@ -26,14 +26,16 @@ from devkit.proc import run_cli
 from normtool.errors import CheckFailed, DeviceUnavailable, NormtoolError
 from normtool.export import default_opset, export_model
 from normtool.graph import Graph, InputSpec, Op, Source, Space, TensorSpec
-from normtool.inputs import max_seq, random_inputs
+from normtool.inputs import complete_inputs, max_seq, random_inputs, unpadded
 from normtool.load import load_model
 from normtool.model import Model
 from normtool.opspec import SPECS
+from normtool.outputs import sentence_embedding
 from normtool.runtime.onnx_emit import EMITTERS, EmitOptions, emit_onnx, input_signature
 from normtool.runtime.ort import create_session
 from normtool.runtime.torch_exec import run_graph
 from tests.conftest import cli
+from tests.test_masks import legacy_graph
 
 # fp32: the same maths with other kernels and summation orders; the issue's bound is 1e-4 max-abs
 # (observed ≤ 3e-6 on these tiny models, so a wrong op — errors of order 0.1..1 — cannot pass).
@@ -109,8 +111,9 @@ def _max_err(sess, graph: Graph, weights, batch: int, seq: int, scale: float = 0
     scaled = {k: v * scale if scale and v.is_floating_point() else v for k, v in x.items()}
     want = run_graph(graph, weights, scaled)
     got = sess.run({k: v.numpy() for k, v in scaled.items()})
-    ref = want[graph.outputs[0]].double().numpy()
-    err = float(np.abs(got["logits"].astype(np.float64) - ref).max())
+    # kept positions only: padded queries have no defined value (inputs.unpadded)
+    ref = unpadded(x, want[graph.outputs[0]]).double().numpy()
+    err = float(np.abs(unpadded(x, torch.from_numpy(got["logits"])).double().numpy() - ref).max())
     return err, float(np.abs(ref).max()), want, got
 
 
@@ -133,6 +136,9 @@ def test_every_op_kind_is_exercised_here(checkpoint, tmp_path):
     teacher = "DeiTForImageClassificationWithTeacher"
     graphs.append(load_model(fh.make_family(tmp_path / "deit", "deit", teacher)).graph)
     graphs += [_features_graph()[0], _image_graph()[0], rope_graph()[0]]
+    bert = load_model(checkpoint("bert"))
+    # pooling ops (export --pooling) and the type row of graphs written before masks
+    graphs += [sentence_embedding(bert.graph, "mean", True), legacy_graph(bert)]
     kinds = {op.kind for g in graphs for op in g.ops}
     assert kinds == set(SPECS)
     acts = {op.attrs["fn"] for g in graphs for op in g.ops_of("act")}
@@ -537,7 +543,9 @@ def test_broken_model_is_bad_input_not_a_device_problem():
 @pytest.mark.parametrize(
     ("family", "kernels"),
     [
-        ("gpt2", {"Attention": 2, "SkipLayerNormalization": 4, "FastGelu": 2}),
+        # GPT-2's position rows are gathered per row from position_ids ([B, T, C], not a
+        # broadcast table), so the embedding sum + ln_1 of block 0 is a fifth skip norm
+        ("gpt2", {"Attention": 2, "SkipLayerNormalization": 5, "FastGelu": 2}),
         ("vit", {"Attention": 2, "SkipLayerNormalization": 4, "BiasGelu": 2}),
         ("ref_rmsnorm", {"Attention": 2, "SkipSimplifiedLayerNormalization": 4}),
         ("opt_post", {"Attention": 2, "SkipLayerNormalization": 4}),
@@ -582,13 +590,15 @@ def test_model_class_exports_its_own_outputs(make, kw, names, tmp_path):
     of checkpoint against export passes."""
     folder = make(tmp_path / "model", **kw)
     out = tmp_path / "m.onnx"
-    export_model(load_model(folder), out)
+    model = load_model(folder)
+    export_model(model, out)
     sess = create_session(out, "cpu")
     assert sess.output_names == names
     ref = fh.load_hf(folder)
     for batch, seq in ((1, 16), (3, 5)):
         ids = torch.randint(0, 64, (batch, seq), generator=torch.Generator().manual_seed(seq))
-        got = sess.run({"input_ids": ids.numpy()})
+        # attention_mask and positions / token types as transformers fills them: unpadded
+        got = sess.run(complete_inputs(model.graph, {"input_ids": ids}))
         with torch.no_grad():
             want = ref(input_ids=ids)
         for name in names:

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from devkit.factories import load_hf, make_decoder
+from normtool.inputs import complete_inputs
 from normtool.load import load_model
 from normtool.merge.groups import permutation_groups
 from normtool.merge.matching import weight_matching
@@ -155,7 +156,9 @@ def test_onnx_export_matches_transformers(case, opts, decoder):
     session = ort.InferenceSession(onx.SerializeToString(), providers=["CPUExecutionProvider"])
     ids = _ids(1, batch=3, seq=11)
     _, want = _reference(path, ids)
-    got = session.run(None, {"input_ids": ids.numpy()})[0]
+    # attention_mask as transformers fills it when left out: unpadded
+    feeds = complete_inputs(model.graph, {"input_ids": ids})
+    got = session.run(None, {k: v.numpy() for k, v in feeds.items()})[0]
     err = float(np.abs(got - want.numpy()).max())
     assert err <= TOL, err
 

@@ -29,7 +29,7 @@ from devkit.ln_to_rms_cases import (
 from devkit.proc import run_cli
 from normtool.cli import app, main
 from normtool.graph import Op
-from normtool.inputs import random_inputs
+from normtool.inputs import complete_inputs, random_inputs
 from normtool.load import load_model
 from normtool.nn.save import load_reference
 from normtool.passes import ln_to_rms
@@ -88,7 +88,9 @@ def test_converted_matches_original_forward(kind, compressed, originals, tmp_pat
     assert "LayerNormalization" not in ops
     sess = ort.InferenceSession(onnx_model.SerializeToString(), providers=["CPUExecutionProvider"])
     feed = x.numpy() if name != "pixel_values" and x.dtype == torch.int64 else x.float().numpy()
-    (y,) = sess.run(["logits"], {name: feed})
+    # the optional inputs (attention_mask, position_ids) as transformers fills them: unpadded
+    feeds = {k: v.numpy() for k, v in complete_inputs(conv.graph, {name: x}).items()}
+    (y,) = sess.run(["logits"], {**feeds, name: feed})
     assert np.abs(y - want.numpy()).max() <= FP32_TOL
 
 

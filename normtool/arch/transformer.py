@@ -18,9 +18,10 @@ Layout keys
                 parallel, parallel_norm2 (Pre-LN parallel blocks whose MLP branch reads norm2,
                 GPT-NeoX; else both branches read norm1), causal, norm (a kind, or ``auto``: recognised from buffers), classify
                 (head on token 0), pos_offset, pos_pad (RoBERTa: positions counted over the
-                tokens that are not this padding id, from it + 1), eos and eos_argmax (the
-                EOS id CLIP's text tower pools at; the id for which it pools the largest id
-                instead), type_index, affine (every norm stores its
+                tokens that are not this padding id, from it + 1), positions (``table``: rows
+                0..T−1; ``ids``: a ``position_ids`` input; ``mask``: counted over the attention
+                mask, as OPT does), eos and eos_argmax (the EOS id CLIP's text tower pools at;
+                the id for which it pools the largest id instead), affine (every norm stores its
                 weight and bias: a missing one is refused, not read as 1 and 0; off for
                 normtool's models, whose norms may be weightless). ``"assumed": why`` marks a
                 setting the files usually do not record (timm's eps, PowerNorm's groups): unless
@@ -273,7 +274,7 @@ class Settings:
     classify: bool
     pos_offset: int
     pos_pad: int | None
-    type_index: int
+    positions: str
     affine: bool
     eos: int
     eos_argmax: int | None
@@ -299,7 +300,7 @@ _DEFAULTS: dict[str, Any] = {
     "classify": False,
     "pos_offset": 0,
     "pos_pad": None,
-    "type_index": 0,
+    "positions": "table",
     "affine": False,
     "eos": -1,
     "eos_argmax": None,
@@ -407,6 +408,8 @@ def _settings(layout: dict, ck: Checkpoint, opts: BuildOptions, block_count: int
         s["kv_heads"] = heads
     s["head_dim"] = 0 if s["head_dim"] in (_MISSING, None) else s["head_dim"]
     s["window"] = 0 if s["window"] in (_MISSING, None) else s["window"]
+    if s["positions"] not in ("table", "ids", "mask"):
+        raise NormtoolError(f"positions {s['positions']!r} is not table, ids or mask", ck.path)
     if s["placement"] not in ("pre", "post"):
         raise NormtoolError(f"norm placement {s['placement']!r} is not pre or post", ck.path)
     if s["norm"] != "auto" and s["norm"] not in NORM_NAMES:
@@ -516,6 +519,7 @@ class _Build:
         self.b = GraphBuilder(layout["name"], ck)
         self.described: set[str] = set()
         self.ropes: dict[str, dict[str, Any]] = {}  # layer type → rope attrs
+        self.mask: str | None = None  # the attention_mask input of token models
 
     def present(self, part: str, prefix: str | None) -> bool:
         """Whether an optional part (``project_in``, ``norm_f``…) is in the checkpoint."""
@@ -643,6 +647,11 @@ class _Build:
 
     # ---- parts ---------------------------------------------------------------------------------
     def token_stem(self, e: dict) -> str:
+        """Token, type and position embeddings. Inputs as ``transformers`` (and Optimum's
+        exports) name them: ``input_ids``, ``attention_mask`` (read by every attention),
+        ``token_type_ids`` where the family has a type table, ``position_ids`` where its
+        positions are given (``positions: ids``, GPT-2); OPT counts them over the mask
+        (``positions: mask``), the others number them 0..T−1 (``table``)."""
         b, ck, s = self.b, self.ck, self.s
         vocab, width = ck.shape(e["tok"]) if e["tok"] in ck else (0, 0)
         project_in = self.present("project_in", e.get("project_in"))
@@ -656,6 +665,10 @@ class _Build:
             InputSpec("input_ids", "tokens", ("batch", "seq"), vocab=vocab, max_len=max_len),
             b.space("tokens", vocab, "input"),
         )
+        self.mask = b.input(
+            InputSpec("attention_mask", "mask", ("batch", "seq"), max_len=max_len),
+            b.space("mask", 1, "input"),
+        )
         scale = {"scale": math.sqrt(width)} if s.embed_scale else {}  # Gemma: √d
         x = b.op(
             "embed",
@@ -668,24 +681,39 @@ class _Build:
         if project_in:
             x = self.linear("project_in", x, e["project_in"], "resid", "emb")
         if "type" in e:
-            t = b.op(
-                "row",
-                "type_emb",
-                [ids],
-                "resid",
-                {"weight": b.tensor("type_emb.weight", e["type"], (None, "resid"))},
-                index=s.type_index,
+            types = ck.shape(e["type"])[0] if e["type"] in ck else 0
+            type_ids = b.input(
+                InputSpec("token_type_ids", "types", ("batch", "seq"), types, max_len),
+                b.space("types", types, "input"),
             )
+            weight = b.tensor("type_emb.weight", e["type"], (None, "resid"))
+            t = b.op("embed", "type_emb", [type_ids], "resid", {"weight": weight})
             x = b.op("add", "type_add", [x, t], "resid")
         if "pos" in e:
-            pos = {"weight": b.tensor("pos_emb.weight", e["pos"], (None, "resid"))}
-            if s.pos_pad is None:
-                p = b.op("positions", "pos_emb", [ids], "resid", pos, offset=s.pos_offset)
-            else:  # RoBERTa: positions counted over the non-padding tokens
-                p = b.op("id_positions", "pos_emb", [ids], "resid", pos, pad=s.pos_pad)
-            x = b.op("add", "pos_add", [x, p], "resid")
+            x = b.op("add", "pos_add", [x, self.positions(e, ids, max_len)], "resid")
         b.info.update(vocab=vocab, max_len=max_len)
         return x
+
+    def positions(self, e: dict, ids: str, max_len: int) -> str:
+        """The position embedding added to the tokens' (see ``token_stem``)."""
+        b, s = self.b, self.s
+        pos = {"weight": b.tensor("pos_emb.weight", e["pos"], (None, "resid"))}
+        if s.pos_pad is not None:  # RoBERTa: positions counted over the non-padding tokens
+            return b.op("id_positions", "pos_emb", [ids], "resid", pos, pad=s.pos_pad)
+        if s.positions == "ids":
+            if s.pos_offset:
+                raise NormtoolError(
+                    "position_ids with a position offset are not supported", self.ck.path
+                )
+            pos_ids = b.input(
+                InputSpec("position_ids", "positions", ("batch", "seq"), max_len=max_len),
+                b.space("position_ids", max_len, "input"),
+            )
+            return b.op("embed", "pos_emb", [pos_ids], "resid", pos)
+        if s.positions == "mask":
+            assert self.mask is not None
+            return b.op("mask_positions", "pos_emb", [self.mask], "resid", pos, offset=s.pos_offset)
+        return b.op("positions", "pos_emb", [ids], "resid", pos, offset=s.pos_offset)
 
     def image_stem(self, e: dict) -> str:
         b, ck = self.b, self.ck
@@ -796,6 +824,8 @@ class _Build:
             attrs["scale"] = s.attn_scalar**-0.5
         if s.attn_softcap:
             attrs["softcap"] = s.attn_softcap
+        if self.mask is not None:
+            qkv.append(self.mask)
         return b.op("attention", f"{pre}.attn", qkv, vo, **attrs)
 
     def rope(self, i: int) -> dict[str, Any]:
@@ -854,12 +884,17 @@ class _Build:
             width = "emb"
             x = self.linear("project_out", x, lay["project_out"], "emb", "resid")
         h = lay["head"]
+        # what transformers' base model returns, recorded for export --outputs hidden
+        b.info["hidden"] = x
         if "linear" not in h:  # a base model: its hidden states (and pooler) are the outputs
             outputs = [self.rename(x, "last_hidden_state")]
+            b.info["hidden"] = outputs[0]
             if "pooler" in h and self.present("pooler", h["pooler"]):
                 outputs.append(self.pooler(outputs[0], width, h, "pooler_output")[0])
             elif "pool" in h:
                 outputs.append(self.pooled_token(outputs[0], width, h))
+            if len(outputs) > 1:
+                b.info["pooler"] = outputs[1]
             return outputs
         if "distill" in h:
             self.distilled_logits(x, width, h)
@@ -867,6 +902,7 @@ class _Build:
         if "pooler" in h:
             self.present("pooler", h["pooler"])
             x, width = self.pooler(x, width, h, "pooler.act")
+            b.info["pooler"] = x
         elif s.classify:
             x = b.op("select", "pool", [x], width, index=0)
         if "transform" in h:  # BERT's MLM head: dense → act → LayerNorm before the decoder

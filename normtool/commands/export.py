@@ -27,6 +27,25 @@ OpsetOpt = Annotated[
     int | None,
     typer.Option("--opset", help="ONNX opset, 17..23 (default: 23, or the highest ORT runs)."),
 ]
+OutputsOpt = Annotated[
+    str,
+    typer.Option(
+        "--outputs",
+        help="model: the model's own outputs; hidden: last_hidden_state (and pooler_output "
+        "where the model has a pooler) instead of its task head.",
+    ),
+]
+PoolingOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--pooling",
+        help="mean (over attention_mask) or cls: add a sentence_embedding output pooled from "
+        "the hidden states.",
+    ),
+]
+NormalizeOpt = Annotated[
+    bool, typer.Option("--normalize", help="L2-normalise the sentence_embedding (--pooling).")
+]
 DtypeOpt = Annotated[
     str,
     typer.Option("--dtype", help="fp32, or fp16 (norm statistics and softmax stay fp32)."),
@@ -51,18 +70,25 @@ def export(
             help="Standard ONNX ops only (default: ONNX Runtime's fused contrib kernels).",
         ),
     ] = False,
+    outputs: OutputsOpt = "model",
+    pooling: PoolingOpt = None,
+    normalize: NormalizeOpt = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Export to ONNX (default output: <stem>.onnx beside the input)."""
     target = "portable" if portable else "ort"
     # imported here: onnx and onnxruntime cost every other command ~0.1 s at start-up
     from normtool.export import default_opset, export_model
+    from normtool.outputs import check_choices, select_outputs
     from normtool.runtime.onnx_emit import EmitOptions
 
     opts = EmitOptions(opset or default_opset(), dtype, target=target)
     opts.check()  # refuse a bad --opset/--dtype before reading anything
+    check_choices(outputs, pooling, normalize)
     out = output or default_output(path, ".onnx")
-    model = load(path, arch, heads, act, pn_groups, eps)
+    model = select_outputs(
+        load(path, arch, heads, act, pn_groups, eps), outputs, pooling, normalize
+    )
     if model.assumptions:  # the ONNX file must say which values were guessed, as outputs do
         summary = f"ONNX opset {opts.opset}, {dtype}"
         model.history.append(history.entry("export", model, {"dtype": dtype}, None, summary))
@@ -74,6 +100,8 @@ def export(
         "dtype": res.dtype,
         "nodes": res.nodes,
         "weight_bytes": res.weight_bytes,
+        "inputs": [s.name for s in model.graph.inputs],
+        "outputs": list(model.graph.output_names().values()),
         "assumptions": assumed(model),
     }
     extra = f", weights in {res.data_path}" if res.data_path else ""

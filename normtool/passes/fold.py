@@ -474,6 +474,8 @@ class _Editor:
 def _apply(model: Model, p: _Plan) -> tuple[Graph, dict[str, Thunk], list[str]]:
     """The new graph, the rewritten tensors (float64 thunks), and the untie notes."""
     g = model.graph.copy()
+    if p.actions:
+        g.forget_hidden("fold moved norm affines into the layers around them")
     ed = _Editor(model, g)
     for action in p.actions:
         kind, op = action[0], g.op(action[1].name)

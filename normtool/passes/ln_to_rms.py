@@ -494,6 +494,7 @@ def convert_ln_to_rms(model: Model, compressed: bool = False) -> Conversion:
         where = model.checkpoint.path if model.checkpoint else None
         raise refusal("cannot convert to RMSNorm", reasons, where)
     new = g.copy()
+    new.forget_hidden("convert-ln-to-rms folded the final norm's γ/β into the head")
     space = stream.space
     d = g.spaces[space].size
     recipes: dict[str, _Recipe] = {}

@@ -106,6 +106,7 @@ class _Emitter:
         self.inits: dict[str, onnx.TensorProto] = {}
         self.rank: dict[str, int] = {}
         self._consts: dict[tuple, str] = {}
+        self.derived: dict[tuple[str, str], str] = {}  # (what, input) → value made once from it
         self._used: set[str] = set()
         self._scope = "graph"
         self.tied = _tied_heads(graph, weights)
@@ -562,20 +563,44 @@ def _act(em: _Emitter, op: Op, xs: list[str], p: dict[str, str]) -> str:
     return em.node(op_type, [x])
 
 
+def _padding_bias(em: _Emitter, mask: str, rank: int, dtype: type = np.float32) -> str:
+    """``[B, 1, …, 1, T]`` of ``rank`` dims in ``dtype``: 0 where the padding ``mask`` keeps a
+    key, the dtype's lowest finite value where it hides one (the executor's ``hide_padding``);
+    made once per mask, rank and dtype."""
+    key = (f"padding_bias_{rank}_{np.dtype(dtype).name}", mask)
+    if key not in em.derived:
+        hidden = em.node("Equal", [mask, em.i64(0)], "padded")
+        lowest = em.const(np.finfo(dtype).min, dtype)
+        bias = em.node("Where", [hidden, lowest, em.const(0.0, dtype)], "padding_bias")
+        axes = em.i64(list(range(1, rank - 1)))
+        em.derived[key] = em.node("Unsqueeze", [bias, axes], "padding_bias")
+    return em.derived[key]
+
+
+def _mask_index(em: _Emitter, mask: str) -> str:
+    """The padding mask as ``com.microsoft.Attention``'s int32 ``mask_index`` (made once)."""
+    key = ("mask_index", mask)
+    if key not in em.derived:
+        em.derived[key] = em.node("Cast", [mask], "mask_index", to=TensorProto.INT32)
+    return em.derived[key]
+
+
 def _attention(em: _Emitter, op: Op, xs: list[str], p: dict[str, str]) -> str:
     heads = int(op.attrs["heads"])
     gs = em.graph.value_spaces
     dq = em.graph.spaces[gs[op.inputs[0]]].size // heads
     scale = float(op.attrs.get("scale") or 1.0 / math.sqrt(dq))
     causal = bool(op.attrs.get("causal"))
+    padding = em.env[op.inputs[3]] if len(op.inputs) > 3 else None
     lin = em.plan.qkv.get(op.name)
     if lin is not None:
         src = em.env[lin[0].inputs[0]]
         if em.rank[src] == 3:
-            return _packed_attention(em, op, lin, src, heads, scale, causal)
+            return _packed_attention(em, op, lin, src, heads, scale, causal, padding)
         for linear in lin:  # not a [B, T, C] stream: the planned linears as their own nodes
             em.emit(linear)
         xs = [em.env[v] for v in op.inputs]
+    xs = xs[:3]
     kv = int(op.attrs.get("kv_heads") or heads)
     cap = float(op.attrs.get("softcap") or 0.0)
     mask = _score_mask(em, xs[0], causal, int(op.attrs.get("window", 0)))
@@ -583,9 +608,15 @@ def _attention(em: _Emitter, op: Op, xs: list[str], p: dict[str, str]) -> str:
         extra = {"softmax_precision": TensorProto.FLOAT} if em.low else {}
         extra.update({"softcap": cap} if cap else {})
         window = bool(op.attrs.get("window"))
+        bias = [em.from_stat(mask)] if window and mask else []
+        if padding:  # the op wants [.., q_seq, kv_seq]: [B, 1, 1, T] → [B, 1, T, T]
+            seq = em.node("Shape", [xs[0]], "seq", start=1, end=2)
+            rows = em.node("Concat", [em.i64([1, 1]), seq, em.i64([1])], axis=0)
+            pad = em.node("Expand", [_padding_bias(em, padding, 4, _NP[em.act]), rows])
+            bias = [em.node("Add", [pad, *bias])] if bias else [pad]
         return em.node(
             "Attention",
-            [*xs, em.from_stat(mask)] if window and mask else xs,
+            [*xs, *bias],
             q_num_heads=heads,
             kv_num_heads=kv,
             is_causal=int(causal and not window),
@@ -593,12 +624,12 @@ def _attention(em: _Emitter, op: Op, xs: list[str], p: dict[str, str]) -> str:
             **extra,
         )
     if kv != heads:
-        return _grouped_attention(em, xs, heads, kv, scale, mask, cap)
+        return _grouped_attention(em, xs, heads, kv, scale, mask, cap, padding)
     q, k, v = (em.node("Reshape", [x, em.i64([0, 0, heads, -1])], "heads") for x in xs)
     q = em.node("Transpose", [q], "q", perm=[0, 2, 1, 3])
     k = em.node("Transpose", [k], "kT", perm=[0, 2, 3, 1])
     v = em.node("Transpose", [v], "v", perm=[0, 2, 1, 3])
-    y = _softmax_attention(em, q, k, v, scale, mask, cap)
+    y = _softmax_attention(em, q, k, v, scale, mask, cap, padding, 4)
     y = em.node("Transpose", [y], perm=[0, 2, 1, 3])
     return em.node("Reshape", [y, em.i64([0, 0, -1])])
 
@@ -611,6 +642,7 @@ def _grouped_attention(
     scale: float,
     mask: str | None,
     cap: float,
+    padding: str | None,
 ) -> str:
     """Grouped-query attention as broadcasting MatMuls: queries ``[B, G, H/G, T, D]`` against
     keys and values ``[B, G, 1, T, D]`` (no Expand copying each kv head H/G times)."""
@@ -619,18 +651,29 @@ def _grouped_attention(
     q = em.node("Transpose", [q], "q", perm=[0, 2, 3, 1, 4])
     k = em.node("Transpose", [k], "kT", perm=[0, 2, 3, 4, 1])
     v = em.node("Transpose", [v], "v", perm=[0, 2, 3, 1, 4])
-    y = _softmax_attention(em, q, k, v, scale, mask, cap)
+    y = _softmax_attention(em, q, k, v, scale, mask, cap, padding, 5)
     y = em.node("Transpose", [y], perm=[0, 3, 1, 2, 4])
     return em.node("Reshape", [y, em.i64([0, 0, -1])])
 
 
 def _softmax_attention(
-    em: _Emitter, q: str, k_t: str, v: str, scale: float, mask: str | None, cap: float = 0.0
+    em: _Emitter,
+    q: str,
+    k_t: str,
+    v: str,
+    scale: float,
+    mask: str | None,
+    cap: float,
+    padding: str | None,
+    rank: int,
 ) -> str:
-    """``softmax(cap(q·kᵀ·scale) + mask)·v`` over head-split operands (softmax in fp32)."""
+    """``softmax(cap(q·kᵀ·scale) + mask + padding bias)·v`` over head-split operands of
+    ``rank`` dims (softmax in fp32)."""
     scores = em.to_stat(em.node("Mul", [em.node("MatMul", [q, k_t]), em.scalar(scale)], "scores"))
     if cap:
         scores = _capped(em, scores, cap, stat=True)
+    if padding is not None:
+        scores = em.node("Add", [scores, _padding_bias(em, padding, rank)])
     if mask is not None:
         scores = em.node("Add", [scores, mask])
     w = em.from_stat(em.node("Softmax", [scores], axis=-1))
@@ -653,11 +696,20 @@ def _score_mask(em: _Emitter, x: str, causal: bool, window: int) -> str | None:
 
 
 def _packed_attention(
-    em: _Emitter, op: Op, lin: tuple[Op, ...], src: str, heads: int, scale: float, causal: bool
+    em: _Emitter,
+    op: Op,
+    lin: tuple[Op, ...],
+    src: str,
+    heads: int,
+    scale: float,
+    causal: bool,
+    mask: str | None,
 ) -> str:
     """``com.microsoft.Attention``: q/k/v weights packed as ``[C, dq + dk + dv]`` (one GEMM),
-    ``unidirectional`` for the causal mask (masked scores get -10000 before the softmax, whose
-    exp underflows to exactly 0 in fp32 and fp16 alike)."""
+    ``unidirectional`` for the causal mask, the padding mask as its 2-D ``mask_index`` (1 keep,
+    0 hide). Hidden scores get -10000 before the softmax, whose exp underflows to exactly 0 in
+    fp32 and fp16 alike beside any visible score; a padded query with every key hidden gets
+    finite values, as in the executor."""
     sizes = [em.graph.tensors[o.params["weight"]].shape[0] for o in lin]
     w = em.packed(f"{op.name}/qkv_weight", [o.params["weight"] for o in lin], transpose=True)
     if "bias" in lin[0].params:
@@ -667,7 +719,7 @@ def _packed_attention(
     extra = {"qkv_hidden_sizes": sizes} if sizes[2] != sizes[0] else {}
     out = em.contrib(
         "Attention",
-        [src, w, b],
+        [src, w, b, *([_mask_index(em, mask)] if mask else [])],
         num_heads=heads,
         unidirectional=int(causal),
         scale=scale,
@@ -736,6 +788,32 @@ def _global_avgpool(em: _Emitter, op: Op, xs: list[str], p: dict[str, str]) -> s
     return em.node("Flatten", [em.node("GlobalAveragePool", xs)], axis=1)
 
 
+def _masked_mean(em: _Emitter, op: Op, xs: list[str], p: dict[str, str]) -> str:
+    """Σ_t m·x / max(Σ_t m, 1e-9), in fp32 for fp16 activations (1e-9 is 0 in fp16)."""
+    m = em.node("Cast", [xs[1]], "mask", to=TensorProto.FLOAT)
+    m = em.node("Unsqueeze", [m, em.i64([-1])])
+    total = em.reduce("ReduceSum", em.node("Mul", [em.to_stat(xs[0]), m]), [1], keepdims=0)
+    count = em.reduce("ReduceSum", m, [1], keepdims=0)
+    mean = em.node("Div", [total, em.node("Max", [count, em.scalar(1e-9, stat=True)])])
+    return em.from_stat(mean)
+
+
+def _l2norm(em: _Emitter, op: Op, xs: list[str], p: dict[str, str]) -> str:
+    """x / max(‖x‖₂, 1e-12) over the last axis (``torch.nn.functional.normalize``), in fp32
+    for fp16 activations."""
+    x = em.to_stat(xs[0])
+    norm = em.reduce("ReduceL2", x, [-1])
+    return em.from_stat(em.node("Div", [x, em.node("Max", [norm, em.scalar(1e-12, stat=True)])]))
+
+
+def _mask_positions(em: _Emitter, op: Op, xs: list[str], p: dict[str, str]) -> str:
+    """weight[offset + cumsum(mask)·mask − 1]: positions counted over the unpadded tokens."""
+    count = em.node("CumSum", [xs[0], em.i64(1)])
+    ids = em.node("Mul", [count, xs[0]])
+    ids = em.node("Add", [ids, em.i64(int(op.attrs["offset"]) - 1)])
+    return em.node("Gather", [em.weight(p["weight"]), ids], axis=0)
+
+
 def _loki(em: _Emitter, op: Op, xs: list[str], p: dict[str, str]) -> str:
     """argmin_y Σ p_i d²(y, i): Softmax → MatMul(D²) → ArgMin, in fp32 (first index on ties,
     as torch's argmax of the negated risk)."""
@@ -790,8 +868,12 @@ EMITTERS: dict[str, Emit] = implementations(globals(), "ONNX emitter")
 
 
 # ---- the model ----------------------------------------------------------------------------
+#: Input kinds fed as int64 (ids, masks, positions); the others are floats.
+INTEGER_INPUTS = frozenset({"tokens", "mask", "positions", "types"})
+
+
 def _input_type(spec: InputSpec, act: int) -> int:
-    return TensorProto.INT64 if spec.kind == "tokens" else act
+    return TensorProto.INT64 if spec.kind in INTEGER_INPUTS else act
 
 
 def _input_dims(graph: Graph, spec: InputSpec) -> list[int | str]:

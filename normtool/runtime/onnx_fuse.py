@@ -50,14 +50,15 @@ def _sole_reader(graph: Graph, value: str, reader: Op) -> bool:
 
 
 def _qkv(graph: Graph, op: Op):
-    if len(op.inputs) != 3 or any(op.attrs.get(a) for a in ("kv_heads", "window", "softcap")):
+    if any(op.attrs.get(a) for a in ("kv_heads", "window", "softcap")):
         return None  # the contrib kernel has no grouped heads, sliding window or soft-capping
-    lin = [graph.producer(v) for v in op.inputs]
+    qkv = op.inputs[:3]  # a fourth input is the padding mask, which the kernel takes too
+    lin = [graph.producer(v) for v in qkv]
     if any(p is None or p.kind != "linear" for p in lin):
         return None
     if len({p.inputs[0] for p in lin}) != 1 or len({"bias" in p.params for p in lin}) != 1:
         return None
-    if not all(_sole_reader(graph, v, op) for v in op.inputs):
+    if not all(_sole_reader(graph, v, op) for v in qkv):
         return None
     heads = int(op.attrs["heads"])
     widths = [graph.tensors[p.params["weight"]].shape[0] for p in lin]

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from normtool.graph import Graph, Op, rotary_dims
+from normtool.inputs import complete_inputs
 from normtool.nn.ws_conv import standardize_weight
 from normtool.opspec import implementations
 from normtool.rotary import inv_frequencies
@@ -177,10 +178,21 @@ def attention_mask(t: int, causal: bool, window: int, device: torch.device) -> t
     return hidden | (gap >= window) if window else (hidden if causal else None)
 
 
+def hide_padding(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``scores`` ``[B, …, Tq, Tk]`` with the keys a padding ``mask`` ``[B, Tk]`` zeroes set to
+    the dtype's lowest finite value: finite, so a query whose every key is hidden (a padded row
+    under left padding and a causal mask) gets a uniform softmax instead of NaN, as in
+    ``transformers``; any real score beats it by far, so visible keys get all the weight."""
+    b, t = mask.shape
+    hidden = (mask == 0).reshape(b, *[1] * (scores.dim() - 2), t)
+    return scores.masked_fill(hidden, torch.finfo(scores.dtype).min)
+
+
 def _attention(op: Op, xs, p):
     """Softmax attention over ``heads`` query heads; with ``kv_heads`` < ``heads`` (grouped-query
-    attention) query head ``h`` reads key/value head ``h // (heads / kv_heads)``."""
-    q, k, v = xs
+    attention) query head ``h`` reads key/value head ``h // (heads / kv_heads)``; a fourth
+    input is the padding mask (``hide_padding``)."""
+    q, k, v = xs[:3]
     h = op.attrs["heads"]
     g = op.attrs.get("kv_heads") or h
     b, t, _ = q.shape
@@ -193,10 +205,13 @@ def _attention(op: Op, xs, p):
     scores = (q @ k.transpose(-1, -2)) * scale
     if op.attrs.get("softcap"):
         scores = softcap(scores, op.attrs["softcap"])
+    scores = _stat_dtype(scores)
+    if len(xs) > 3:
+        scores = hide_padding(scores, xs[3])
     mask = attention_mask(t, bool(op.attrs.get("causal")), op.attrs.get("window", 0), q.device)
     if mask is not None:
         scores = scores.masked_fill(mask, float("-inf"))
-    w = torch.softmax(_stat_dtype(scores), dim=-1).to(v.dtype)
+    w = torch.softmax(scores, dim=-1).to(v.dtype)
     return (w @ v).permute(0, 3, 1, 2, 4).reshape(b, t, h * dv)
 
 
@@ -239,6 +254,23 @@ def _pick_token(op: Op, xs, p):
     x, ids = xs
     key = ids if op.attrs["eos"] < 0 else (ids == op.attrs["eos"]).long()
     return x[torch.arange(x.shape[0], device=x.device), torch.argmax(key, dim=1)]
+
+
+def _mask_positions(op: Op, xs, p):
+    mask = xs[0]
+    ids = (mask.cumsum(-1) * mask - 1) + op.attrs["offset"]
+    return F.embedding(ids, p["weight"])
+
+
+def _masked_mean(op: Op, xs, p):
+    """In fp32 for half-precision activations: the 1e-9 floor is 0 in fp16."""
+    x = _stat_dtype(xs[0])
+    m = xs[1].to(x.dtype).unsqueeze(-1)
+    return ((x * m).sum(1) / m.sum(1).clamp(min=1e-9)).to(xs[0].dtype)
+
+
+def _l2norm(op: Op, xs, p):
+    return F.normalize(_stat_dtype(xs[0]), p=2.0, dim=-1, eps=1e-12).to(xs[0].dtype)
 
 
 def _row(op: Op, xs, p):
@@ -340,7 +372,8 @@ def run_graph(
     """Run ``graph`` on ``inputs``; returns ``{output name: tensor}``.
 
     ``weights`` maps graph tensor names to tensors (any dtype; cast to ``dtype`` here). Float
-    inputs are cast to ``dtype``; integer inputs (token ids) are kept.
+    inputs are cast to ``dtype``; integer inputs (token ids) are kept. Optional inputs left
+    out (a padding mask, position ids, token types) take ``normtool.inputs.DEFAULTS``.
     """
     return run_graph_batches(graph, weights, [inputs], dtype, device)[0]
 
@@ -364,7 +397,8 @@ def run_graph_batches(
         return w.to(device=device, dtype=dtype) if w.is_floating_point() else w.to(device)
 
     envs: list[dict[str, torch.Tensor]] = [{} for _ in batches]
-    for env, inputs in zip(envs, batches, strict=True):
+    for env, given in zip(envs, batches, strict=True):
+        inputs = complete_inputs(graph, given)
         for spec in graph.inputs:
             x = inputs[spec.name].to(device)
             env[spec.name] = x.to(dtype) if x.is_floating_point() else x
