@@ -7,14 +7,14 @@ left or right at random, so both paddings occur in every batch of 6.
 
 What is compared: every position for the encoders (BERT, RoBERTa, DistilBERT: bidirectional: a padded query still sees the kept
 keys, so its value is defined and transformers computes it the same way); for the causal
-models (GPT-2, OPT, GPT-NeoX, Phi, Llama, Mistral) only the positions the mask keeps — under left padding a padded query has
+models (GPT-2, OPT, GPT-NeoX, Phi, Llama, Mistral, Gemma 2) only the positions the mask keeps — under left padding a padded query has
 every key hidden, and transformers gives such rows values of its own choosing (OPT's eager
 attention even NaN in fp64), which nothing downstream may read.
 
 Tolerances: the executor runs in fp64. GPT-2 and BERT run by transformers in fp64 agree to
 rounding (1e-12, as in test_arch_transformers); RoBERTa and DistilBERT too. OPT's eager
 attention computes its softmax in fp32 whatever the model dtype, and the rotary models (GPT-NeoX,
-Phi, Llama, Mistral) compute their rotary frequencies in fp32, so these run in fp32 and are held to 1e-5 of the logits' scale
+Phi, Llama, Mistral, Gemma 2) compute their rotary frequencies in fp32, so these run in fp32 and are held to 1e-5 of the logits' scale
 (~100 u; measured ≤ 4e-7 for OPT). ONNX Runtime in fp32 against transformers: 1e-4 absolute, the
 bound test_export holds every export to (measured ≤ 3e-6).
 """
@@ -60,6 +60,19 @@ CASES = {
         torch.float32,
         OPT_REL,
     ),
+    # soft-capped scores, sliding and full layers
+    "gemma2": (
+        lambda d: fh.make_decoder(
+            d / "gemma2",
+            "Gemma2ForCausalLM",
+            head_dim=8,
+            num_hidden_layers=3,
+            sliding_window=5,
+            attn_logit_softcapping=2.0,
+        ),
+        torch.float32,
+        OPT_REL,
+    ),
 }
 INPUTS = {
     "gpt2": ["input_ids", "attention_mask", "position_ids"],
@@ -72,6 +85,7 @@ INPUTS = {
     "phi": ["input_ids", "attention_mask"],
     "llama": ["input_ids", "attention_mask"],
     "mistral": ["input_ids", "attention_mask"],
+    "gemma2": ["input_ids", "attention_mask"],
 }
 #: bidirectional encoders: every position compared (see the module docstring)
 ENCODERS = ("bert", "roberta", "distilbert")
