@@ -219,6 +219,30 @@ def test_gemma3_hub_config_reads_as_the_new_one(decoder, tmp_path):
     assert load_model(old).graph.to_json() == load_model(src).graph.to_json()
 
 
+@pytest.mark.parametrize(
+    ("case", "change", "reason"),
+    [
+        ("qwen2", {"use_sliding_window": True}, "use_sliding_window=True is not supported"),
+        (
+            "llama",
+            {"rope_parameters": {"rope_type": "dynamic", "factor": 2.0, "rope_theta": 1e4}},
+            "'dynamic' is not supported",
+        ),
+        ("gemma3", {"use_bidirectional_attention": True}, "use_bidirectional_attention=True"),
+    ],
+)
+def test_what_is_not_computed_is_refused_by_name(case, change, reason, decoder, tmp_path):
+    src = decoder(case)
+    cfg = {**json.loads((src / "config.json").read_text()), **change}
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "model.safetensors").write_bytes((src / "model.safetensors").read_bytes())
+    (bad / "config.json").write_text(json.dumps(cfg))
+    code, _, err = _run("export", bad, "-o", tmp_path / "m.onnx")
+    assert code == 2 and reason in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "m.onnx").exists()
+
+
 def test_sharded_folder_loads(tmp_path):
     path = make_decoder(tmp_path / "sharded", "Qwen2ForCausalLM", save={"max_shard_size": "20KB"})
     assert len(list(path.glob("*.safetensors"))) > 1
