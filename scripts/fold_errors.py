@@ -24,6 +24,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # devkit, shared with the tests, lives at the repository root
 from devkit import fold_cases as fc
+from devkit import torch_cnns
 from devkit.factories import (
     load_hf,
     load_timm_vit,
@@ -80,6 +81,13 @@ def cases(root: Path) -> list[tuple[str, str, str, Path, int | None, fc.Referenc
     for layer_type in ("basic", "bottleneck"):
         p = make_resnet(root / layer_type, layer_type)
         out.append((f"HF ResNet ({layer_type})", "batchnorm", "conv→BN", p, None, _hf_resnet(p)))
+    for family, kw in (("timm_resnet", {"block": "basic"}), ("timm_resnet", {"block": "bottleneck"}),
+                       ("tv_mobilenet_v2", {})):  # fmt: skip
+        maker, forward = torch_cnns.FAMILIES[family]
+        sd = maker(**kw)
+        p = torch_cnns.save(sd, root / f"{family}_{len(out)}.safetensors")
+        out.append((f"{family} {kw.get('block', '')}".strip(), "batchnorm", "conv→BN", p, None,
+                    lambda dtype, x, sd=sd, forward=forward: forward(sd, x)))  # fmt: skip
     for name in ("ref_un_pre", "ref_un_post", "ref_powernorm_pre", "ref_powernorm_post",
                  "cnn_bn", "cnn_ws_bn"):  # fmt: skip
         p = fc.FIXTURES / f"{name}.safetensors"
@@ -134,7 +142,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
         "## fold: errors per family and placement (`scripts/fold_errors.py`)",
         "",
         f"{meta['when']}, torch {meta['torch']}. The folded model against the original run by "
-        "its own code (normtool.nn modules, transformers, the timm-style module): fp64 max "
+        "its own code (normtool.nn modules, transformers, the timm-style module, devkit.torch_cnns' plain-torch timm/torchvision forwards): fp64 max "
         "error / logit scale (bar 1e-9), fp32 max-abs on the logits (the self-check's bar: 1e-4, "
         "or 4x the original's own fp32 error where larger). |D|: range of "
         "the accumulated scale of a re-based Post-Norm stream. Norms left: what runs at "
