@@ -142,7 +142,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
         "## fold: errors per family and placement (`scripts/fold_errors.py`)",
         "",
         f"{meta['when']}, torch {meta['torch']}. The folded model against the original run by "
-        "its own code (normtool.nn modules, transformers, the timm-style module, devkit.torch_cnns' plain-torch timm/torchvision forwards): fp64 max "
+        "its own code (normtool.nn modules, transformers, the timm-style module, "
+        "devkit.torch_cnns' plain-torch timm/torchvision forwards): fp64 max "
         "error / logit scale (bar 1e-9), fp32 max-abs on the logits (the self-check's bar: 1e-4, "
         "or 4x the original's own fp32 error where larger). |D|: range of "
         "the accumulated scale of a re-based Post-Norm stream. Norms left: what runs at "
