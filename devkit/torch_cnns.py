@@ -78,8 +78,10 @@ def resnet_state_dict(
     classes: int = 5,
     seed: int = 0,
     prefix: str = "",
+    groups: int = 1,
 ) -> SD:
-    """A timm/torchvision ResNet state dict; bottleneck widths are the 3×3's (×4 out)."""
+    """A timm/torchvision ResNet state dict; bottleneck widths are the 3×3's (×4 out), which
+    is grouped with ``groups`` > 1 (ResNeXt)."""
     m = _Maker(seed, prefix)
     m.conv("conv1", stem, 3, 7)
     m.bn("bn1", stem)
@@ -89,7 +91,7 @@ def resnet_state_dict(
         for i in range(depth):
             key = f"layer{s}.{i}"
             if block == "bottleneck":
-                convs = [(w, c, 1), (w, w, 3), (out, w, 1)]
+                convs = [(w, c, 1), (w, w // groups, 3), (out, w, 1)]
             else:
                 convs = [(w, c, 3), (w, w, 3)]
             for j, (co, ci, k) in enumerate(convs, start=1):
@@ -136,7 +138,8 @@ def resnet_forward(sd: SD, x: torch.Tensor, eps: float = 1e-5, seen: dict | None
             for j in range(1, n + 1):
                 w = sd[f"{key}.conv{j}.weight"]
                 st = stride if (j == 2 if n == 3 else j == 1) else 1
-                h = F.conv2d(h, w, stride=st, padding=w.shape[-1] // 2)
+                groups = h.shape[1] // w.shape[1]
+                h = F.conv2d(h, w, stride=st, padding=w.shape[-1] // 2, groups=groups)
                 h = _bn(h, sd, f"{key}.bn{j}", eps, seen)
                 if j < n:
                     h = F.relu(h)

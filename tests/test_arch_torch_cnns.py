@@ -32,6 +32,7 @@ FP32 = 1e-4
 CASES = {
     "resnet_basic": ("timm_resnet", {"block": "basic"}),
     "resnet_bottleneck": ("timm_resnet", {"block": "bottleneck"}),
+    "resnext": ("timm_resnet", {"block": "bottleneck", "groups": 4}),
     "mobilenet_v2": ("tv_mobilenet_v2", {}),
     "convnext": ("timm_convnext", {}),
     "convnext_conv_mlp": (
@@ -42,7 +43,7 @@ CASES = {
 #: cases saved as timm hub folders (config.json with a 32×32 input size: quick self-checks);
 #: the others as bare .safetensors state dicts (verify and the self-checks then use 224×224)
 FOLDERS = {"resnet_bottleneck": "resnet50", "convnext": "convnext_atto"}
-BN_CASES = ("resnet_basic", "resnet_bottleneck", "mobilenet_v2")
+BN_CASES = ("resnet_basic", "resnet_bottleneck", "resnext", "mobilenet_v2")
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,8 @@ ResNet: timm's ``resnet*`` and torchvision's ``resnet*`` share one layout — ``
 (``conv1``–``conv2``, 3×3) or bottlenecks (``conv1``–``conv3``, 1×1–3×3–1×1, the stride in the
 3×3), ``downsample.0``/``.1`` (1×1 conv and BN) on the shortcut where the shape changes;
 stages after the first start with stride 2, ReLU throughout. A ``module.`` prefix
-(``DataParallel``) is accepted.
+(``DataParallel``) is accepted. ResNeXt and Wide ResNet share the names: a grouped 3×3's group
+count is its input width over its weight's input channels (``convnets.conv``).
 
 MobileNetV2: ``features.0`` (3×3 stride-2 conv, BN, ReLU6), 17 inverted residual blocks
 ``features.{i}.conv`` — a 1×1 expansion (absent in the first block), a 3×3 depthwise conv, each
