@@ -262,6 +262,20 @@ STEPS: list[Step] = [
         lambda j: f"{j['observed']} outputs → {j['labels']} labels ({j['metric']})",
     ),
     _verify("mlp", "mlp+.loki.safetensors"),
+    Step(
+        "run",
+        "transformer_un: fold → loki-head",
+        lambda p: {
+            "path": p["transformer_un"],
+            "step_words": ["fold", f"loki-head:metric={p['tree']}"],
+            "output": _path(p, "transformer_un+.folded.loki.safetensors"),
+            "force": True,
+        },
+        lambda j: (
+            f"{len(j['steps'])} passes, one check: fp64 rel {_err(j['errors']['fp64_max_rel'])}"
+        ),
+    ),
+    _verify("transformer_un", "transformer_un+.folded.loki.safetensors"),
 ]
 
 

@@ -240,7 +240,7 @@ def ort_optimized(path: Path, work: Path) -> tuple[list[str], list[tuple[int, ..
 def bench_shape(name: str, model: Model, work: Path, args: argparse.Namespace) -> dict[str, Any]:
     result = fold_norms(model)
     variants = {
-        "un-folded": result.model,
+        "un-folded": result.stored(),
         "un-unfolded": model,
         "layernorm": _variant(model, "layernorm"),
         "no-norm": _variant(model, "no-norm"),

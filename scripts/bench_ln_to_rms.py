@@ -80,8 +80,8 @@ def without_norms(graph: Graph) -> Graph:
 
 
 def forms(model: Model) -> dict[str, tuple[Graph, Any, EmitOptions]]:
-    rms = convert_ln_to_rms(model, compressed=False).model({})
-    crms = convert_ln_to_rms(model, compressed=True).model({})
+    rms = convert_ln_to_rms(model, compressed=False).stored()
+    crms = convert_ln_to_rms(model, compressed=True).stored()
     # materialise once: every form's export reads the tensors, the thunks recompute them
     rms_w = {k: rms.tensor(k) for k in rms.graph.tensors}
     crms_w = {k: crms.tensor(k) for k in crms.graph.tensors}

@@ -67,8 +67,9 @@ def one_size(n: int, k: int) -> dict:
     """Measure one configuration (runs in its own process)."""
     import onnxruntime as ort
 
+    from normtool import runner
     from normtool.load import load_model
-    from normtool.loki.head import add_loki_head
+    from normtool.loki.head import LokiHead
     from normtool.loki.labels import resolve_labels
     from normtool.loki.metric_files import load_metric
     from normtool.runtime.onnx_emit import EmitOptions, emit_onnx
@@ -95,7 +96,7 @@ def one_size(n: int, k: int) -> dict:
         res["read_tree_s"] = time.perf_counter() - t
         space = resolve_labels(metric, k, None, observed)
         t = time.perf_counter()
-        new = add_loki_head(model, space, {})
+        new = runner.apply(model, [LokiHead(space)]).model
         res["head_pass_s"] = time.perf_counter() - t  # D², masking and self-check
         res["masked_duplicates"] = new.graph.info["loki"]["duplicate_labels_masked"]
         res["self_check"] = new.history[-1]["errors"]

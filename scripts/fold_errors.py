@@ -117,12 +117,12 @@ def main() -> None:
                 "case": family,
                 "norm": norm,
                 "placement": placement,
-                **fc.errors(r.model, r.exact, ref, x, name),
-                "folded": len(r.folded),
-                "baked": len(r.baked),
-                "skipped": [f"{s.name}: {s.reason}" for s in r.skipped],
-                "scale_range": r.scale_range,
-                "norms_left": r.model.graph.norm_kinds(),
+                **fc.errors(r.stored(), r.exact(), ref, x, name),
+                "folded": len(r.report["folded"]),
+                "baked": len(r.report["baked"]),
+                "skipped": [f"{s.name}: {s.reason}" for s in r.report["skipped"]],
+                "scale_range": r.report["scale_range"],
+                "norms_left": r.stored().graph.norm_kinds(),
             }
             rows.append(row)
             print(json.dumps(row), flush=True)

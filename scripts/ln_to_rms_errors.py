@@ -108,7 +108,7 @@ def main() -> None:
                     "fp32_vs_original": fp32_errors(kind, src, out),
                 }
                 for dt, (orig, name, xs, want, own) in truths.items():
-                    conv = ln_to_rms.convert_ln_to_rms(orig, target == "crms").model({})
+                    conv = ln_to_rms.convert_ln_to_rms(orig, target == "crms").stored()
                     new = cases.sq_error(conv, name, xs, want, cases.HALF[dt])
                     row[f"{dt}_rms_ratio"] = (new / own) ** 0.5
                 rows.append(row)

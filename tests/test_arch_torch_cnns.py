@@ -102,9 +102,9 @@ def test_fold_batchnorm_matches_reference(case, name):
     path, sd, forward = case(name)
     model = load_model(path)
     r = fold_norms(model)
-    assert r.model.graph.norm_kinds() == [] and not r.skipped
-    assert {f.how for f in r.folded} == {"backward"}  # every BN into the conv before it
-    e = errors(r.model, r.exact, lambda dtype, x: forward(sd, x), pixels((2, 3, 32, 32), 2),
+    assert r.stored().graph.norm_kinds() == [] and not r.report["skipped"]
+    assert {f.how for f in r.report["folded"]} == {"backward"}  # every BN into the conv before it
+    e = errors(r.stored(), r.exact(), lambda dtype, x: forward(sd, x), pixels((2, 3, 32, 32), 2),
                "pixel_values")  # fmt: skip
     assert e["fp64_rel"] <= FP64_REL and e["fp32_abs"] <= FP32_ABS, e
 

@@ -62,25 +62,25 @@ def test_reference_transformer(tmp_path, norm, placement):
     path = make_reference_transformer(tmp_path, norm=norm, placement=placement, layers=3)
     model = load_model(path)
     r = fold_norms(model)
-    _check(r.model, r.exact, module_ref(load_reference(path).eval()), ids(1), "input_ids")
-    kinds = [o.kind for o in r.model.graph.ops]
+    _check(r.stored(), r.exact(), module_ref(load_reference(path).eval()), ids(1), "input_ids")
+    kinds = [o.kind for o in r.stored().graph.ops]
     if norm != "powernorm":  # every norm vanishes, Post-Norm included
         assert not set(kinds) & {"unorm", "batchnorm", "powernorm"}, kinds
-        assert len(r.folded) == 7 if placement == "pre" else 6
-        assert (r.scale_range is not None) == (placement == "post")
+        assert len(r.report["folded"]) == 7 if placement == "pre" else 6
+        assert (r.report["scale_range"] is not None) == (placement == "post")
     elif placement == "pre":  # the affine folds; a weightless group RMS (groups = heads) stays
         assert "powernorm" not in kinds and kinds.count("group_rmsnorm") == 7
-        assert all(o.attrs["groups"] == 4 for o in r.model.graph.ops_of("group_rmsnorm"))
+        assert all(o.attrs["groups"] == 4 for o in r.stored().graph.ops_of("group_rmsnorm"))
     else:  # Post-Norm PowerNorm: only the last norm (read by the head alone) can fold
-        assert [f.name for f in r.folded] == ["blocks.2.norm2"]
-        assert all("group RMS must see the exact values" in s.reason for s in r.skipped)
+        assert [f.name for f in r.report["folded"]] == ["blocks.2.norm2"]
+        assert all("group RMS must see the exact values" in s.reason for s in r.report["skipped"])
 
 
 def test_parallel_post_norm_un(tmp_path):
     path = make_reference_transformer(tmp_path, norm="un", placement="post", parallel=True)
     r = fold_norms(load_model(path))
-    assert r.model.graph.norm_kinds() == []
-    _check(r.model, r.exact, module_ref(load_reference(path).eval()), ids(2), "input_ids")
+    assert r.stored().graph.norm_kinds() == []
+    _check(r.stored(), r.exact(), module_ref(load_reference(path).eval()), ids(2), "input_ids")
 
 
 @pytest.mark.parametrize("norm", ["un", "batchnorm"])
@@ -89,10 +89,14 @@ def test_post_norm_rebase_depth12_negative_gamma(tmp_path, norm):
     gammas = torch.cat([n.weight for b in module.blocks for n in (b.norm1, b.norm2)])
     assert (gammas < 0).sum() > 50  # the case under test: many negative scales
     r = fold_norms(load_model(path))
-    assert r.model.graph.norm_kinds() == [] and len(r.folded) == 24 and not r.skipped
-    lo, hi = r.scale_range
+    assert (
+        r.stored().graph.norm_kinds() == []
+        and len(r.report["folded"]) == 24
+        and not r.report["skipped"]
+    )
+    lo, hi = r.report["scale_range"]
     assert 0 < lo < hi  # reported range of |D| over the re-based stream
-    _check(r.model, r.exact, module_ref(module), ids(4), "input_ids")
+    _check(r.stored(), r.exact(), module_ref(module), ids(4), "input_ids")
 
 
 def test_post_norm_zero_gamma_is_refused_and_upstream_kept(tmp_path):
@@ -101,15 +105,15 @@ def test_post_norm_zero_gamma_is_refused_and_upstream_kept(tmp_path):
         module.blocks[4].norm1.weight[3] = 0.0
     path = save_reference(module, path, force=True)
     r = fold_norms(load_model(path))
-    reasons = {s.name: s.reason for s in r.skipped}
+    reasons = {s.name: s.reason for s in r.report["skipped"]}
     assert "zero scale" in reasons["blocks.4.norm1"]
     # the norms upstream would have to pass through the kept norm: kept too, with that reason
     assert all(f"blocks.{i}.norm{j}" in reasons for i in range(4) for j in (1, 2))
     assert "kept norm blocks.4.norm1" in reasons["blocks.3.norm2"]
-    assert {f.name for f in r.folded} == {
+    assert {f.name for f in r.report["folded"]} == {
         f"blocks.{i}.norm{j}" for i in range(4, 12) for j in (1, 2)
     } - {"blocks.4.norm1"}
-    _check(r.model, r.exact, module_ref(module), ids(6), "input_ids")
+    _check(r.stored(), r.exact(), module_ref(module), ids(6), "input_ids")
 
 
 def _half(tmp_path, path):
@@ -137,7 +141,7 @@ def test_fp16_stream_overflow_refused(tmp_path):
                 n.weight.fill_(0.6)
                 n.running_var.fill_(1.0)
     path = save_reference(module, path, force=True)
-    assert fold_norms(load_model(path)).scale_range[0] < 1e-5  # fp32 is fine
+    assert fold_norms(load_model(path)).report["scale_range"][0] < 1e-5  # fp32 is fine
     with pytest.raises(NormtoolError, match="refused for this fp16 checkpoint"):
         fold_norms(load_model(_half(tmp_path, path)))
 
@@ -146,7 +150,7 @@ def test_tied_head_untied_for_pre_norm(tmp_path):
     path = make_reference_transformer(tmp_path, norm="un", tie_embeddings=True)
     r = fold_norms(load_model(path))
     # norm_f folds into the tied head: the embedding must keep its own, unchanged copy
-    _check(r.model, r.exact, module_ref(load_reference(path).eval()), ids(8), "input_ids")
+    _check(r.stored(), r.exact(), module_ref(load_reference(path).eval()), ids(8), "input_ids")
 
 
 # ---- timm-style ViT with UN / PowerNorm ------------------------------------------------------
@@ -155,23 +159,26 @@ def test_timm_vit(tmp_path, norm):
     path = make_timm_vit(tmp_path, heads=4, norm=norm)
     model = load_model(path, heads=4)
     r = fold_norms(model)
-    assert not r.skipped
+    assert not r.report["skipped"]
     assert (
-        "unorm" not in r.model.graph.norm_kinds() and "powernorm" not in r.model.graph.norm_kinds()
+        "unorm" not in r.stored().graph.norm_kinds()
+        and "powernorm" not in r.stored().graph.norm_kinds()
     )
     x = pixels((2, *model.graph.inputs[0].shape[1:]), 9)
     ref = load_timm_vit(path, heads=4).eval()
-    _check(r.model, r.exact, module_ref(ref), x, model.graph.inputs[0].name)
+    _check(r.stored(), r.exact(), module_ref(ref), x, model.graph.inputs[0].name)
 
 
 # ---- BatchNorm convnets ----------------------------------------------------------------------
 def test_small_cnn_backward_fold(tmp_path):
     path = make_cnn(tmp_path, conv_bias=True, channels=[6, 10, 12], strides=[1, 2, 2])
     r = fold_norms(load_model(path))
-    assert [f.how for f in r.folded] == ["backward"] * 3 and r.model.graph.norm_kinds() == []
+    assert [f.how for f in r.report["folded"]] == [
+        "backward"
+    ] * 3 and r.stored().graph.norm_kinds() == []
     _check(
-        r.model,
-        r.exact,
+        r.stored(),
+        r.exact(),
         module_ref(load_reference(path).eval()),
         pixels((4, 3, 16, 16), 0),
         "input",
@@ -185,7 +192,7 @@ def test_hf_resnet(tmp_path, layer_type):
     path = make_resnet(tmp_path, layer_type)
     model = load_model(path)
     r = fold_norms(model)
-    assert r.model.graph.norm_kinds() == [] and not r.skipped
+    assert r.stored().graph.norm_kinds() == [] and not r.report["skipped"]
     hf = load_hf(path)
 
     def ref(dtype, x):
@@ -193,7 +200,7 @@ def test_hf_resnet(tmp_path, layer_type):
             return hf.to(dtype)(pixel_values=x).logits
 
     spec = model.graph.inputs[0]
-    _check(r.model, r.exact, ref, pixels((2, 3, 32, 32), 1), spec.name)
+    _check(r.stored(), r.exact(), ref, pixels((2, 3, 32, 32), 1), spec.name)
 
 
 # ---- hand-made graphs: a norm before a conv, before an activation ----------------------------
@@ -281,15 +288,15 @@ def _bn_conv_maths(m: Model, padding: int, groups: int = 1):
 def test_norm_before_unpadded_conv_folds_forward():
     m = _bn_graph("conv", 0, {})
     r = fold_norms(m)
-    assert r.folded[0].how == "forward" and r.folded[0].into == ["conv"]
-    _check(r.model, r.exact, _bn_conv_maths(m, 0), pixels((2, 3, 8, 8), 3), "input")
+    assert r.report["folded"][0].how == "forward" and r.report["folded"][0].into == ["conv"]
+    _check(r.stored(), r.exact(), _bn_conv_maths(m, 0), pixels((2, 3, 8, 8), 3), "input")
 
 
 def test_norm_before_grouped_conv_folds_forward():
     m = _bn_graph("conv", 0, {}, groups=3)
     r = fold_norms(m)
-    assert r.folded[0].into == ["conv"]
-    _check(r.model, r.exact, _bn_conv_maths(m, 0, groups=3), pixels((2, 3, 8, 8), 5), "input")
+    assert r.report["folded"][0].into == ["conv"]
+    _check(r.stored(), r.exact(), _bn_conv_maths(m, 0, groups=3), pixels((2, 3, 8, 8), 5), "input")
 
 
 def test_norm_before_padded_conv_refused():
@@ -301,7 +308,7 @@ def test_pure_scale_before_padded_conv_is_exact():
     # β = running_mean = 0: no shift, zero padding stays zero after scaling, so the fold is exact
     m = _bn_graph("conv", 1, {"bias": torch.zeros(3), "mean": torch.zeros(3)})
     r = fold_norms(m)
-    _check(r.model, r.exact, _bn_conv_maths(m, 1), pixels((2, 3, 8, 8), 4), "input")
+    _check(r.stored(), r.exact(), _bn_conv_maths(m, 1), pixels((2, 3, 8, 8), 4), "input")
 
 
 def test_non_linear_consumer_refused():
@@ -374,7 +381,7 @@ def test_trained_fixtures(name):
         x = ids(13, vocab=spec.vocab, shape=(2, min(12, spec.max_len)))
     else:
         x = pixels((2, *spec.shape[1:]), 13)
-    _check(r.model, r.exact, module_ref(load_reference(path).eval()), x, spec.name)
+    _check(r.stored(), r.exact(), module_ref(load_reference(path).eval()), x, spec.name)
 
 
 def test_fp16_checkpoint_folds_under_the_half_precision_bar(tmp_path):

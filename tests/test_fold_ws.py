@@ -85,11 +85,13 @@ def _check_fold(path: Path, r) -> None:
     cfg, sd = read_config(path), tensors(path)
     x = pixels(cfg)
     want = reference(sd, cfg, x)
-    name = r.model.graph.inputs[0].name
-    got64 = run_graph(r.exact.graph, r.exact.weights(), {name: x}, dtype=torch.float64)["logits"]
+    name = r.stored().graph.inputs[0].name
+    got64 = run_graph(r.exact().graph, r.exact().weights(), {name: x}, dtype=torch.float64)[
+        "logits"
+    ]
     rel = ((got64 - want).abs().max() / want.abs().max()).item()
     assert rel <= FP64_REL, rel
-    got32 = run_graph(r.model.graph, r.model.weights(), {name: x.float()})["logits"]
+    got32 = run_graph(r.stored().graph, r.stored().weights(), {name: x.float()})["logits"]
     assert (got32.double() - want).abs().max().item() <= FP32_ABS
 
 
@@ -177,10 +179,14 @@ def test_fold_bakes_then_folds_batchnorm(tmp_path, variant, conv_bias):
         tmp_path, variant, conv_bias=conv_bias, channels=[6, 10, 12], strides=[1, 2, 2]
     )
     r = fold_norms(load_model(path))
-    assert [b.name for b in r.baked] == ["blocks.0.conv", "blocks.1.conv", "blocks.2.conv"]
-    assert {b.variant for b in r.baked} == {variant}
-    assert [f.how for f in r.folded] == ["backward"] * 3 and not r.skipped
-    kinds = {o.kind for o in r.model.graph.ops}
+    assert [b.name for b in r.report["baked"]] == [
+        "blocks.0.conv",
+        "blocks.1.conv",
+        "blocks.2.conv",
+    ]
+    assert {b.variant for b in r.report["baked"]} == {variant}
+    assert [f.how for f in r.report["folded"]] == ["backward"] * 3 and not r.report["skipped"]
+    kinds = {o.kind for o in r.stored().graph.ops}
     assert "ws_conv2d" not in kinds and "batchnorm" not in kinds
     _check_fold(path, r)
 
@@ -191,7 +197,7 @@ def test_constant_rows_bake_to_exact_zeros(tmp_path, variant):
     path = make_ws_cnn(tmp_path, variant, constant_rows=True)
     r = fold_norms(load_model(path), ["ws"])
     for i in range(2):
-        w = r.model.tensor(f"blocks.{i}.conv.weight")
+        w = r.stored().tensor(f"blocks.{i}.conv.weight")
         assert w.dtype == torch.float32
         assert w[0].abs().max().item() == 0.0 and w[-1].abs().max().item() == 0.0
         assert w[1].abs().max().item() > 0.1
@@ -203,7 +209,7 @@ def test_trained_fixture():
     """WS+BN trained 300 steps (scripts/make_fixtures.py): realistic weights and statistics."""
     path = Path(__file__).resolve().parent.parent / "fixtures" / "cnn_ws_bn.safetensors"
     r = fold_norms(load_model(path))
-    assert len(r.baked) == 3 and [f.how for f in r.folded] == ["backward"] * 3
+    assert len(r.report["baked"]) == 3 and [f.how for f in r.report["folded"]] == ["backward"] * 3
     _check_fold(path, r)
 
 
@@ -313,5 +319,5 @@ def test_property_random_shapes(variant, in_channels, channels, kernel, conv_bia
     with tempfile.TemporaryDirectory() as d:
         path = make_ws_cnn(Path(d), variant, seed=seed, **cfg)
         r = fold_norms(load_model(path))
-        assert len(r.baked) == len(channels) and len(r.folded) == len(channels)
+        assert len(r.report["baked"]) == len(channels) and len(r.report["folded"]) == len(channels)
         _check_fold(path, r)

@@ -139,7 +139,7 @@ def test_half_precision_error_no_worse_than_original(kind, compressed, dt, half_
     half-precision error, so the bar keeps its power.
     """
     orig, name, xs, want, own = half_truths(kind, dt)
-    conv = ln_to_rms.convert_ln_to_rms(orig, compressed).model({})
+    conv = ln_to_rms.convert_ln_to_rms(orig, compressed).stored()
     assert {s.dtype for s in conv.graph.tensors.values()} == {"F16" if dt == "fp16" else "BF16"}
     new = sq_error(conv, name, xs, want, HALF[dt])
     # squared errors summed over the same logits: the ratio of RMS errors is the square root
@@ -169,7 +169,7 @@ def test_half_precision_crms_parallel_blocks_over_seeds(dt, tmp_path):
         with torch.no_grad():
             want = [truth(x) for x in xs]
         own = sq_error(orig, spec.name, xs, want, HALF[dt])
-        conv = ln_to_rms.convert_ln_to_rms(orig, compressed=True).model({})
+        conv = ln_to_rms.convert_ln_to_rms(orig, compressed=True).stored()
         new = sq_error(conv, spec.name, xs, want, HALF[dt])
         assert own > 0 and (new / own) ** 0.5 <= HALF_RATIO, (seed, (new / own) ** 0.5)
 
@@ -188,7 +188,7 @@ def test_half_precision_writers_keep_their_sums(half_originals):
     orig = load_model(half_originals[("ref", "fp16")])
     conv = ln_to_rms.convert_ln_to_rms(orig, compressed=True)
     exact = conv.exact().tensor("blocks.0.mlp.fc2.weight")  # [d-1, I], stream axis 0
-    stored = conv.model({}).tensor("blocks.0.mlp.fc2.weight").double()
+    stored = conv.stored().tensor("blocks.0.mlp.fc2.weight").double()
     nearest = exact.half().double()
     spacing = torch.nextafter(exact.half(), torch.tensor(torch.inf).half()).double() - nearest
     assert ((stored - exact).abs() <= spacing.abs()).all()  # every entry within one spacing
@@ -277,9 +277,9 @@ def test_refuses_non_layernorm_reader_and_norm_after_branch(tmp_path):
 def test_row_blocks_match_whole_tensor(tmp_path, monkeypatch):
     """Large tensors are rewritten in row blocks; force tiny blocks and compare with the whole."""
     model = load_model(make_reference_transformer(tmp_path, tie_embeddings=True))
-    whole = ln_to_rms.convert_ln_to_rms(model, compressed=True).model({})
+    whole = ln_to_rms.convert_ln_to_rms(model, compressed=True).stored()
     monkeypatch.setattr(ln_to_rms, "BLOCK_ROWS", 5)
-    blocked = ln_to_rms.convert_ln_to_rms(model, compressed=True).model({})
+    blocked = ln_to_rms.convert_ln_to_rms(model, compressed=True).stored()
     for name in ("tok_emb.weight", "head.weight", "head.bias", "pos_emb.weight"):
         # fp64 inside, one rounding to fp32 either way: equal to the last bit or one ulp
         assert torch.allclose(blocked.tensor(name), whole.tensor(name), atol=1e-6, rtol=0)

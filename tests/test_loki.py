@@ -17,9 +17,10 @@ import torch
 from safetensors.torch import save_file
 
 from devkit.proc import run_cli
+from normtool import runner
 from normtool.cli import main
 from normtool.load import load_model
-from normtool.loki.head import add_loki_head, duplicate_columns
+from normtool.loki.head import LokiHead, duplicate_columns
 from normtool.loki.labels import resolve_labels
 from normtool.loki.metric import MatrixMetric
 from normtool.loki.metric_files import load_metric
@@ -268,7 +269,7 @@ def test_exact_ties_go_to_the_lowest_label_index(tmp_path, order):
     metric = MatrixMetric(names, m)
     model = load_model(_equal_logit_mlp(tmp_path / "m.safetensors", 2))
     space = resolve_labels(metric, 2, order, ["o1", "o2"])
-    new = add_loki_head(model, space, {})
+    new = runner.apply(model, [LokiHead(space)]).model
     x = {"input": torch.randn(4, 3)}
     assert run_graph(new.graph, new.weights(), x)["prediction"].tolist() == [1] * 4
     for dtype in ("fp32", "fp16"):
@@ -320,7 +321,8 @@ def test_every_classifier_family(tmp_path, kind):
     names = list(pos)
     m = np.abs(np.subtract.outer(list(pos.values()), list(pos.values())))
     observed = [f"y{j}" for j in reversed(range(1, k + 1))]
-    new = add_loki_head(model, resolve_labels(MatrixMetric(names, m), k, None, observed), {})
+    space = resolve_labels(MatrixMetric(names, m), k, None, observed)
+    new = runner.apply(model, [LokiHead(space)]).model
 
     def dist(a, b):
         return abs(pos[a] - pos[b])
@@ -401,7 +403,7 @@ def test_bad_metric_from_outside(tmp_path):
 
 @pytest.mark.parametrize("value", [float("nan"), float("-inf")])
 def test_nonfinite_weights_are_refused(tmp_path, value):
-    """``add_loki_head`` refuses NaN/Inf weights like every transform (the CLI case is in
+    """The Loki head pass refuses NaN/Inf weights like every transform (the CLI case is in
     test_hostile): a NaN logit makes every risk NaN, and the self-check, run against the same
     NaN logits, called the result "verified"."""
     from normtool.errors import NormtoolError
@@ -415,4 +417,4 @@ def test_nonfinite_weights_are_refused(tmp_path, value):
     names = ["a", "b", "c"]
     space = resolve_labels(MatrixMetric(names, 1.0 - np.eye(3)), 3, None, names)
     with pytest.raises(NormtoolError, match=r"'1\.bias' \(stored as '2\.bias'\) holds NaN or Inf"):
-        add_loki_head(load_model(path, act="relu"), space, {})
+        runner.apply(load_model(path, act="relu"), [LokiHead(space)])

@@ -157,7 +157,7 @@ def test_wrong_stored_weight_is_refused_on_small_logits(tmp_path):
     (tmp_path / "in").mkdir()
     src = load_model(make_reference_transformer(tmp_path / "in", norm="layernorm"))
     conv = convert_ln_to_rms(src, False)
-    errors, bad = self_check(src, conv.exact(), _wrong_stored(conv.model({}), 3e-4))
+    errors, bad = self_check(src, conv.exact(), _wrong_stored(conv.stored(), 3e-4))
     assert errors["fp32_bar"] == 1e-4 and errors["fp32_max_abs"] > 2.9e-4
     assert len(bad) == 1 and bad[0].startswith("fp32 max-abs error")
 
@@ -167,7 +167,7 @@ def test_wrong_stored_weight_is_refused_on_large_logits(tmp_path):
     ``verify``'s fp32 rtol 1e-5 would pass it — but 7x the original's own fp32 error: refused."""
     src = load_model(_large_logit_vit(tmp_path), heads=4)
     r = fold_norms(src)
-    errors, bad = self_check(src, r.exact, _wrong_stored(r.model, 2.4e-3))
+    errors, bad = self_check(src, r.exact(), _wrong_stored(r.stored(), 2.4e-3))
     assert errors["fp32_max_rel"] < 1e-5  # would sneak under a naive relative bar
     assert errors["fp32_max_abs"] > 1.5 * errors["fp32_bar"] > 1.5e-4
     assert len(bad) == 1 and bad[0].startswith("fp32 max-abs error")
@@ -189,5 +189,5 @@ def test_original_runs_once_in_fp64(tmp_path, monkeypatch):
     (tmp_path / "in").mkdir()
     src = load_model(make_reference_transformer(tmp_path / "in", norm="layernorm"))
     conv = convert_ln_to_rms(src, False)
-    self_check(src, conv.exact(), conv.model({}))
+    self_check(src, conv.exact(), conv.stored())
     assert sorted(map(str, runs)) == ["torch.float32"] * 2 + ["torch.float64"] * 2

@@ -91,7 +91,7 @@ def test_transposed_weights_keep_their_stored_orientation(tmp_path):
     on the way out), says so in its graph, and reads back as exactly the computed tensors."""
     src = make_gpt2(tmp_path / "gpt2")
     model = load_model(src)
-    conv = ln_to_rms.convert_ln_to_rms(model).model({})
+    conv = ln_to_rms.convert_ln_to_rms(model).stored()
     out = tmp_path / "g.rms.safetensors"
     r = run_cli("convert-ln-to-rms", src, "-o", out, "--no-verify")
     assert r.returncode == 0, r.stderr
@@ -132,7 +132,7 @@ def test_direct_io_output_reads_back_exactly(tmp_path, monkeypatch, shard):
     made, real = [], sink.Appender
     monkeypatch.setattr(sink, "Appender", lambda fd: made.append(fd) or real(fd))
     src = make_gpt2(tmp_path / "gpt2")
-    conv = ln_to_rms.convert_ln_to_rms(load_model(src)).model({})
+    conv = ln_to_rms.convert_ln_to_rms(load_model(src)).stored()
     out = tmp_path / "g.rms.safetensors"
     r = cli("convert-ln-to-rms", src, "-o", out, "--no-verify", "--json",
             *(["--max-shard-size", shard] if shard else []))  # fmt: skip

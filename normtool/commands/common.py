@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -13,6 +14,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 from tqdm import tqdm
 
+from normtool import runner, selfcheck
 from normtool.arch.family import Assumption
 from normtool.load import load_model
 from normtool.model import Model
@@ -159,3 +161,38 @@ def default_output(path: Path, suffix: str) -> Path:
     """``<stem><suffix>`` beside the input (for a folder: beside the folder)."""
     stem = path.name if path.is_dir() else path.stem
     return path.parent / f"{stem}{suffix}"
+
+
+def report(path: Path, res: runner.Result, model: Model) -> tuple[dict[str, Any], list[str]]:
+    """``emit``'s payload and lines for a run of the runner: one pass's own fields at the top
+    level (the single-transform commands' JSON), a chain's under ``steps``; the achieved errors
+    and the assumptions either way."""
+    rws = res.planned.rewrites
+    errors = res.errors
+    fields = [{k: _plain(v) for k, v in rw.report.items()} for rw in rws]
+    payload: dict[str, Any] = {"input": str(path), "output": str(res.output)}
+    lines = [f"{path} -> {res.output}"]
+    if len(rws) == 1:
+        payload.update(fields[0])
+        payload["summary"] = rws[0].summary
+        lines += [f"  {rws[0].summary}", *(f"  {line}" for line in rws[0].lines)]
+    else:
+        payload["steps"] = [
+            {"transform": rw.transform, "params": rw.params, "summary": rw.summary, **f}
+            for rw, f in zip(rws, fields, strict=True)
+        ]
+        for rw in rws:
+            lines += [f"  {rw.transform}: {rw.summary}", *(f"    {line}" for line in rw.lines)]
+    payload.update(verified=errors is not None, errors=errors, assumptions=assumed(model))
+    if errors is None:
+        lines.append("  not verified (--no-verify)")
+    else:
+        lines.append("  verified: " + selfcheck.summary(errors))
+    return payload, lines
+
+
+def _plain(value: Any) -> Any:
+    """A pass's report value for JSON: dataclass records (what fold folded, skipped…) as dicts."""
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value

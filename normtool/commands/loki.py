@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
+from normtool import runner
 from normtool.commands.common import (
     ActOpt,
     ArchOpt,
@@ -27,11 +28,11 @@ from normtool.commands.common import (
 from normtool.errors import NormtoolError
 from normtool.io.atomic import check_output_path
 from normtool.loki.evaluate import evaluate
-from normtool.loki.head import add_loki_head, check
+from normtool.loki.head import LokiHead, check
 from normtool.loki.labels import read_label_file, resolve_labels
 from normtool.loki.metric_files import KINDS, load_metric
+from normtool.model import Model
 from normtool.refusal import refusal
-from normtool.save import save_model
 
 
 def loki_head(
@@ -102,15 +103,26 @@ def loki_head(
             labels,
             observed,
         )
-        params = {"metric": str(metric), "metric_kind": m.kind}
-        new = add_loki_head(model, space, params, verify=not no_verify)
     except NormtoolError as e:  # name the model when the problem is not in one file
         raise type(e)(e.message, e.path or path) from e
-    # evaluated before writing: a bad --eval file leaves no output behind
     res = None
-    if eval_data is not None:
-        res = evaluate(new, space, eval_data, progress=lambda it, n: progress(it, "eval", n))
-    save_model(new, out, inputs=[Path(path), metric], force=force)
+
+    def evaluated(new: Model) -> None:  # before writing: a bad --eval file leaves no output
+        nonlocal res
+        if eval_data is not None:
+            res = evaluate(new, space, eval_data, progress=lambda it, n: progress(it, "eval", n))
+
+    params = {"metric": str(metric), "metric_kind": m.kind}
+    done = runner.run(
+        model,
+        [LokiHead(space, params)],
+        out,
+        [Path(path), metric],
+        force,
+        verify=not no_verify,
+        before_write=evaluated,
+    )
+    new = done.model
     errors = new.history[-1]["errors"]
     payload: dict[str, Any] = {
         "input": str(path),

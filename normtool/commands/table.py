@@ -6,7 +6,18 @@ table) imports the demo command; kept apart, the imports stay acyclic.
 
 from collections.abc import Callable
 
-from normtool.commands import barrier, bench, convert, export, fold, inspect, loki, merge, verify
+from normtool.commands import (
+    barrier,
+    bench,
+    convert,
+    export,
+    fold,
+    inspect,
+    loki,
+    merge,
+    run,
+    verify,
+)
 
 WORK_COMMANDS: list[tuple[str, Callable[..., None]]] = [
     ("inspect", inspect.inspect),
@@ -18,4 +29,5 @@ WORK_COMMANDS: list[tuple[str, Callable[..., None]]] = [
     ("merge", merge.merge),
     ("barrier", barrier.barrier),
     ("loki-head", loki.loki_head),
+    ("run", run.run),
 ]

@@ -17,6 +17,7 @@ export needs ``2·max(D²) + 1 ≤ 65504``; ``info["loki"]["max_d2"]`` records t
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -25,11 +26,12 @@ import torch
 from normtool.errors import CheckFailed, NormtoolError
 from normtool.finite import require_finite
 from normtool.graph import Graph, Op, Source, Space, TensorSpec
-from normtool.history import entry
 from normtool.inputs import max_seq, random_inputs
 from normtool.loki.labels import LabelSpace
 from normtool.model import Model
 from normtool.opspec import SPECS
+from normtool.passes.recipes import Engine
+from normtool.passes.rewrite import Rewrite
 from normtool.runtime.torch_exec import run_graph
 
 OP_NAME = "loki"
@@ -110,14 +112,12 @@ def mask_duplicates(d2: torch.Tensor) -> int:
     return int(dup.sum())
 
 
-def add_loki_head(
-    model: Model, space: LabelSpace, params: dict[str, Any], verify: bool = True
-) -> Model:
-    """A copy of ``model`` whose graph also outputs ``prediction`` (int64 index into the N
-    labels); ``logits`` and every other tensor are untouched. Self-verified unless ``verify``
-    is false (the achieved error goes into the history entry). Non-finite weights are refused
+def plan_loki_head(model: Model, space: LabelSpace, params: dict[str, Any]) -> Rewrite:
+    """Plan a copy of ``model`` whose graph also outputs ``prediction`` (int64 index into the N
+    labels); ``logits`` and every other tensor are untouched. Its own check (``verify_head``)
+    replaces the equivalence self-check, since it adds an output. Non-finite weights are refused
     like every transform does: a NaN logit makes every risk NaN and ``argmin`` a meaningless
-    label, and the self-check (which compares against the same NaN logits) cannot see it."""
+    label, and a check that compares against the same NaN logits cannot see it."""
     reasons = check(model.graph)
     if reasons:
         raise NormtoolError("cannot add a Loki head: " + "; ".join(reasons))
@@ -145,10 +145,32 @@ def add_loki_head(
     g.validate()
     full = {**params, "labels": space.names, "observed": [space.names[j] for j in space.observed]}
     summary = f"Loki head over {space.n} labels ({space.metric.kind}), {k} observed"
-    out = model.derive(g, {D2_TENSOR: d2}, entry("loki-head", model, full, None, summary))
-    if verify:
-        out.history[-1]["errors"] = verify_head(out)
-    return out
+    return Rewrite(
+        "loki-head",
+        full,
+        g,
+        Engine(model),
+        summary,
+        values={D2_TENSOR: d2},
+        equivalent=False,
+        verify=verify_head,
+    )
+
+
+@dataclass(frozen=True)
+class LokiHead:
+    """The pass: a Loki head over ``space`` (``params``: what the history records of where the
+    metric came from)."""
+
+    space: LabelSpace
+    params: dict[str, Any] = field(default_factory=dict, hash=False)
+    name: str = "loki-head"
+
+    def applicability(self, graph: Graph) -> list[str]:
+        return check(graph)
+
+    def plan(self, model: Model) -> Rewrite:
+        return plan_loki_head(model, self.space, self.params)
 
 
 def reference_predictions(logits: torch.Tensor, d2: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:

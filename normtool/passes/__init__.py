@@ -1,4 +1,6 @@
-"""Transforms: functions Model → Model with precondition checks that return reasons.
+"""Transforms as passes: each says why it does not apply (``applicability``) and plans a
+``Rewrite`` (``plan``); ``normtool.runner`` checks, records and writes the result, for one pass
+or a chain.
 
 ``APPLICABILITY`` lists, for ``inspect``, each transform's name and its check: a function of the
 graph returning the reasons it does not apply (empty: it applies).
@@ -10,10 +12,11 @@ from collections.abc import Callable
 
 from normtool.graph import Graph
 from normtool.loki import head as loki_head
-from normtool.passes import fold, ln_to_rms
+from normtool.passes.fold import Fold
+from normtool.passes.ln_to_rms import ConvertLnToRms
 
 APPLICABILITY: list[tuple[str, Callable[[Graph], list[str]]]] = [
-    ("convert-ln-to-rms", ln_to_rms.check),
-    ("fold", fold.applicability),
+    ("convert-ln-to-rms", ConvertLnToRms().applicability),
+    ("fold", Fold().applicability),
     ("loki-head", loki_head.check),
 ]

@@ -37,7 +37,7 @@ import functools
 import math
 from collections import Counter
 from collections.abc import Callable, Collection
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -59,6 +59,8 @@ from normtool.passes.rebase import (
     fold_forward_conv,
     through_norm,
 )
+from normtool.passes.recipes import Ctx, Engine, Recipe
+from normtool.passes.rewrite import Rewrite
 from normtool.passes.weight_math import fold_forward
 from normtool.refusal import refusal
 from normtool.runtime.torch_exec import run_graph
@@ -100,22 +102,6 @@ class BakedConv:
     name: str
     variant: str  # "var" | "std": where eps sits (normtool.nn.ws_conv)
     eps: float
-
-
-@dataclass
-class FoldResult:
-    model: Model  # rewritten tensors rounded to their stored dtypes: what gets written
-    exact: Model  # the same graph with the rewritten tensors in float64: the maths, unrounded
-    folded: list[FoldedNorm]
-    skipped: list[SkippedNorm]
-    untied: list[str] = field(default_factory=list)
-    scale_range: tuple[float, float] | None = None  # min/max |D| of re-based streams
-    notes: list[str] = field(default_factory=list)
-    baked: list[BakedConv] = field(default_factory=list)
-
-    def summary(self) -> str:
-        ws = f"baked {len(self.baked)} weight-standardised convs, " if self.baked else ""
-        return f"{ws}folded {len(self.folded)} norms, skipped {len(self.skipped)}"
 
 
 class _Blocked(Exception):
@@ -367,57 +353,37 @@ def plan(
 
 
 # ---- applying the plan ----------------------------------------------------------------------
-#: A rewritten tensor, computed when asked for: float64 by default, or in a given dtype.
-Thunk = Callable[..., torch.Tensor]
-#: Rows per block when a rewrite of a large tensor is computed (an LM head absorbing norm_f).
-BLOCK_ROWS = 4096
+#: A formula of the weight math: (weight, bias, *vectors) → (new weight, new bias), in float64.
+Formula = Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
 
 
-def _lazy(
-    fn: Callable[..., tuple[torch.Tensor, torch.Tensor | None]],
-    w: Thunk,
-    b: Thunk | None,
+def _affine(
+    fn: Formula,
+    w: str,
+    b: str | None,
     vecs: tuple[torch.Tensor | None, ...],
-    per_row: bool | None,
-) -> tuple[Thunk, Thunk]:
-    """Thunks of ``fn(weight, bias, *vecs)``'s (weight, bias): float64, or ``dtype`` if given.
-
-    ``per_row`` False: the result's rows depend only on the same rows of ``weight``/``bias``
-    (forward fold: ``vecs`` run along the input axis); True: also on the same rows of ``vecs``
-    (backward fold and rescale: per-output-channel vectors); None: not row-separable (grouped
-    convolutions). Separable rewrites of large tensors are computed in row blocks, each rounded
-    into the result, so only the result and one block are held — no whole float64 copies.
-    """
-
-    def value(pick: int, dtype: torch.dtype) -> torch.Tensor:
-        wt, bt = w(), None if b is None else b()
-        n = wt.shape[0]
-        if per_row is None or n <= BLOCK_ROWS:
-            return fn(wt.to(F64), None if bt is None else bt.to(F64), *vecs)[pick].to(dtype)
-        out = None
-        for i in range(0, n, BLOCK_ROWS):
-            r = slice(i, i + BLOCK_ROWS)
-            vs = [v[r] if per_row and v is not None else v for v in vecs]
-            part = fn(wt[r].to(F64), None if bt is None else bt[r].to(F64), *vs)[pick]
-            if out is None:
-                out = torch.empty((n, *part.shape[1:]), dtype=dtype)
-            out[r] = part
-        return out
-
-    return (lambda dtype=F64: value(0, dtype)), (lambda dtype=F64: value(1, dtype))
+    per_row: bool,
+    pick: int,
+    ctx: Ctx,
+) -> torch.Tensor:
+    """Recipe function: output ``pick`` (0 weight, 1 bias) of ``fn(weight, bias, *vecs)`` for the
+    rows in ``ctx`` (``per_row``: the vectors run along the output rows and are cut with them)."""
+    rows = ctx.rows
+    vs = [v[rows] if per_row and rows is not None and v is not None else v for v in vecs]
+    bias = None if b is None else ctx.get(b).to(F64)
+    return fn(ctx.get(w).to(F64), bias, *vs)[pick]
 
 
 class _Editor:
-    """Recipes (thunks) of the tensors being rewritten; unties shared tensors on write.
+    """Puts the recipes of rewritten tensors on the engine; unties shared tensors on write.
 
-    Why thunks: folding a checkpoint larger than memory must not hold every rewritten tensor.
-    Each action composes the thunks of the tensors it reads; the self-check and the writer
-    evaluate one tensor at a time.
+    Every recipe is computed in float64 and rounded once (``precision="f64"``): a fold composes
+    several maps (a rescale at one add, an absorbed map at the next, a baked standardisation),
+    each reading the previous version of the tensor unrounded (``Engine.current``).
     """
 
-    def __init__(self, model: Model, graph: Graph) -> None:
-        self.model, self.graph = model, graph
-        self.work: dict[str, Thunk] = {}
+    def __init__(self, engine: Engine, graph: Graph) -> None:
+        self.engine, self.graph = engine, graph
         self.untied: list[str] = []
 
     def _users(self, name: str) -> list[tuple[Op, str]]:
@@ -429,18 +395,11 @@ class _Editor:
             name, i = f"{base}.{i}", i + 1
         return name
 
-    def get(self, op: Op, role: str) -> Thunk | None:
+    def target(self, op: Op, role: str) -> str:
+        """The tensor a new value of ``op``'s ``role`` goes to: its own, a created bias (in the
+        output space of the weight), or an untied copy when another op shares it."""
         name = op.params.get(role)
         if name is None:
-            return None
-        if name not in self.work:
-            # as stored (exact in any wider dtype); _lazy upcasts one block at a time
-            self.work[name] = lambda dtype=None: self.model.tensor(name).to(dtype)
-        return self.work[name]
-
-    def put(self, op: Op, role: str, value: Thunk) -> None:
-        name = op.params.get(role)
-        if name is None:  # a created bias lives in the output space of the weight
             w = self.graph.tensors[op.params["weight"]]
             name = self._fresh(f"{op.name}.{role}")
             self.graph.tensors[name] = TensorSpec(
@@ -452,31 +411,49 @@ class _Editor:
             self.untied.append(f"{name} (shared) untied: {op.name} now has its own copy {new}")
             name = new
         op.params[role] = name
-        self.work[name] = value
+        return name
+
+    def put(self, name: str, fn: Callable[[Ctx], torch.Tensor], rows_from: str | None) -> None:
+        spec = self.graph.tensors[name]
+        self.engine.put(name, Recipe(spec.shape, spec.dtype, fn, rows_from, precision="f64"))
 
     def rewrite(
         self,
         op: Op,
-        fn: Callable[..., tuple[torch.Tensor, torch.Tensor | None]],
+        fn: Formula,
         vecs: tuple[torch.Tensor | None, ...],
         per_row: bool | None,
         shift: torch.Tensor | None,
     ) -> None:
         """Replace the op's weight (and bias) by ``fn``'s results; a bias appears when
-        ``shift`` is given."""
-        b = self.get(op, "bias")
-        w2, b2 = _lazy(fn, self.get(op, "weight"), b, vecs, per_row)
-        self.put(op, "weight", w2)
+        ``shift`` is given. ``per_row`` False: the result's rows depend only on the same rows of
+        weight and bias (forward fold: ``vecs`` run along the input axis); True: also on the same
+        rows of ``vecs`` (backward fold and rescale); None: not row-separable (grouped convs)."""
+        w = self.engine.current(op.params["weight"])
+        b = op.params.get("bias")
+        b = None if b is None else self.engine.current(b)
+        rows_from = None if per_row is None else w
+        weight = functools.partial(_affine, fn, w, b, vecs, bool(per_row), 0)
+        self.put(self.target(op, "weight"), weight, rows_from)
         if b is not None or shift is not None:
-            self.put(op, "bias", b2)
+            bias = functools.partial(_affine, fn, w, b, vecs, bool(per_row), 1)
+            self.put(self.target(op, "bias"), bias, rows_from)
+
+    def bake(self, op: Op, variant: str, eps: float) -> None:
+        """The WS conv's weight as its standardised ``Ŵ`` (float64, rounded once when written)."""
+        w = self.engine.current(op.params["weight"])
+        self.put(self.target(op, "weight"), functools.partial(_standardized, w, variant, eps), None)
 
 
-def _apply(model: Model, p: _Plan) -> tuple[Graph, dict[str, Thunk], list[str]]:
-    """The new graph, the rewritten tensors (float64 thunks), and the untie notes."""
-    g = model.graph.copy()
+def _standardized(w: str, variant: str, eps: float, ctx: Ctx) -> torch.Tensor:
+    return standardize_weight(ctx.get(w).to(F64), variant, eps)
+
+
+def _apply(ed: _Editor, p: _Plan) -> None:
+    """Edit ``ed.graph`` and put the rewritten tensors' recipes as the plan says."""
+    g = ed.graph
     if p.actions:
         g.forget_hidden("fold moved norm affines into the layers around them")
-    ed = _Editor(model, g)
     for action in p.actions:
         kind, op = action[0], g.op(action[1].name)
         if kind == "absorb":
@@ -506,55 +483,39 @@ def _apply(model: Model, p: _Plan) -> tuple[Graph, dict[str, Thunk], list[str]]:
             op.params = {}
     g.prune()
     g.validate()
-    return g, {k: v for k, v in ed.work.items() if k in g.tensors}, ed.untied
 
 
-def _standardized(w: Thunk, variant: str, eps: float) -> Thunk:
-    """Thunk of ``Ŵ`` from the thunk of ``W``: float64 by default, or rounded once to ``dtype``."""
-    return lambda dtype=F64: standardize_weight(w().to(F64), variant, eps).to(dtype)
-
-
-def bake_ws(model: Model) -> tuple[Model, list[BakedConv], dict[str, Thunk], list[str]]:
-    """Every ``ws_conv2d`` as a plain ``conv2d`` holding its standardised weight.
-
-    Returns the baked model (``Ŵ`` as float64 thunks, so later folds compose with it unrounded),
-    what was baked, the thunks of the baked weights, and untie notes (a weight shared with
-    another op gets its own copy). NormtoolError for attrs that define no ``Ŵ``.
-    """
-    g = model.graph.copy()
-    ed = _Editor(model, g)
+def bake_ws(model: Model, ed: _Editor) -> list[BakedConv]:
+    """Every ``ws_conv2d`` of ``ed.graph`` as a plain ``conv2d`` holding its standardised weight
+    (a float64 recipe, so later folds compose with it unrounded). NormtoolError for attrs that
+    define no ``Ŵ``."""
     baked: list[BakedConv] = []
-    work: dict[str, Thunk] = {}
-    for op in list(g.ops_of("ws_conv2d")):
+    for op in list(ed.graph.ops_of("ws_conv2d")):
         variant, eps = op.attrs.pop("variant"), op.attrs.pop("eps")
-        fan_in = math.prod(g.tensors[op.params["weight"]].shape[1:])
+        fan_in = math.prod(ed.graph.tensors[op.params["weight"]].shape[1:])
         problem = ws_problem(variant, eps, fan_in)
         if problem:
             where = model.checkpoint.path if model.checkpoint else None
             raise NormtoolError(f"{op.name}: {problem}", where)
-        ed.put(op, "weight", _standardized(ed.get(op, "weight"), variant, float(eps)))
+        ed.bake(op, variant, float(eps))
         op.kind = "conv2d"
-        work[op.params["weight"]] = ed.work[op.params["weight"]]  # its own copy if it was shared
         baked.append(BakedConv(op.name, variant, float(eps)))
-    return Model(g, model.checkpoint, {**model.overrides, **work}), baked, work, ed.untied
+    return baked
 
 
-def _rounded(model: Model, graph: Graph, exact: dict[str, Thunk]) -> dict[str, Thunk]:
-    """The rewritten tensors in their stored dtypes (thunks); refuses any that overflow it.
-
-    Each is computed once here, one at a time, so an overflow is refused before the self-check.
-    """
-    out: dict[str, Thunk] = {}
-    for name, value in exact.items():
+def _check_rounded(model: Model, engine: Engine, graph: Graph) -> None:
+    """Refuse a rewritten tensor that overflows its stored dtype — each computed once here, one
+    at a time, so an overflow is refused with its cause before the self-check."""
+    for name in graph.tensors:
+        if name not in engine.recipes:
+            continue
         dtype = DTYPES[graph.tensors[name].dtype]
-        if not bool(torch.isfinite(value(dtype)).all()):
+        if not bool(torch.isfinite(engine.tensor(name, exact=False)).all()):
             raise NormtoolError(
                 f"refused: folding makes {name} overflow {dtype} (the re-based scales are too "
                 "extreme for it); a float32 copy of the checkpoint keeps the stream in range",
                 model.checkpoint.path if model.checkpoint else None,
             )
-        out[name] = lambda value=value, dtype=dtype: value(dtype)
-    return out
 
 
 def peak_activation(graph: Graph, weights, inputs: dict[str, torch.Tensor]) -> float:
@@ -583,22 +544,21 @@ def _after_ws(graph: Graph, op: Op) -> str | None:
     return f"after WS conv {prod.name}: add ws to --only"
 
 
-def fold_norms(model: Model, only: Collection[str] | None = None) -> FoldResult:
-    """Bake every selected WS conv, then fold every selected UN / PowerNorm / BatchNorm that can
-    be folded exactly. ``only``: the ``SELECTORS`` keys to act on (None: all of them; an
-    explicit ``ws`` without a WS conv gets a note saying so).
+def fold_norms(model: Model, only: Collection[str] | None = None) -> Rewrite:
+    """Plan: bake every selected WS conv, then fold every selected UN / PowerNorm / BatchNorm
+    that can be folded exactly. ``only``: the ``SELECTORS`` keys to act on (None: all of them;
+    an explicit ``ws`` without a WS conv gets a note saying so).
 
-    Returns the new model (no history entry yet: the caller verifies first) and what was baked,
-    folded or skipped, with reasons. NormtoolError when nothing can be baked or folded.
+    The Rewrite reports what was baked, folded or skipped, with reasons (``report``).
+    NormtoolError when nothing can be baked or folded.
     """
     where = model.checkpoint.path if model.checkpoint else None
     kinds = _selected(SELECTORS if only is None else only)
     has_ws = any(model.graph.ops_of("ws_conv2d"))
-    baked, baked_work, untied_ws = [], {}, []
-    source = model
-    if "ws_conv2d" in kinds and has_ws:
-        source, baked, baked_work, untied_ws = bake_ws(model)
-    g = source.graph
+    engine = Engine(model)
+    ed = _Editor(engine, model.graph.copy())
+    baked = bake_ws(model, ed) if "ws_conv2d" in kinds and has_ws else []
+    g = ed.graph
     maps: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     skipped: dict[str, str] = {}
     for op in g.ops:
@@ -626,21 +586,16 @@ def fold_norms(model: Model, only: Collection[str] | None = None) -> FoldResult:
         reasons = [why] if why else _ordered(notes, skips)
         # inspect lists what stops the default fold, not what an --only selection left out
         raise refusal("nothing to fold", reasons, where, listed=only is None)
-    graph, exact, untied = _apply(source, p)
-    # baked weights no norm folded into are written as Ŵ; the others are in ``exact`` already
-    exact = {**{k: v for k, v in baked_work.items() if k in graph.tensors}, **exact}
-    kept_overrides = {k: v for k, v in model.overrides.items() if k in graph.tensors}
-    new = Model(graph, model.checkpoint, {**kept_overrides, **_rounded(model, graph, exact)})
-    new.history = list(model.history)
-    exact_model = Model(graph, model.checkpoint, {**kept_overrides, **exact})
+    _apply(ed, p)
+    _check_rounded(model, engine, g)
     scale_range = None
     if p.scales:
         all_d = torch.cat(p.scales)
         scale_range = (float(all_d.min()), float(all_d.max()))
-    if any(s.dtype == "F16" for s in graph.tensors.values()) and scale_range is not None:
-        x = random_inputs(graph, 2, max_seq(graph), seed=0)
+    if any(s.dtype == "F16" for s in g.tensors.values()) and scale_range is not None:
+        x = random_inputs(g, 2, max_seq(g), seed=0)
         before = peak_activation(model.graph, model.weights(), x)
-        after = peak_activation(graph, new.weights(), x)
+        after = peak_activation(g, engine.model(g, exact=False).weights(), x)
         if after * FP16_HEADROOM > FP16_MAX and after > before:
             raise NormtoolError(
                 f"refused for this fp16 checkpoint: the re-based residual stream reaches "
@@ -650,9 +605,45 @@ def fold_norms(model: Model, only: Collection[str] | None = None) -> FoldResult:
                 where,
             )
     folded = [p.folded[n] for n in kind_of if n in p.folded]
-    return FoldResult(
-        new, exact_model, folded, skips, untied_ws + untied, scale_range, notes, baked
-    )
+    ws = f"baked {len(baked)} weight-standardised convs, " if baked else ""
+    summary = f"{ws}folded {len(folded)} norms, skipped {len(skips)}"
+    report = {
+        "baked": baked,
+        "folded": folded,
+        "skipped": skips,
+        "untied": ed.untied,
+        "notes": notes,
+        "scale_range": scale_range,
+    }
+    params = {"only": list(SELECTORS) if only is None else list(only)}
+    lines = _lines(baked, folded, skips, ed.untied, notes, scale_range)
+    return Rewrite("fold", params, g, engine, summary, report, lines)
+
+
+def _lines(
+    baked: list[BakedConv],
+    folded: list[FoldedNorm],
+    skips: list[SkippedNorm],
+    untied: list[str],
+    notes: list[str],
+    scale_range: tuple[float, float] | None,
+) -> list[str]:
+    """What the fold did, one line each, for the command's human output."""
+    lines = [
+        f"baked {b.name} (ws_conv2d, variant {b.variant}, eps {b.eps:g}): standardised weight "
+        "stored, now conv2d"
+        for b in baked
+    ]
+    for f in folded:
+        kept = f", kept {f.kept}" if f.kept else ""
+        into = ", ".join(f.into[:6]) + (f" (+{len(f.into) - 6})" if len(f.into) > 6 else "")
+        lines.append(f"folded {f.name} ({f.kind}, {f.placement}): {f.how} into {into}{kept}")
+    lines += [f"skipped {s.name} ({s.kind}): {s.reason}" for s in skips]
+    lines += untied + notes
+    if scale_range is not None:
+        lo, hi = scale_range
+        lines.append(f"re-based residual stream: accumulated scale |D| in [{lo:.3g}, {hi:.3g}]")
+    return lines
 
 
 def applicability(graph: Graph) -> list[str]:
@@ -676,3 +667,17 @@ def applicability(graph: Graph) -> list[str]:
         if SPECS[o.kind].norm and (o.name in kept or not _foldable(o))
     ]
     return _ordered([], skips)
+
+
+@dataclass(frozen=True)
+class Fold:
+    """The pass: ``only`` the ``SELECTORS`` keys to act on (None: all)."""
+
+    only: tuple[str, ...] | None = None
+    name: str = "fold"
+
+    def applicability(self, graph: Graph) -> list[str]:
+        return applicability(graph)
+
+    def plan(self, model: Model) -> Rewrite:
+        return fold_norms(model, self.only)

@@ -12,41 +12,31 @@ entries, so the stream drops its last coordinate and readers absorb it
 The pass works on the graph's spaces only: the stream is found structurally (the values summed
 by ``add`` in the ``resid`` space, passed through the ops that carry it — ``OpSpec``'s
 ``carries_stream``: sums, ``cls_concat``, ``select``), writers are the ops whose outputs are
-summed into it (centrable when ``writes_stream``), readers are every other consumer. Tensors are rewritten
-lazily: the result holds one thunk per changed tensor, so writing a converted multi-GB checkpoint
-holds one tensor (in row blocks for the big ones) at a time.
+summed into it (centrable when ``writes_stream``), readers are every other consumer. Tensors are
+planned as recipes on the shared engine (``normtool.passes.recipes``), so writing a converted
+multi-GB checkpoint holds one tensor (in row blocks for the big ones) at a time.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Collection
 from dataclasses import dataclass, field, replace
 from functools import partial
-from typing import Any
 
 import torch
 
 from normtool.errors import NormtoolError
-from normtool.finite import require_finite
 from normtool.graph import Graph, Op, Source, Space, TensorSpec
-from normtool.io.safetensors_format import DTYPES
-from normtool.model import Model, Override, RowBlocks
+from normtool.model import Model
 from normtool.opspec import SPECS
 from normtool.passes import weight_math as wm
+from normtool.passes.recipes import BLOCK_ROWS, F64, Ctx, Engine, Recipe
+from normtool.passes.rewrite import Rewrite
 from normtool.refusal import refusal
-
-#: Rows per block when rewriting large row-independent tensors (embeddings, LM heads).
-BLOCK_ROWS = 1024
 
 
 class NothingToConvert(NormtoolError):
     """The model has no LayerNorm: a refusal of its own, reported as "nothing to convert"."""
-
-
-class NonFinite(NormtoolError):
-    """A tensor to be written holds NaN/Inf (``Conversion.check``); ``Conversion.explaining``
-    turns it into the refusal naming the source's own NaN/Inf tensor when there is one."""
 
 
 @dataclass
@@ -63,72 +53,6 @@ class Stream:
     # writer name -> the scale-only ``affine`` op between it and the stream (DINOv2's layer
     # scale), multiplied into the writer's rows before they are centred
     scaled: dict[str, Op] = field(default_factory=dict)
-
-
-@dataclass
-class Conversion:
-    """The converted graph and its changed tensors (lazy thunks), with what changed.
-
-    ``model(entry)`` gives the result in the stored dtypes; ``exact()`` the same function with
-    the changed tensors in float64, unrounded — what the float64 self-check compares, so that
-    it measures the maths rather than the storage rounding. ``model()``'s tensors are not
-    vetted as they are computed: ``check(name, tensor)`` raises NonFinite for a NaN/Inf (pass it
-    as ``save_model``'s ``check``, within ``explaining()``); ``scan()`` vets all of them at
-    once, to explain a failed self-check.
-    """
-
-    source: Model
-    graph: Graph
-    tensors: dict[str, Override]
-    exact_tensors: dict[str, Callable[[], torch.Tensor]]
-    compressed: bool
-    norms: list[str]
-    writers: list[str]
-    readers: list[str]
-    created_biases: list[str]
-    untied: list[tuple[str, str]]
-    check: Callable[[str, torch.Tensor], None]
-    dropped: int | None = None  # CRMS: the stream coordinate dropped (implied as −Σ of the rest)
-    notes: list[str] = field(default_factory=list)
-
-    def model(self, entry: dict[str, Any]) -> Model:
-        return self.source.derive(self.graph, self.tensors, entry)
-
-    def exact(self) -> Model:
-        return self.source.derive(self.graph, self.exact_tensors, {"transform": "exact"})
-
-    @contextmanager
-    def explaining(self) -> Iterator[None]:
-        """A NonFinite raised within becomes the refusal naming the source's first tensor with
-        NaN/Inf when there is one (else it stands: an overflow of the rewrite). Why here, not in
-        ``check``: the check runs in the writer's thread, beside the main thread's reading of
-        the same model; the source is scanned in the caller's thread, after the writer stopped.
-        """
-        try:
-            yield
-        except NonFinite:
-            require_finite(self.source)
-            raise
-
-    def scan(self) -> None:
-        """NormtoolError when a tensor to be written holds NaN/Inf, one tensor at a time."""
-        model = self.model({})
-        with self.explaining():
-            for name in self.graph.tensors:
-                self.check(name, model.tensor(name))
-
-    def summary(self) -> str:
-        kind = "CRMSNorm" if self.compressed else "RMSNorm"
-        s = (
-            f"{len(self.norms)} LayerNorms -> {kind}; folded into {len(self.readers)} reader "
-            f"linears ({len(self.created_biases)} biases created); centred "
-            f"{len(self.writers)} stream writers"
-        )
-        if self.dropped is not None:
-            s += f"; stream coordinate {self.dropped} dropped"
-        for a, b in self.untied:
-            s += f"; untied {a} from {b}"
-        return s
 
 
 # ---- finding the stream ---------------------------------------------------------------------
@@ -298,20 +222,28 @@ def check(graph: Graph) -> list[str]:
 
 
 # ---- the conversion -------------------------------------------------------------------------
+#
+# Precision (``Recipe.precision = "stored"``): the exact tensors (the fp64 self-check) are
+# computed in float64. Stored float32 tensors are computed in float32, at a quarter of float64's
+# memory traffic: the fold ``W·γ`` is one product, whose float32 rounding equals the float64
+# product's (24+24 bits fit in 53); centring, the CRMS difference and the shift ``W·β`` add a few
+# ulps (~1e-7 relative), the order of the original's own float32 arithmetic and far below the
+# fp32 bar the self-check measures. fp16/bf16/fp64 tensors are computed in float64 and rounded
+# once (centred half-precision writers keeping their sums). The shift ``W·β`` is computed in the
+# same pass as its weight and kept (``Ctx.memo``) for the bias.
 
 
 @dataclass
-class _Recipe:
-    """How one output tensor is computed from the original model's tensors (see ``_Rewriter``).
+class _Plan:
+    """How one output tensor is computed from the source's tensors.
 
     ``fold``: (weight, γ or None, β or None) of a reader linear; for a bias ``base`` may be None
     (created). ``centre``/``narrow``: the stream axis to centre / cut to ``d−1``; ``scale``:
-    a per-channel tensor multiplied in along the stream axis first (a writer's layer scale).
+    a per-channel tensor multiplied in along the stream axis first (a writer's layer scale);
+    ``crms_in``: a reader absorbing the dropped coordinate.
     """
 
     base: str | None
-    dtype: str
-    shape: tuple[int, ...]
     fold: tuple[str, str | None, str | None] | None = None
     is_bias: bool = False
     centre: int | None = None
@@ -319,133 +251,42 @@ class _Recipe:
     crms_in: bool = False
     narrow: int | None = None
 
-    def row_independent(self) -> bool:
-        return self.centre in (None, 1) and self.narrow in (None, 1)
+    def rows_from(self) -> str | None:
+        """The input whose rows the result's follow (None: not row-separable)."""
+        if self.is_bias or self.centre not in (None, 1) or self.narrow not in (None, 1):
+            return None
+        if self.scale is not None:
+            return None
+        return self.fold[0] if self.fold is not None else self.base
 
 
-class _Rewriter:
-    """Computes the converted tensors from the source model, one tensor at a time.
+@dataclass
+class _Converter:
+    """Recipe functions of the conversion; ``drop`` is the CRMS coordinate dropped (None: the
+    last), settled after planning (fp16/bf16: from the readers' weights)."""
 
-    Reads: a graph tensor whole, or rows ``a:b`` straight from the checkpoint file when it is
-    stored as is (no slice, transpose or reshape view), so a row-blocked rewrite never holds
-    its input whole. Precision: the exact tensors (the fp64 self-check) are computed in float64.
-    Stored float32 tensors are computed in float32, at a quarter of float64's memory traffic:
-    the fold ``W·γ`` is one product, whose float32 rounding equals the float64 product's
-    (24+24 bits fit in 53); centring, the CRMS difference and the shift ``W·β`` add a few ulps
-    (~1e-7 relative), the order of the original's own float32 arithmetic and far below the
-    fp32 bar the self-check measures. fp16/bf16/fp64 tensors are computed in float64 and
-    rounded once (centred half-precision writers with ``round_keeping_sums``). The shift is
-    computed in the same pass as its weight and kept for the bias. ``finite`` checks a result
-    for NaN/Inf — one ``aminmax`` on data in hand, run by the writer's thread as each tensor is
-    written (beside the computing of the next), instead of a separate scan of the file.
-    """
+    drop: int | None = None
 
-    def __init__(self, model: Model, drop: int | None = None) -> None:
-        self.model = model
-        self.drop = drop  # CRMS: the dropped stream coordinate (None: the last)
-        # (reader weight, work dtype) -> {first row of a block: W·β for its rows}
-        self.shifts: dict[tuple[str, torch.dtype], dict[int, torch.Tensor]] = {}
-
-    def by_rows(self, name: str) -> bool:
-        src = self.model.graph.tensors[name].source
-        plain = src.slice is None and not src.transpose and src.reshape is None
-        return plain and name not in self.model.overrides and self.model.checkpoint is not None
-
-    def read(self, name: str, rows: slice | None) -> torch.Tensor:
-        if rows is not None and self.by_rows(name):
-            key = self.model.graph.tensors[name].source.key
-            return self.model.checkpoint.get_rows(key, rows.start, rows.stop)
-        t = self.model.tensor(name)
-        return t if rows is None else t[rows]
-
-    def finite(self, name: str, t: torch.Tensor) -> None:
-        """NonFinite naming ``t`` if it holds NaN/Inf (``Conversion.explaining`` names the
-        input's cause)."""
-        if t.is_floating_point() and t.numel():
-            # reduce in memory order: over a transposed view aminmax runs ~10x slower
-            lo, hi = torch.aminmax(t.t() if t.dim() == 2 and t.stride(0) < t.stride(1) else t)
-            if not (lo.isfinite() and hi.isfinite()):
-                raise NonFinite(
-                    f"tensor {name!r} overflows {t.dtype} when converted: refusing to write "
-                    "non-finite weights",
-                    self.model.checkpoint.path if self.model.checkpoint else None,
-                )
-
-    def blockwise(self, r: _Recipe) -> bool:
-        """Whether ``r`` is computed in row blocks: a large tensor whose rows depend only on the
-        same rows of a tensor stored as is (an embedding, an LM head), so no block needs more."""
-        source = r.fold[0] if r.fold is not None else r.base
-        if (r.fold is not None and r.is_bias) or source is None or not r.row_independent():
-            return False
-        return bool(r.shape) and r.shape[0] > BLOCK_ROWS and self.by_rows(source)
-
-    @staticmethod
-    def dtypes(r: _Recipe, exact: bool) -> tuple[torch.dtype, torch.dtype]:
-        """(result dtype, arithmetic dtype): float64 when ``exact``, else the stored dtype."""
-        dtype = torch.float64 if exact else DTYPES[r.dtype]
-        return dtype, torch.float32 if dtype == torch.float32 else torch.float64
-
-    def blocks(self, r: _Recipe, exact: bool) -> Iterator[torch.Tensor]:
-        """The rows of a ``blockwise`` tensor, ``BLOCK_ROWS`` at a time, each read, rewritten
-        and rounded on its own (γ and β are read once, into ``whole``)."""
-        dtype, work = self.dtypes(r, exact)
-        whole: dict[str, torch.Tensor] = {}
-        for i in range(0, r.shape[0], BLOCK_ROWS):
-            yield self.round(r, self.compute(r, slice(i, i + BLOCK_ROWS), work, whole), dtype)
-
-    def tensor(self, r: _Recipe, exact: bool) -> torch.Tensor:
-        """The whole tensor ``r`` describes: float64 when ``exact``, else its stored dtype.
-        Computed on the source's own view, so a transposed stored weight yields a result in the
-        same memory layout (the writer stores it back without a transposing copy)."""
-        dtype, work = self.dtypes(r, exact)
-        if self.blockwise(r):
-            t = torch.empty(r.shape, dtype=dtype)
-            i = 0
-            for block in self.blocks(r, exact):
-                t[i : i + len(block)] = block
-                i += len(block)
-            return t
-        if r.fold is not None and r.is_bias:
-            return self.round(r, self.bias(r, work), dtype)
-        return self.round(r, self.compute(r, None, work, {}), dtype)
-
-    @staticmethod
-    def round(r: _Recipe, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        if r.centre is not None and dtype in (torch.float16, torch.bfloat16):
-            return wm.round_keeping_sums(t, dtype, r.centre)
-        return t.to(dtype)
-
-    def compute(
-        self, r: _Recipe, rows: slice | None, work: torch.dtype, whole: dict[str, torch.Tensor]
-    ) -> torch.Tensor:
-        """Rows ``rows`` (``None``: all) of the tensor ``r`` describes, in ``work`` precision
-        (γ, β and tensors that cannot be read by rows are read once into ``whole``)."""
-
-        def get(name: str, part: bool) -> torch.Tensor:
-            if part and rows is not None and self.by_rows(name):
-                return self.read(name, rows)
-            if name not in whole:
-                whole[name] = self.read(name, None)
-            return whole[name] if not part or rows is None else whole[name][rows]
-
+    def compute(self, r: _Plan, ctx: Ctx) -> torch.Tensor:
+        """The tensor ``r`` describes (``ctx.rows`` of it), in ``ctx.work`` precision."""
+        work = ctx.work
         if r.fold is not None:
             w_name, g_name, b_name = r.fold
-            w = get(w_name, True)
-            parts = self.shifts.setdefault((w_name, work), {})
-            start = rows.start if rows is not None else 0
-            if b_name is not None and start not in parts:  # W·β for the bias, from rows in hand
-                parts[start] = w.to(work) @ get(b_name, False).to(work)
+            w = ctx.get(w_name)
+            parts = ctx.memo.setdefault((w_name, work), {})
+            if b_name is not None and ctx.start not in parts:  # W·β for the bias, rows in hand
+                parts[ctx.start] = w.to(work) @ ctx.get(b_name, False).to(work)
             t = w.to(work)  # keeps the source's memory layout (a transposed view stays one)
             if g_name is not None:
-                gamma = get(g_name, False).to(work)
+                gamma = ctx.get(g_name, False).to(work)
                 t = t * gamma if t is w else t.mul_(gamma)  # never scale the source in place
         else:
             assert r.base is not None
-            t = get(r.base, True).to(work)
+            t = ctx.get(r.base).to(work)
         if r.scale is not None:
-            assert r.centre is not None and rows is None  # writers are never row-blocked
+            assert r.centre is not None and ctx.rows is None  # never row-blocked (rows_from)
             shape = [-1 if i == r.centre else 1 for i in range(t.dim())]
-            t = t * get(r.scale, False).to(work).reshape(shape)
+            t = t * ctx.get(r.scale, False).to(work).reshape(shape)
         if r.centre is not None:
             t = wm.centre(t, r.centre, work)
         if r.crms_in:
@@ -454,21 +295,21 @@ class _Rewriter:
             t = wm.crms_writer(t, r.narrow, self.drop)
         return t
 
-    def bias(self, r: _Recipe, work: torch.dtype) -> torch.Tensor:
+    def bias(self, r: _Plan, rows: int, ctx: Ctx) -> torch.Tensor:
         """A reader's new bias ``b + W·β`` (float64), with ``W·β`` in the precision its weight is
-        computed in — taken from the weight's own pass when that ran (the common case: the
-        writer asks for the weight first), else computed here."""
+        computed in — taken from the weight's own computation when that ran (the common case:
+        the writer asks for the weight first), else computed here."""
         w_name, _, b_name = r.fold
-        t = self.read(r.base, None).to(torch.float64) if r.base else None
+        t = ctx.get(r.base, False).to(torch.float64) if r.base else None
         if b_name is not None:
-            parts = self.shifts.get((w_name, work), {})
-            if sum(len(v) for v in parts.values()) != r.shape[0]:
-                w, beta = self.read(w_name, None), self.read(b_name, None)
-                parts = {0: w.to(work) @ beta.to(work)}
+            parts = ctx.memo.get((w_name, ctx.work), {})
+            if sum(len(v) for v in parts.values()) != rows:
+                w, beta = ctx.get(w_name, False), ctx.get(b_name, False)
+                parts = {0: w.to(ctx.work) @ beta.to(ctx.work)}
             shift = torch.cat([parts[k] for k in sorted(parts)]).to(torch.float64)
             t = shift if t is None else t + shift
         if t is None:  # no shift and no bias: a zero bias (only created when β exists)
-            t = torch.zeros(r.shape[0], dtype=torch.float64)
+            t = torch.zeros(rows, dtype=torch.float64)
         if r.centre is not None:
             t = wm.centre(t, r.centre)
         if r.narrow is not None:
@@ -476,8 +317,8 @@ class _Rewriter:
         return t
 
 
-def convert_ln_to_rms(model: Model, compressed: bool = False) -> Conversion:
-    """Rewrite a Pre-LN model to Pre-RMSNorm (or Pre-CRMSNorm when ``compressed``).
+def convert_ln_to_rms(model: Model, compressed: bool = False) -> Rewrite:
+    """Plan Pre-LN → Pre-RMSNorm (or Pre-CRMSNorm when ``compressed``) of ``model``.
 
     Raises NothingToConvert without LayerNorms and NormtoolError with the reasons (each naming
     the offending layer) when the model cannot be converted.
@@ -497,13 +338,12 @@ def convert_ln_to_rms(model: Model, compressed: bool = False) -> Conversion:
     new.forget_hidden("convert-ln-to-rms folded the final norm's γ/β into the head")
     space = stream.space
     d = g.spaces[space].size
-    recipes: dict[str, _Recipe] = {}
+    conv = _Converter()
+    engine = Engine(model)
+    plans: dict[str, _Plan] = {}
 
-    def recipe(name: str) -> _Recipe:
-        if name not in recipes:
-            spec = g.tensors[name]
-            recipes[name] = _Recipe(name, spec.dtype, spec.shape)
-        return recipes[name]
+    def plan(name: str) -> _Plan:
+        return plans.setdefault(name, _Plan(name))
 
     # 1. fold each LayerNorm's γ/β into the linears reading it; the norm becomes weightless
     created: list[str] = []
@@ -515,7 +355,7 @@ def convert_ln_to_rms(model: Model, compressed: bool = False) -> Conversion:
         for lin in stream.readers[norm.name]:
             readers.append(lin.name)
             w = lin.params["weight"]
-            recipe(w).fold = (w, gamma, beta)
+            plan(w).fold = (w, gamma, beta)
             b = lin.params.get("bias")
             if b is None and beta is not None:
                 b = f"{lin.name}.bias"
@@ -524,11 +364,11 @@ def convert_ln_to_rms(model: Model, compressed: bool = False) -> Conversion:
                     (wspec.shape[0],), (wspec.axes[0],), Source(b), wspec.dtype
                 )
                 new.op(lin.name).params["bias"] = b
-                recipes[b] = _Recipe(None, wspec.dtype, (wspec.shape[0],))
+                plans[b] = _Plan(None)
                 created.append(b)
             if b is not None:
-                recipe(b).fold = (w, gamma, beta)
-                recipes[b].is_bias = True
+                plan(b).fold = (w, gamma, beta)
+                plans[b].is_bias = True
         new_norm = new.op(norm.name)
         new_norm.kind = "crmsnorm" if compressed else "rmsnorm"
         new_norm.params = {}
@@ -539,15 +379,15 @@ def convert_ln_to_rms(model: Model, compressed: bool = False) -> Conversion:
         for t in w_op.params.values():
             axes = g.tensors[t].axes
             if space in axes:
-                recipe(t).centre = axes.index(space)
+                plan(t).centre = axes.index(space)
                 if w_op.name in stream.scaled:
-                    recipe(t).scale = stream.scaled[w_op.name].params["scale"]
+                    plan(t).scale = stream.scaled[w_op.name].params["scale"]
         if w_op.name in stream.scaled:  # the layer scale now lives in the writer's rows
             new.remove_op(stream.scaled[w_op.name].name, keep="output")
 
     # 3. CRMS: the stream loses its last coordinate
     if compressed:
-        for name, r in recipes.items():
+        for name, r in plans.items():
             axes = g.tensors[name].axes if name in g.tensors else ()
             r.narrow = r.centre
             r.crms_in = r.fold is not None and not r.is_bias and axes[1] == space
@@ -569,42 +409,63 @@ def convert_ln_to_rms(model: Model, compressed: bool = False) -> Conversion:
         for t in op.params.values()
     }
     for name, spec in new.tensors.items():
-        if space in spec.axes and name not in recipes and name not in kept:
+        if space in spec.axes and name not in plans and name not in kept:
             raise NormtoolError(
                 f"cannot convert to RMSNorm: tensor {name!r} lies in the residual stream but "
                 "belongs to no writer or reader the conversion knows"
             )
-        if name in recipes:
-            recipes[name].shape = spec.shape  # the output shape (d−1 wide under CRMS)
     new.validate()
+    for name, r in plans.items():
+        spec = new.tensors[name]  # the output shape (d−1 wide under CRMS)
+        if r.fold is not None and r.is_bias:
+            fn = partial(conv.bias, r, spec.shape[0])
+        else:
+            fn = partial(conv.compute, r)
+        engine.put(name, Recipe(spec.shape, spec.dtype, fn, r.rows_from(), centre=r.centre))
 
-    untied = _untied(g, recipes)
-    rw = _Rewriter(model)
     half = any(s.dtype in ("F16", "BF16") for s in g.tensors.values())
     if compressed:
-        rw.drop = _dropped_coordinate(rw, stream) if half else d - 1
-    lazy: dict[str, Override] = {
-        n: RowBlocks(partial(rw.tensor, r, False), partial(rw.blocks, r, False))
-        if rw.blockwise(r)
-        else partial(rw.tensor, r, False)
-        for n, r in recipes.items()
+        conv.drop = _dropped_coordinate(engine, stream) if half else d - 1
+    untied = _untied(g, plans)
+    kind = "CRMSNorm" if compressed else "RMSNorm"
+    summary = (
+        f"{len(stream.norms)} LayerNorms -> {kind}; folded into {len(readers)} reader "
+        f"linears ({len(created)} biases created); centred {len(stream.writers)} stream writers"
+    )
+    if conv.drop is not None:
+        summary += f"; stream coordinate {conv.drop} dropped"
+    for a, b in untied:
+        summary += f"; untied {a} from {b}"
+    report = {
+        "norm": "crmsnorm" if compressed else "rmsnorm",
+        "dropped_coordinate": conv.drop,
+        "norms": [n.name for n in stream.norms],
+        "readers": readers,
+        "writers": [w.name for w in stream.writers],
+        "created_biases": created,
+        "untied": [{"tensor": a, "was_tied_to": b} for a, b in untied],
     }
-    exact = {n: partial(rw.tensor, r, True) for n, r in recipes.items()}
-    return Conversion(
-        source=model,
-        graph=new,
-        tensors=lazy,
-        exact_tensors=exact,
-        compressed=compressed,
-        norms=[n.name for n in stream.norms],
-        writers=[w.name for w in stream.writers],
-        readers=readers,
-        created_biases=created,
-        untied=untied,
-        check=rw.finite,
-        dropped=rw.drop,
-        notes=[f"{n} keeps its γ/β after the RMSNorm ({why})" for n, why in stream.kept.items()]
-        + [f"layer scale {a.name} folded into {w}" for w, a in stream.scaled.items()],
+    notes = [f"{n} keeps its γ/β after the RMSNorm ({why})" for n, why in stream.kept.items()]
+    notes += [f"layer scale {a.name} folded into {w}" for w, a in stream.scaled.items()]
+    report["notes"] = notes
+
+    def explain(bad: list[str]) -> list[str]:
+        if compressed and any(" RMS error " in b for b in bad):
+            return [
+                "CRMS in fp16/bf16 carries the rounding of every stored stream coordinate "
+                "into the implied one; plain RMSNorm (without --compressed) does not"
+            ]
+        return []
+
+    return Rewrite(
+        "convert-ln-to-rms",
+        {"compressed": compressed},
+        new,
+        engine,
+        summary,
+        report,
+        [f"untied {a} from {b}: each is now its own tensor" for a, b in untied] + notes,
+        explain=explain,
     )
 
 
@@ -620,7 +481,7 @@ def _keep_affine(graph: Graph, norm: str, gamma: str, beta: str | None) -> None:
     graph.reindex()
 
 
-def _dropped_coordinate(rw: _Rewriter, stream: Stream) -> int:
+def _dropped_coordinate(engine: Engine, stream: Stream) -> int:
     """The stream coordinate CRMS drops in an fp16/bf16 checkpoint: ``wm.crms_drop_index`` over
     every reader's weight with its norm's γ folded in (read in row blocks where stored plainly).
 
@@ -630,28 +491,42 @@ def _dropped_coordinate(rw: _Rewriter, stream: Stream) -> int:
     energies = []
     for norm in stream.norms:
         g_name = norm.params.get("weight")
-        gamma = rw.read(g_name, None).to(torch.float64) if g_name else None
+        gamma = engine.read(g_name, None, F64).to(F64) if g_name else None
         for lin in stream.readers[norm.name]:
             w_name = lin.params["weight"]
-            whole = None if rw.by_rows(w_name) else rw.read(w_name, None)
-            n = rw.model.graph.tensors[w_name].shape[0]
+            whole = None if engine.by_rows(w_name) else engine.source.tensor(w_name)
+            n = engine.source.graph.tensors[w_name].shape[0]
             e = torch.zeros(())
             for i in range(0, n, BLOCK_ROWS):
                 rows = slice(i, i + BLOCK_ROWS)
-                w = (rw.read(w_name, rows) if whole is None else whole[rows]).to(torch.float64)
+                w = (engine.read(w_name, rows, F64) if whole is None else whole[rows]).to(F64)
                 e = e + wm.crms_column_energy(w if gamma is None else w * gamma)
             energies.append(e)
     return wm.crms_drop_index(energies)
 
 
-def _untied(g: Graph, recipes: dict[str, _Recipe]) -> list[tuple[str, str]]:
+def _untied(g: Graph, changed: Collection[str]) -> list[tuple[str, str]]:
     """Pairs (changed tensor, tensor it shared storage with): each now gets its own tensor."""
     by_source: dict[Source, list[str]] = {}
     for name, spec in g.tensors.items():
         by_source.setdefault(spec.source, []).append(name)
     pairs = []
     for names in by_source.values():
-        if len(names) > 1 and any(n in recipes for n in names):
+        if len(names) > 1 and any(n in changed for n in names):
             first = names[0]
             pairs += [(n, first) for n in names[1:]]
     return pairs
+
+
+@dataclass(frozen=True)
+class ConvertLnToRms:
+    """The pass: ``compressed`` gives Pre-CRMSNorm."""
+
+    compressed: bool = False
+    name: str = "convert-ln-to-rms"
+
+    def applicability(self, graph: Graph) -> list[str]:
+        return check(graph)
+
+    def plan(self, model: Model) -> Rewrite:
+        return convert_ln_to_rms(model, self.compressed)
