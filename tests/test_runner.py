@@ -19,7 +19,6 @@ from normtool import runner
 from normtool.load import load_model
 from normtool.nn.save import read_config
 from normtool.passes.fold import Fold
-from normtool.passes.ln_to_rms import ConvertLnToRms
 from normtool.runtime.torch_exec import run_graph
 from tests.conftest import cli
 from tests.test_fold_ws import pixels, reference, tensors
