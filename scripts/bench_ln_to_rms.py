@@ -164,9 +164,9 @@ _PLAIN = (
 )
 
 
-def measured(cmd: list[str]) -> dict[str, float]:
+def measured(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, float]:
     """Wall seconds, peak RSS (MB) and user/system CPU seconds of a fresh process."""
-    r = time_v(cmd)
+    r = time_v(cmd, env)
     if r.returncode != 0:
         raise SystemExit(f"failed: {' '.join(cmd)}\n{r.stderr[-2000:]}")
     return {
@@ -191,13 +191,17 @@ def conversion_cost(work: Path, args: argparse.Namespace) -> dict[str, Any]:
             "-o", str(work / "conv.safetensors"), "--no-verify", "--force",
         ],
     }  # fmt: skip
+    envs: dict[str, dict[str, str]] = {}
+    if args.baseline_tree is not None:  # the same command from another checkout (-P: not cwd's)
+        cmds["baseline"] = [py, "-P", *cmds["convert"][1:]]
+        envs["baseline"] = {**os.environ, "PYTHONPATH": str(args.baseline_tree.resolve())}
     outputs = [work / "plain.safetensors", work / "conv.safetensors"]
     runs: dict[str, list[dict[str, float]]] = {k: [] for k in cmds}
     for _ in range(args.cost_repeats):  # interleaved, like the latency rounds
         for k, cmd in cmds.items():
             for o in outputs:  # neither process pays for deleting a previous output
                 o.unlink(missing_ok=True)
-            runs[k].append(measured(cmd))
+            runs[k].append(measured(cmd, envs.get(k)))
     # once, the default command: conversion plus its self-check (fp64 and fp32 runs of both
     # models on every position and a batch of short sequences) — a model run, reported apart
     outputs[1].unlink(missing_ok=True)
@@ -219,6 +223,10 @@ def conversion_cost(work: Path, args: argparse.Namespace) -> dict[str, Any]:
         "plain_rss_above_idle_mb": med["plain"]["peak_rss_mb"] - idle,
         "convert_rss_ratio": (med["convert"]["peak_rss_mb"] - idle) / size_mb,
         "verified": verified,
+        "baseline_tree": str(args.baseline_tree) if args.baseline_tree else None,
+        "baseline_wall_ratio": (
+            med["convert"]["wall_s"] / med["baseline"]["wall_s"] if "baseline" in med else None
+        ),
     }
 
 
@@ -284,7 +292,10 @@ def to_markdown(
             ("idle", "python -c 'import torch'"),
             ("plain", "safetensors load_file + save_file"),
             ("convert", "normtool convert-ln-to-rms --no-verify"),
+            ("baseline", f"the same, from {cost['baseline_tree']}"),
         ):
+            if k not in m:
+                continue
             above = m[k]["peak_rss_mb"] - m["idle"]["peak_rss_mb"]
             lines.append(
                 f"| {label} | {m[k]['wall_s']:.2f} | {m[k]['user_s']:.2f} | {m[k]['sys_s']:.2f} "
@@ -302,6 +313,15 @@ def to_markdown(
             f"default command with it, once: {cost['verified']['wall_s']:.1f} s, peak RSS "
             f"{cost['verified']['peak_rss_mb']:.0f} MiB (float64 logits of "
             f"{cost['max_seq']} positions × 50,257 tokens dominate).",
+            *(
+                [
+                    f"- This tree against {cost['baseline_tree']}, same run: convert wall-time "
+                    f"ratio **{cost['baseline_wall_ratio']:.2f}**, peak RSS "
+                    f"{m['convert']['peak_rss_mb']:.0f} vs {m['baseline']['peak_rss_mb']:.0f} MiB."
+                ]
+                if cost.get("baseline_wall_ratio")
+                else []
+            ),
             "- Every process starts with no output file present (deleting a previous 1.4 GB "
             "output would be charged to whichever process replaces it).",
             f"- Wall time per run, fastest-slowest: plain {span('plain')} s, convert "
@@ -329,6 +349,13 @@ def main() -> None:
     )
     ap.add_argument("--skip-cost", action="store_true")
     ap.add_argument("--cost-repeats", type=int, default=None)
+    ap.add_argument(
+        "--baseline-tree",
+        type=Path,
+        default=None,
+        help="also time the conversion from this checkout (e.g. a worktree of the previous "
+        "release), interleaved, for a ratio measured in the same run",
+    )
     ap.add_argument("--json", type=Path, default=ROOT / "bench" / "ln_to_rms.json")
     ap.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md")
     ap.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md")

@@ -10,10 +10,11 @@ from normtool.errors import NormtoolError
 from normtool.merge.checks import check_same_architecture
 from normtool.merge.data import load_data
 from normtool.merge.matching import SweepWrapper
-from normtool.merge.merge import MergeOptions, check_permutation, load_weights, match_models
+from normtool.merge.merge import MergeOptions, load_weights, match_models
 from normtool.merge.path import PathCurve, linear_path
 from normtool.merge.permute import permute_weights
 from normtool.model import Model
+from normtool.passes.permute import check_permutation
 
 METHODS = {"match": ("matched",), "average": ("naive",), "both": ("naive", "matched")}
 

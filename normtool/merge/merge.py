@@ -16,11 +16,10 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from normtool.errors import CheckFailed, NormtoolError
+from normtool.errors import NormtoolError
 from normtool.finite import require_finite
 from normtool.graph import Graph
 from normtool.history import entry
-from normtool.inputs import max_seq, random_inputs
 from normtool.io.atomic import atomic_path
 from normtool.io.safetensors_format import DTYPES
 from normtool.merge.bn_repair import has_batchnorm, recompute_batchnorm
@@ -30,12 +29,9 @@ from normtool.merge.groups import permutation_groups
 from normtool.merge.interpolate import interpolate_tensor
 from normtool.merge.many import ManyResult, match_to_reference, merge_many
 from normtool.merge.matching import SweepWrapper, distinct_tensors
-from normtool.merge.permute import Perms, identity_perms, permute_tensor
+from normtool.merge.permute import Perms, identity_perms
 from normtool.model import Model
-from normtool.runtime.torch_exec import run_graph
-
-#: fp64 execution of a permuted model differs from the original only by summation order.
-PERMUTATION_RTOL = 1e-9
+from normtool.passes.permute import Permute
 
 Weights = dict[str, torch.Tensor]
 
@@ -111,23 +107,6 @@ def _pairwise(graph: Graph, models: Sequence[Weights]) -> tuple[float, float]:
     return sum(dots) / len(dots), sum(dists) / len(dists)
 
 
-def check_permutation(graph: Graph, before: Weights, after: Weights, seed: int) -> float:
-    """Relative output change of a permuted model (must be float noise); CheckFailed otherwise."""
-    x = random_inputs(graph, batch=2, seq=min(8, max_seq(graph)), seed=seed)
-    ya = run_graph(graph, before, x, dtype=torch.float64)
-    yb = run_graph(graph, after, x, dtype=torch.float64)
-    err = 0.0
-    for name in graph.outputs:
-        scale = float(ya[name].abs().max()) or 1.0
-        err = max(err, float((ya[name] - yb[name]).abs().max()) / scale)
-    if err > PERMUTATION_RTOL:
-        raise CheckFailed(
-            f"permuting changed the model's outputs (relative error {err:.3g} > "
-            f"{PERMUTATION_RTOL:g}): the permutation groups of {graph.family} are wrong"
-        )
-    return err
-
-
 def match_models(
     graph: Graph,
     models: Sequence[Weights],
@@ -163,13 +142,14 @@ def merge_models(
     weights = [m.weights() for m in models]
     many, skipped, n_groups = match_models(graph, weights, opts, wrap)
     permuted, err = [], 0.0
-    for i, (w, p) in enumerate(zip(weights, many.perms, strict=True)):
+    for i, (m, w, p) in enumerate(zip(models, weights, many.perms, strict=True)):
         if all(torch.equal(v, torch.arange(len(v))) for v in p.values()):
             permuted.append(w)
             continue
-        pw = Lazy(graph.tensors, lambda n, w=w, p=p: permute_tensor(w[n], graph.tensors[n].axes, p))
-        err = max(err, check_permutation(graph, w, pw, opts.seed + i))
-        permuted.append(pw)
+        rw = Permute(p, opts.seed + i).plan(m)
+        moved = rw.stored()
+        err = max(err, rw.verify(moved)["permutation_rel_err"])
+        permuted.append(moved.weights())
     objective = _pairwise(graph, weights), _pairwise(graph, permuted)
     merged: dict[str, Any] = {
         n: (lambda n=n: interpolate_tensor(graph, n, permuted, coeffs)) for n in graph.tensors
