@@ -38,6 +38,29 @@ def _const(n: int) -> Rank:
     return lambda r: n
 
 
+#: Positions per batch row of an op's output from its attributes and its input's positions (a
+#: token sequence's length, an image's H·W): what ``verify`` bounds one batch's memory by.
+Positions = Callable[[Mapping[str, Any], int], int]
+
+
+def _same(attrs: Mapping[str, Any], n: int) -> int:
+    return n
+
+
+def _one(attrs: Mapping[str, Any], n: int) -> int:
+    return 1
+
+
+def _strided(*names: str) -> Positions:
+    """Positions after a stride (the first of ``names`` set): ``⌈n / stride²⌉``."""
+
+    def positions(attrs: Mapping[str, Any], n: int) -> int:
+        step = next((int(attrs[k]) for k in names if attrs.get(k)), 1)
+        return -(-n // (step * step))
+
+    return positions
+
+
 @dataclass(frozen=True)
 class OpSpec:
     """One op kind. ``inputs``: how many values it reads; ``required``/``optional``: its param
@@ -66,7 +89,9 @@ class OpSpec:
     * ``size_free``: on a ``[B, C, H, W]`` map it works at any height and width;
     * ``skip_fusable``: ONNX Runtime has a Skip*Normalization kernel taking the residual add
       before it;
-    * ``pins``: what it forbids merge to permute (``Pins``).
+    * ``pins``: what it forbids merge to permute (``Pins``);
+    * ``positions``: its output's positions per batch row (``Positions``), and ``scores``: it
+      makes a ``heads × n × n`` score matrix — what ``verify`` estimates memory from.
     """
 
     kind: str
@@ -89,6 +114,8 @@ class OpSpec:
     size_free: bool = False
     skip_fusable: bool = False
     pins: Pins = ""
+    positions: Positions = _same
+    scores: bool = False
     optional_inputs: int = 0
 
     @property
@@ -126,6 +153,7 @@ _TABLE = (
         int_attrs={"index": 0},
         writes_stream=True,
         shape_only=True,
+        positions=_one,
     ),
     OpSpec(
         "patch_embed",
@@ -136,6 +164,7 @@ _TABLE = (
         attrs=("patch",),
         int_attrs={"patch": 1},
         writes_stream=True,
+        positions=_strided("patch"),
     ),
     OpSpec(
         "mask_positions",
@@ -146,7 +175,7 @@ _TABLE = (
         int_attrs={"offset": 1},
         writes_stream=True,
     ),
-    OpSpec("cls_concat", 1, ("token",), carries_stream=True),
+    OpSpec("cls_concat", 1, ("token",), carries_stream=True, positions=lambda a, n: n + 1),
     OpSpec("add", 2, rank=max, carries_stream=True, size_free=True),
     OpSpec("mul", 2, rank=max, size_free=True),
     OpSpec("mean", 2, rank=max),
@@ -227,6 +256,7 @@ _TABLE = (
         attrs=("heads",),
         int_attrs={"kv_heads": 1, "window": 0},
         optional_inputs=1,
+        scores=True,
     ),
     OpSpec(
         "select",
@@ -236,6 +266,7 @@ _TABLE = (
         commutes_affine="always",
         carries_stream=True,
         picks_tokens=True,
+        positions=_one,
     ),
     OpSpec(
         "pick_token",
@@ -243,6 +274,7 @@ _TABLE = (
         rank=lambda r: r[0] - 1,
         attrs=("eos",),
         picks_tokens=True,
+        positions=_one,
     ),
     OpSpec(
         "conv2d",
@@ -254,6 +286,7 @@ _TABLE = (
         absorbs_affine=True,
         size_free=True,
         pins="grouped_map",
+        positions=_strided("stride"),
     ),
     OpSpec(
         "ws_conv2d",
@@ -264,6 +297,7 @@ _TABLE = (
         int_attrs=_CONV_INTS,
         size_free=True,
         pins="grouped_map",
+        positions=_strided("stride"),
     ),
     OpSpec(
         "maxpool2d",
@@ -272,13 +306,14 @@ _TABLE = (
         int_attrs={"kernel": 1, "stride": 1, "padding": 0},
         commutes_affine="positive",
         size_free=True,
+        positions=_strided("stride", "kernel"),
     ),
-    OpSpec("global_avgpool", 1, rank=_const(2), commutes_affine="always"),
+    OpSpec("global_avgpool", 1, rank=_const(2), commutes_affine="always", positions=_one),
     OpSpec("softcap", 1, attrs=("cap",), eps_attrs=("cap",)),
     OpSpec("head_rmsnorm", 1, (), ("weight",), attrs=("heads",), eps_attrs=("eps",), pins="input"),
-    OpSpec("masked_mean", 2, rank=lambda r: r[0] - 1),
+    OpSpec("masked_mean", 2, rank=lambda r: r[0] - 1, positions=_one),
     OpSpec("l2norm", 1),
-    OpSpec("loki", 1, ("d2",), rank=_const(1)),
+    OpSpec("loki", 1, ("d2",), rank=_const(1), positions=_one),
     OpSpec("rope", 1, attrs=("heads",), pins="input"),
 )
 

@@ -70,6 +70,7 @@ from normtool.inputs import (
 from normtool.io.safetensors_format import DTYPE_NAMES
 from normtool.load import load_model
 from normtool.model import Model
+from normtool.opspec import SPECS
 from normtool.runtime.torch_exec import run_graph_batches
 
 DTYPES: dict[str, torch.dtype] = {
@@ -411,18 +412,9 @@ def activation_sizes(graph: Graph, batch: int, seq: int) -> tuple[int, int]:
     biggest = max(size.values(), default=0)
     for op in graph.ops:
         n = max((pos.get(v, 1) for v in op.inputs), default=1)
-        step = {
-            "conv2d": op.attrs.get("stride", 1),
-            "ws_conv2d": op.attrs.get("stride", 1),
-            "maxpool2d": op.attrs.get("stride") or op.attrs.get("kernel", 1),
-            "patch_embed": op.attrs.get("patch", 1),
-        }.get(op.kind, 1)
-        n = -(-n // (step * step))
-        if op.kind in ("global_avgpool", "select", "pick_token", "loki", "row"):
-            n = 1
-        elif op.kind == "cls_concat":
-            n += 1
-        elif op.kind == "attention":
+        spec = SPECS[op.kind]
+        n = spec.positions(op.attrs, n)
+        if spec.scores:
             biggest = max(biggest, batch * op.attrs.get("heads", 1) * n * n)
         pos[op.output] = n
         space = graph.spaces.get(graph.value_spaces.get(op.output, ""))
