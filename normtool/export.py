@@ -38,6 +38,8 @@ class ExportResult:
     dtype: str
     nodes: int
     weight_bytes: int
+    inputs: list[str]  # the ONNX graph's, in order (a cached export adds the past)
+    outputs: list[str]
 
 
 def _probe(opset: int) -> bytes:
@@ -112,6 +114,7 @@ def export_model(
     attention: str = "decomposed",
     external_limit: int = EXTERNAL_LIMIT,
     target: str = "ort",
+    kv_cache: bool = False,
 ) -> ExportResult:
     """Write ``model`` as ONNX to ``out``; ``inputs`` are never overwritten.
 
@@ -120,7 +123,7 @@ def export_model(
     inline export replacing one with external data (``--force``) removes the old data file.
     """
     out = Path(out)
-    opts = EmitOptions(opset or default_opset(), dtype, attention, target)
+    opts = EmitOptions(opset or default_opset(), dtype, attention, target, kv_cache)
     opts.check()
     check_output_path(out, inputs, force)
     require_finite(model)
@@ -165,4 +168,13 @@ def export_model(
         raise NormtoolError(f"cannot write: {e.strerror or e}", out) from e
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
-    return ExportResult(out, data_path, opts.opset, dtype, len(proto.graph.node), weight_bytes)
+    return ExportResult(
+        out,
+        data_path,
+        opts.opset,
+        dtype,
+        len(proto.graph.node),
+        weight_bytes,
+        [i.name for i in proto.graph.input],
+        [o.name for o in proto.graph.output],
+    )

@@ -73,6 +73,14 @@ def export(
     outputs: OutputsOpt = "model",
     pooling: PoolingOpt = None,
     normalize: NormalizeOpt = False,
+    kv_cache: Annotated[
+        bool,
+        typer.Option(
+            "--kv-cache",
+            help="Causal token models: past_key_values.N.key/value in, present.N.key/value out "
+            "(Optimum's names; attention_mask covers past + current tokens, position_ids given).",
+        ),
+    ] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Export to ONNX (default output: <stem>.onnx beside the input)."""
@@ -82,7 +90,7 @@ def export(
     from normtool.outputs import check_choices, select_outputs
     from normtool.runtime.onnx_emit import EmitOptions
 
-    opts = EmitOptions(opset or default_opset(), dtype, target=target)
+    opts = EmitOptions(opset or default_opset(), dtype, target=target, kv_cache=kv_cache)
     opts.check()  # refuse a bad --opset/--dtype before reading anything
     check_choices(outputs, pooling, normalize)
     out = output or default_output(path, ".onnx")
@@ -92,7 +100,9 @@ def export(
     if model.assumptions:  # the ONNX file must say which values were guessed, as outputs do
         summary = f"ONNX opset {opts.opset}, {dtype}"
         model.history.append(history.entry("export", model, {"dtype": dtype}, None, summary))
-    res = export_model(model, out, opts.opset, dtype, [path], force, target=target)
+    res = export_model(
+        model, out, opts.opset, dtype, [path], force, target=target, kv_cache=kv_cache
+    )
     payload = {
         "output": str(res.path),
         "external_data": str(res.data_path) if res.data_path else None,
@@ -100,8 +110,8 @@ def export(
         "dtype": res.dtype,
         "nodes": res.nodes,
         "weight_bytes": res.weight_bytes,
-        "inputs": [s.name for s in model.graph.inputs],
-        "outputs": list(model.graph.output_names().values()),
+        "inputs": res.inputs,
+        "outputs": res.outputs,
         "assumptions": assumed(model),
     }
     extra = f", weights in {res.data_path}" if res.data_path else ""

@@ -57,6 +57,7 @@ from normtool.nn.ws_conv import standardize_weight
 from normtool.opspec import SPECS, implementations
 from normtool.rotary import inv_frequencies
 from normtool.runtime.onnx_fuse import FusionPlan, plan_fusions
+from normtool.runtime.onnx_kv import KvCache, mask_input
 
 INPUTS_KEY = "normtool.inputs"
 MS_DOMAIN = "com.microsoft"
@@ -73,12 +74,14 @@ class EmitOptions:
     allows; fastest there) or ``portable`` (standard ONNX ops only). ``attention`` (used where
     attention is not fused): ``decomposed`` (every provider runs it) or ``op`` (the opset-23
     ``Attention`` node; ORT's CUDA kernel rejects its fp32-softmax precision, so not the default;
-    asking for it also keeps the ``ort`` target from fusing attention)."""
+    asking for it also keeps the ``ort`` target from fusing attention). ``kv_cache``: past
+    keys/values in, present ones out (``normtool.runtime.onnx_kv``; decomposed attention)."""
 
     opset: int = MAX_OPSET
     dtype: str = "fp32"
     attention: str = "decomposed"
     target: str = "ort"
+    kv_cache: bool = False
 
     def check(self) -> None:
         if not MIN_OPSET <= self.opset <= MAX_OPSET:
@@ -89,6 +92,8 @@ class EmitOptions:
             raise NormtoolError(f"attention form {self.attention!r}: use decomposed or op")
         if self.attention == "op" and self.opset < 23:
             raise NormtoolError("the Attention op needs opset 23")
+        if self.attention == "op" and self.kv_cache:
+            raise NormtoolError("--kv-cache writes decomposed attention, not the Attention op")
         if self.target not in TARGETS:
             raise NormtoolError(f"export target {self.target!r}: use {' or '.join(TARGETS)}")
 
@@ -111,7 +116,9 @@ class _Emitter:
         self._scope = "graph"
         self.tied = _tied_heads(graph, weights)
         ort = opts.target == "ort"
-        self.plan = plan_fusions(graph, opts.attention == "decomposed") if ort else FusionPlan()
+        fuse_attention = opts.attention == "decomposed" and not opts.kv_cache
+        self.plan = plan_fusions(graph, fuse_attention) if ort else FusionPlan()
+        self.kv: KvCache | None = None
         self.env: dict[str, str] = {}
         self.pending_bias: dict[str, str] = {}  # value → bias initializer a consumer absorbs
         self.used_ms = False
@@ -310,8 +317,12 @@ def _positions(em: _Emitter, op: Op, xs: list[str], p: dict[str, str]) -> str:
     table = em.weight(p["weight"], "1PC", lambda w: w.reshape(1, -1, w.shape[-1]))
     seq = em.node("Shape", [xs[0]], "seq", start=1, end=2)
     offset = int(op.attrs.get("offset", 0))
-    end = em.node("Add", [seq, em.i64([offset])]) if offset else seq
-    return em.node("Slice", [table, em.i64([offset]), end, em.i64([1])])
+    start = em.i64([offset])
+    if em.kv is not None:  # the tokens after the cached ones
+        past = em.node("Unsqueeze", [em.kv.past_length(em), em.i64([0])])
+        start = em.node("Add", [start, past])
+    end = em.node("Add", [seq, start])
+    return em.node("Slice", [table, start, end, em.i64([1])])
 
 
 def _id_positions(em: _Emitter, op: Op, xs: list[str], p: dict[str, str]) -> str:
@@ -603,6 +614,8 @@ def _attention(em: _Emitter, op: Op, xs: list[str], p: dict[str, str]) -> str:
     xs = xs[:3]
     kv = int(op.attrs.get("kv_heads") or heads)
     cap = float(op.attrs.get("softcap") or 0.0)
+    if em.kv is not None:
+        return _cached_attention(em, op, xs, heads, kv, scale, cap, padding)
     mask = _score_mask(em, xs[0], causal, int(op.attrs.get("window", 0)))
     if em.opts.attention == "op":
         extra = {"softmax_precision": TensorProto.FLOAT} if em.low else {}
@@ -656,6 +669,32 @@ def _grouped_attention(
     return em.node("Reshape", [y, em.i64([0, 0, -1])])
 
 
+def _cached_attention(
+    em: _Emitter,
+    op: Op,
+    xs: list[str],
+    heads: int,
+    kv: int,
+    scale: float,
+    cap: float,
+    padding: str | None,
+) -> str:
+    """Attention over the cached keys and values with this call's appended (``onnx_kv``), in
+    the grouped form (one group per query head when ``kv == heads``)."""
+    assert em.kv is not None
+    keys, values = em.kv.append(em, op, xs[1], xs[2], kv)  # [B, G, past + T, D]
+    q = em.node("Reshape", [xs[0], em.i64([0, 0, kv, heads // kv, -1])], "heads")
+    q = em.node("Transpose", [q], "q", perm=[0, 2, 3, 1, 4])
+    k = em.node("Unsqueeze", [em.node("Transpose", [keys], perm=[0, 1, 3, 2]), em.i64([2])], "kT")
+    v = em.node("Unsqueeze", [values, em.i64([2])], "v")
+    past = em.kv.past_length(em)
+    causal = bool(op.attrs.get("causal"))
+    mask = _score_mask(em, xs[0], causal, int(op.attrs.get("window", 0)), (past, keys))
+    y = _softmax_attention(em, q, k, v, scale, mask, cap, padding, 5)
+    y = em.node("Transpose", [y], perm=[0, 3, 1, 2, 4])
+    return em.node("Reshape", [y, em.i64([0, 0, -1])])
+
+
 def _softmax_attention(
     em: _Emitter,
     q: str,
@@ -680,18 +719,27 @@ def _softmax_attention(
     return em.node("MatMul", [w, v])
 
 
-def _score_mask(em: _Emitter, x: str, causal: bool, window: int) -> str | None:
+def _score_mask(
+    em: _Emitter, x: str, causal: bool, window: int, cached: tuple[str, str] | None = None
+) -> str | None:
     """``[T, T]`` fp32 of 0 and −inf: −inf above the diagonal when ``causal``, and ``window`` or
-    more positions below it with a sliding window; None when nothing is masked."""
+    more positions below it with a sliding window; None when nothing is masked. ``cached``:
+    (past length P as a 0-D int64, keys ``[B, G, P + T, D]``): the mask is ``[T, P + T]`` with
+    query ``i`` at position ``P + i``, so its diagonals move right by P."""
     if not causal and not window:
         return None
     seq = em.node("Shape", [x], "seq", start=1, end=2)
-    square = em.node("Concat", [seq, seq], axis=0)
+    keys = em.node("Shape", [cached[1]], "keys", start=2, end=3) if cached else seq
+    square = em.node("Concat", [seq, keys], axis=0)
     neg = helper.make_tensor("neg_inf", TensorProto.FLOAT, [1], [-math.inf])
     full = em.node("ConstantOfShape", [square], value=neg)
-    parts = [em.node("Trilu", [full, em.i64(1)], "causal_mask", upper=1)] if causal else []
+
+    def diagonal(k: int) -> str:
+        return em.node("Add", [cached[0], em.i64(k)]) if cached else em.i64(k)
+
+    parts = [em.node("Trilu", [full, diagonal(1)], "causal_mask", upper=1)] if causal else []
     if window:
-        parts.append(em.node("Trilu", [full, em.i64(-window)], "window_mask", upper=0))
+        parts.append(em.node("Trilu", [full, diagonal(-window)], "window_mask", upper=0))
     return parts[0] if len(parts) == 1 else em.node("Add", parts, "mask")
 
 
@@ -833,11 +881,19 @@ def _rope(em: _Emitter, op: Op, xs: list[str], p: dict[str, str]) -> str:
     base = float(op.attrs.get("base", 10000.0))
     inv = np.array(inv_frequencies(dims, base, op.attrs.get("scaling")), dtype=np.float64)
     seq = em.node("Squeeze", [em.node("Shape", [xs[0]], "seq", start=1, end=2), em.i64([0])])
-    steps = em.node("Range", [em.i64(0), seq, em.i64(1)], "positions")
+    steps = (
+        em.kv.position_ids
+        if em.kv is not None  # [B, T]: tables per batch row
+        else em.node("Range", [em.i64(0), seq, em.i64(1)], "positions")
+    )
     pos = em.node("Cast", [steps], to=TensorProto.FLOAT)
-    angles = em.node("Mul", [em.node("Unsqueeze", [pos, em.i64([1])]), em.const(inv, np.float32)])
+    angles = em.node("Mul", [em.node("Unsqueeze", [pos, em.i64([-1])]), em.const(inv, np.float32)])
     cos = em.from_stat(em.node("Cos", [angles]))
     sin = em.from_stat(em.node("Sin", [angles]))
+    if em.opset >= 23 and em.kv is not None:  # [B, T, dims/2] tables need no position ids
+        return em.node(
+            "RotaryEmbedding", [xs[0], cos, sin], num_heads=heads, rotary_embedding_dim=dims
+        )
     if em.opset >= 23:
         batch = em.node("Shape", [xs[0]], "batch", start=0, end=1)
         shape = em.node("Concat", [batch, em.node("Unsqueeze", [seq, em.i64([0])])], axis=0)
@@ -849,7 +905,7 @@ def _rope(em: _Emitter, op: Op, xs: list[str], p: dict[str, str]) -> str:
             rotary_embedding_dim=dims,
             interleaved=0,
         )
-    cos, sin = (em.node("Unsqueeze", [t, em.i64([1])]) for t in (cos, sin))  # [T, 1, dims/2]
+    cos, sin = (em.node("Unsqueeze", [t, em.i64([-2])]) for t in (cos, sin))  # [.., T, 1, dims/2]
     x = em.node("Reshape", [xs[0], em.i64([0, 0, heads, -1])], "heads")
     half = dims // 2
 
@@ -916,12 +972,14 @@ def emit_onnx(
     env: dict[str, str] = {}
     inputs = []
     for spec in graph.inputs:
-        dims = _input_dims(graph, spec)
+        dims = (opts.kv_cache and mask_input(spec)) or _input_dims(graph, spec)
         inputs.append(helper.make_tensor_value_info(spec.name, _input_type(spec, em.act), dims))
         env[spec.name] = spec.name
         em.rank[spec.name] = len(dims)
         em._used.add(spec.name)
     em.env = env
+    if opts.kv_cache:
+        em.kv = KvCache.start(em, graph)
     deferred = em.plan.deferred
     for op in graph.ops:
         if op.name not in deferred:
@@ -939,6 +997,11 @@ def emit_onnx(
         outputs.append(
             helper.make_tensor_value_info(name, elem, _output_dims(graph, v, em.rank[src]))
         )
+    if em.kv is not None:
+        inputs += em.kv.inputs
+        for src, name, info in em.kv.outputs:
+            _rename(em, src, name)
+            outputs.append(info)
     onnx_graph = helper.make_graph(
         em.nodes, f"normtool_{graph.family}", inputs, outputs, list(em.inits.values())
     )
