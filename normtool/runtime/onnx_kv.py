@@ -18,7 +18,7 @@ offset by the past length: query ``i`` is token ``past + i``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 
 import onnx
 from onnx import TensorProto, helper
@@ -26,8 +26,17 @@ from onnx import TensorProto, helper
 from normtool.errors import NormtoolError
 from normtool.graph import Graph, InputSpec, Op
 
-if TYPE_CHECKING:
-    from normtool.runtime.onnx_emit import _Emitter
+
+class _Emitter(Protocol):
+    """What the cache needs of ``onnx_emit``'s emitter (named here: that module imports this)."""
+
+    graph: Graph
+    act: int
+
+    def node(self, op_type: str, inputs: list[str], hint: str = "", **attrs: Any) -> str: ...
+
+    def i64(self, values: Any) -> str: ...
+
 
 #: Ops that read whole sequences in a way a cache of past keys/values does not carry over
 #: (positions counted over the mask or the ids, a pooled or picked token).
@@ -91,7 +100,6 @@ class KvCache:
             self.inputs.append(helper.make_tensor_value_info(past, em.act, dims))
             heads = em.node("Reshape", [x, em.i64([0, 0, kv_heads, -1])], "kv_heads")
             new = em.node("Transpose", [heads], part, perm=[0, 2, 1, 3])
-            em._used.add(past)
             cat = em.node("Concat", [past, new], "present", axis=2)
             name = PRESENT.format(n, part)
             self.outputs.append((cat, name, helper.make_tensor_value_info(name, em.act, total)))
