@@ -25,6 +25,7 @@ from normtool.model import Model
 from normtool.passes.fold import SELECTORS, Fold
 from normtool.passes.ln_to_rms import ConvertLnToRms
 from normtool.passes.rewrite import Pass
+from normtool.passes.rotate import KINDS, Rotate
 
 Options = Mapping[str, str]
 
@@ -53,6 +54,15 @@ def _fold(opts: Options, model: Model) -> Pass:
     return Fold(None if only is None else tuple(k.strip() for k in only.split(",") if k.strip()))
 
 
+def _rotate(opts: Options, model: Model) -> Pass:
+    try:
+        seed = int(opts.get("seed", "0"))
+    except ValueError:
+        raise NormtoolError(f"option seed={opts['seed']!r}: expected an integer") from None
+    calib = Path(opts["calib"]) if "calib" in opts else None
+    return Rotate(opts.get("kind", "hadamard"), seed, calib)
+
+
 def _loki(opts: Options, model: Model) -> Pass:
     if "metric" not in opts:
         raise NormtoolError("loki-head needs metric=FILE")
@@ -78,9 +88,20 @@ STEPS: dict[str, StepKind] = {
         ),
         StepKind(
             "fold",
-            {"only": f"comma-separated kinds to fold: {', '.join(SELECTORS)} (all)"},
+            {"only": f"comma-separated kinds to fold: {', '.join(SELECTORS)} (all); or rms-gain"},
             _fold,
             lambda o: "folded",
+        ),
+        StepKind(
+            "rotate",
+            {
+                "kind": f"the orthogonal matrix: {', '.join(KINDS)} (hadamard)",
+                "seed": "its seed (0)",
+                "calib": "data file of inputs for pca (as barrier --data)",
+            },
+            _rotate,
+            lambda o: "rot",
+            files=("calib",),
         ),
         StepKind(
             "loki-head",

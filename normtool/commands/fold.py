@@ -35,7 +35,9 @@ def fold(
     only: Annotated[
         str | None,
         typer.Option(
-            "--only", help="Comma-separated kinds to fold: un, powernorm, batchnorm, ws (all)."
+            "--only",
+            help="Comma-separated kinds to fold: un, powernorm, batchnorm, ws (all of these); "
+            "or rms-gain alone: RMSNorm gains into their linear readers (not in the default).",
         ),
     ] = None,
     arch: ArchOpt = None,

@@ -15,6 +15,7 @@ from normtool.commands import (
     inspect,
     loki,
     merge,
+    rotate,
     run,
     verify,
 )
@@ -26,6 +27,7 @@ WORK_COMMANDS: list[tuple[str, Callable[..., None]]] = [
     ("bench", bench.bench),
     ("convert-ln-to-rms", convert.convert_ln_to_rms),
     ("fold", fold.fold),
+    ("rotate", rotate.rotate),
     ("merge", merge.merge),
     ("barrier", barrier.barrier),
     ("loki-head", loki.loki_head),

@@ -159,7 +159,7 @@ def find_stream(graph: Graph) -> tuple[Stream | None, list[str]]:
             )
             continue
         norms.append(o)
-        found, why = _norm_readers(graph, o)
+        found, why = norm_readers(graph, o)
         readers[o.name] = [] if why else found
         if why and "weight" not in o.params and "bias" in o.params:
             reasons.append(f"norm {o.name!r} has a bias but no weight, and {why[0]}")
@@ -190,7 +190,7 @@ def _carries(op: Op) -> bool:
     return SPECS[op.kind].carries_stream
 
 
-def _norm_readers(graph: Graph, norm: Op) -> tuple[list[Op], list[str]]:
+def norm_readers(graph: Graph, norm: Op) -> tuple[list[Op], list[str]]:
     """The linears reading ``norm``'s output (through token picks such as ``select``), or why
     its γ/β cannot move into them (the conversion then keeps them after the RMSNorm)."""
     found, reasons, todo = [], [], [norm.output]
@@ -405,7 +405,7 @@ def convert_ln_to_rms(model: Model, compressed: bool = False) -> Rewrite:
     kept = {
         t
         for n in stream.kept
-        for op in (g.op(n), *_norm_readers(g, g.op(n))[0])
+        for op in (g.op(n), *norm_readers(g, g.op(n))[0])
         for t in op.params.values()
     }
     for name, spec in new.tensors.items():
