@@ -164,24 +164,24 @@ def _verify(a: str, b: str) -> Step:
     )
 
 
-def _transform(command: str, name: str, suffix: str, **extra: Any) -> Step:
-    def key(j: dict[str, Any]) -> str:
-        e = j["errors"]
-        return (
-            f"{j['summary'].split(';')[0]}; fp64 rel {_err(e['fp64_max_rel'])}, "
-            f"fp32 abs {_err(e['fp32_max_abs'])}"
-        )
+def _transform_key(j: dict[str, Any]) -> str:
+    e = j["errors"]
+    return (
+        f"{j['summary'].split(';')[0]}; fp64 rel {_err(e['fp64_max_rel'])}, "
+        f"fp32 abs {_err(e['fp32_max_abs'])}"
+    )
 
+
+def _transform(command: str, name: str, suffix: str, **extra: Any) -> Step:
+    """``command`` on ``name`` (a built file or a ``name+suffix`` output), written to the
+    ``+suffix`` output of the same stem (suffixes stack: ``x+.rms.safetensors`` → ``x+.rms.rot…``)."""
+    base, _, had = name.partition("+")
+    out = f"{base}+{had.removesuffix('.safetensors')}{suffix}"
     return Step(
         command,
         name,
-        lambda p: {
-            "path": p[name],
-            "output": _path(p, name + "+" + suffix),
-            "force": True,
-            **extra,
-        },
-        key,
+        lambda p: {"path": _path(p, name), "output": _path(p, out), "force": True, **extra},
+        _transform_key,
     )
 
 
@@ -228,6 +228,8 @@ STEPS: list[Step] = [
         },
         _bench_key,
     ),
+    _transform("rotate", "transformer+.rms.safetensors", ".rot.safetensors"),
+    _verify("transformer", "transformer+.rms.rot.safetensors"),
     _transform("convert-ln-to-rms", "transformer", ".crms.safetensors", compressed=True),
     _verify("transformer", "transformer+.crms.safetensors"),
     _transform("fold", "transformer_un", ".folded.safetensors"),

@@ -22,9 +22,10 @@ from normtool.loki.head import LokiHead
 from normtool.loki.labels import read_label_file, resolve_labels
 from normtool.loki.metric_files import load_metric
 from normtool.model import Model
-from normtool.passes.fold import SELECTORS, Fold
+from normtool.passes.fold import SELECTORS
 from normtool.passes.ln_to_rms import ConvertLnToRms
 from normtool.passes.rewrite import Pass
+from normtool.passes.rms_gain import fold_pass
 from normtool.passes.rotate import KINDS, Rotate
 
 Options = Mapping[str, str]
@@ -51,7 +52,9 @@ def _flag(opts: Options, key: str) -> bool:
 
 def _fold(opts: Options, model: Model) -> Pass:
     only = opts.get("only")
-    return Fold(None if only is None else tuple(k.strip() for k in only.split(",") if k.strip()))
+    return fold_pass(
+        None if only is None else tuple(k.strip() for k in only.split(",") if k.strip())
+    )
 
 
 def _rotate(opts: Options, model: Model) -> Pass:

@@ -26,7 +26,8 @@ from normtool.commands.common import (
 )
 from normtool.io.atomic import check_output_path
 from normtool.io.writer import parse_size
-from normtool.passes.fold import SELECTORS, Fold
+from normtool.passes.fold import SELECTORS
+from normtool.passes.rms_gain import fold_pass
 
 
 def fold(
@@ -63,7 +64,7 @@ def fold(
     model = load(path, arch, heads, None, pn_groups, eps)
     out = output or default_output(path, ".folded.safetensors")
     check_output_path(out, [path], force)  # fail before the work, not after it
-    step = Fold(None if only is None else tuple(kinds))
+    step = fold_pass(None if only is None else tuple(kinds))
     params = {"heads": heads, "pn_groups": pn_groups, "eps": eps}
     res = runner.run(model, [step], out, [Path(path)], force, not no_verify, shard, params)
     emit(as_json, *report(path, res, model))

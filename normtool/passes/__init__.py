@@ -14,12 +14,13 @@ from normtool.graph import Graph
 from normtool.loki import head as loki_head
 from normtool.passes.fold import Fold
 from normtool.passes.ln_to_rms import ConvertLnToRms
+from normtool.passes.rms_gain import RmsGain
 from normtool.passes.rotate import Rotate
 
 APPLICABILITY: list[tuple[str, Callable[[Graph], list[str]]]] = [
     ("convert-ln-to-rms", ConvertLnToRms().applicability),
     ("fold", Fold().applicability),
-    ("fold --only rms-gain", Fold(("rms-gain",)).applicability),
+    ("fold --only rms-gain", RmsGain().applicability),
     ("rotate", Rotate().applicability),
     ("loki-head", loki_head.check),
 ]

@@ -50,7 +50,6 @@ from normtool.io.safetensors_format import DTYPES
 from normtool.model import Model
 from normtool.nn.ws_conv import standardize_weight, ws_problem
 from normtool.opspec import SPECS
-from normtool.passes import rms_gain
 from normtool.passes.rebase import (
     F64,
     IDENTITY,
@@ -678,23 +677,7 @@ class Fold:
     name: str = "fold"
 
     def applicability(self, graph: Graph) -> list[str]:
-        if self._rms_gain():
-            return rms_gain.applicability(graph)
         return applicability(graph)
 
     def plan(self, model: Model) -> Rewrite:
-        if self._rms_gain():
-            return rms_gain.fold_rms_gain(model)
         return fold_norms(model, self.only)
-
-    def _rms_gain(self) -> bool:
-        """``only`` is exactly the rms-gain selector (the default fold leaves RMSNorm gains:
-        existing ``fold`` calls keep their results); mixed with others: an error."""
-        if self.only is None or rms_gain.SELECTOR not in self.only:
-            return False
-        if set(self.only) != {rms_gain.SELECTOR}:
-            raise NormtoolError(
-                f"--only: {rms_gain.SELECTOR} is a fold of its own; fold it in a separate "
-                f"step (normtool run PATH fold:only=... fold:only={rms_gain.SELECTOR})"
-            )
-        return True

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from normtool.errors import NormtoolError
 from normtool.graph import Graph, Op
 from normtool.model import Model
-from normtool.passes import fold  # its _Editor; read at call time (fold imports this module)
+from normtool.passes.fold import Fold, _Editor
 from normtool.passes.ln_to_rms import norm_readers
 from normtool.passes.recipes import F64, Engine
 from normtool.passes.rewrite import Rewrite
@@ -66,7 +67,7 @@ def fold_rms_gain(model: Model) -> Rewrite:
         raise refusal("nothing to fold for rms-gain", reasons, where)
     into, kept = _plan(g)
     engine = Engine(model)
-    ed = fold._Editor(engine, g.copy())
+    ed = _Editor(engine, g.copy())
     new = ed.graph
     lines: list[str] = []
     for name, readers in into.items():
@@ -106,3 +107,17 @@ class RmsGain:
 
     def plan(self, model: Model) -> Rewrite:
         return fold_rms_gain(model)
+
+
+def fold_pass(only: tuple[str, ...] | None) -> Fold | RmsGain:
+    """The pass ``fold --only ONLY`` runs: the rms-gain fold when ``only`` is exactly
+    ``rms-gain`` (the default fold leaves RMSNorm gains alone, so existing ``fold`` calls keep
+    their results), else ``Fold``; rms-gain mixed with other selectors is an error."""
+    if only is None or SELECTOR not in only:
+        return Fold(only)
+    if set(only) != {SELECTOR}:
+        raise NormtoolError(
+            f"--only: {SELECTOR} is a fold of its own; fold it in a separate step "
+            f"(normtool run PATH fold:only=... fold:only={SELECTOR})"
+        )
+    return RmsGain()
