@@ -19,8 +19,7 @@ from pathlib import Path
 
 from normtool.errors import NormtoolError
 from normtool.loki.head import LokiHead
-from normtool.loki.labels import read_label_file, resolve_labels
-from normtool.loki.metric_files import load_metric
+from normtool.loki.metric_files import load_label_space
 from normtool.model import Model
 from normtool.passes.fold import SELECTORS
 from normtool.passes.ln_to_rms import ConvertLnToRms
@@ -71,13 +70,12 @@ def _loki(opts: Options, model: Model) -> Pass:
         raise NormtoolError("loki-head needs metric=FILE")
     labels = Path(opts["labels"]) if "labels" in opts else None
     observed = Path(opts["observed"]) if "observed" in opts else None
-    names = read_label_file(labels) if labels else None
-    metric = load_metric(Path(opts["metric"]), opts.get("metric-kind", "auto"), names)
     graph = model.graph
     k = graph.spaces[graph.value_spaces["logits"]].size if "logits" in graph.value_spaces else 0
-    seen = read_label_file(observed) if observed else None
-    space = resolve_labels(metric, k, names, seen, labels, observed)
-    return LokiHead(space, {"metric": opts["metric"], "metric_kind": metric.kind})
+    space = load_label_space(
+        Path(opts["metric"]), opts.get("metric-kind", "auto"), labels, observed, k
+    )
+    return LokiHead(space, {"metric": opts["metric"], "metric_kind": space.metric.kind})
 
 
 STEPS: dict[str, StepKind] = {

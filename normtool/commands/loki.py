@@ -29,8 +29,7 @@ from normtool.errors import NormtoolError
 from normtool.io.atomic import check_output_path
 from normtool.loki.evaluate import evaluate
 from normtool.loki.head import LokiHead, check
-from normtool.loki.labels import read_label_file, resolve_labels
-from normtool.loki.metric_files import KINDS, load_metric
+from normtool.loki.metric_files import KINDS, load_label_space
 from normtool.model import Model
 from normtool.refusal import refusal
 
@@ -91,18 +90,9 @@ def loki_head(
         raise refusal("cannot add a Loki head", reasons, path)
     out = output or default_output(path, ".loki.safetensors")
     check_output_path(out, [path, metric], force)  # fail before the work, not after it
-    label_names = read_label_file(labels) if labels else None
-    m = load_metric(metric, metric_kind, label_names)
     k = model.graph.spaces[model.graph.value_spaces["logits"]].size
     try:
-        space = resolve_labels(
-            m,
-            k,
-            label_names,
-            read_label_file(observed) if observed else None,
-            labels,
-            observed,
-        )
+        space = load_label_space(metric, metric_kind, labels, observed, k)
     except NormtoolError as e:  # name the model when the problem is not in one file
         raise type(e)(e.message, e.path or path) from e
     res = None
@@ -112,7 +102,7 @@ def loki_head(
         if eval_data is not None:
             res = evaluate(new, space, eval_data, progress=lambda it, n: progress(it, "eval", n))
 
-    params = {"metric": str(metric), "metric_kind": m.kind}
+    params = {"metric": str(metric), "metric_kind": space.metric.kind}
     done = runner.run(
         model,
         [LokiHead(space, params)],
@@ -127,7 +117,7 @@ def loki_head(
     payload: dict[str, Any] = {
         "input": str(path),
         "output": str(out),
-        "metric": m.kind,
+        "metric": space.metric.kind,
         "labels": space.n,
         "observed": space.k,
         "unobserved": space.n - len(set(space.observed.tolist())),
@@ -139,7 +129,7 @@ def loki_head(
     }
     lines = [
         f"{path} -> {out}",
-        f"  Loki head: {space.k} outputs -> {space.n} labels ({m.kind} metric, "
+        f"  Loki head: {space.k} outputs -> {space.n} labels ({space.metric.kind} metric, "
         f"{payload['unobserved']} unobserved); ties go to the lowest label index",
         "  not verified (--no-verify)"
         if errors is None

@@ -29,6 +29,7 @@ import numpy as np
 from normtool.errors import NormtoolError
 from normtool.io import reads
 from normtool.io.safetensors_format import read_header
+from normtool.loki.labels import LabelSpace, read_label_file, resolve_labels
 from normtool.loki.metric import EmbeddingMetric, MatrixMetric, Metric, TreeMetric
 from normtool.loki.tree import build_tree
 
@@ -271,3 +272,14 @@ def _read_text(path: Path) -> str:
         return path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as e:
         raise NormtoolError(f"cannot read as UTF-8 text ({e})", path) from e
+
+
+def load_label_space(
+    metric: Path, kind: str, labels: Path | None, observed: Path | None, k: int
+) -> LabelSpace:
+    """The metric file read (``kind`` as ``--metric-kind``) and its labels resolved against a
+    model's ``k`` outputs — what ``loki-head`` and its ``normtool run`` step both need."""
+    names = read_label_file(labels) if labels else None
+    m = load_metric(metric, kind, names)
+    seen = read_label_file(observed) if observed else None
+    return resolve_labels(m, k, names, seen, labels, observed)
