@@ -56,6 +56,9 @@ EpsOpt = Annotated[
     ),
 ]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
+NoVerifyOpt = Annotated[
+    bool, typer.Option("--no-verify", help="Skip the fp64/fp32 self-check before writing.")
+]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Replace an existing output.")]
 OutOpt = Annotated[Path | None, typer.Option("-o", "--output", help="Output path.")]
 MaxShardOpt = Annotated[

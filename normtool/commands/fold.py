@@ -16,6 +16,7 @@ from normtool.commands.common import (
     HeadsOpt,
     JsonOpt,
     MaxShardOpt,
+    NoVerifyOpt,
     OutOpt,
     PathArg,
     PnGroupsOpt,
@@ -45,9 +46,7 @@ def fold(
     heads: HeadsOpt = None,
     pn_groups: PnGroupsOpt = None,
     eps: EpsOpt = None,
-    no_verify: Annotated[
-        bool, typer.Option("--no-verify", help="Skip the fp64/fp32 self-check before writing.")
-    ] = False,
+    no_verify: NoVerifyOpt = False,
     force: ForceOpt = False,
     max_shard_size: MaxShardOpt = "5GB",
     as_json: JsonOpt = False,
